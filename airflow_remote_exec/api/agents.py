@@ -1,0 +1,117 @@
+"""Agent lifecycle: register, heartbeat (whose reply carries commands), deregister."""
+
+from __future__ import annotations
+
+import uuid
+
+from airflow.utils.session import create_session
+from fastapi import APIRouter, HTTPException, status
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from airflow_remote_exec import config
+from airflow_remote_exec.api.auth import AgentDep, TokenDep
+from airflow_remote_exec.api.datamodels import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+)
+from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob, utcnow
+from airflow_remote_exec.notify import notify_jobs_queued
+
+router = APIRouter(prefix="/agents", tags=["agents"])
+
+
+def release_agent_jobs(session: Session, agent_name: str, reason: str) -> None:
+    """Hand back what an agent held: unstarted jobs to the queue, running ones to Airflow's retry path."""
+    now = utcnow()
+    requeued = session.execute(
+        update(RemoteJob)
+        .where(RemoteJob.agent_name == agent_name, RemoteJob.state == JobState.CLAIMED)
+        .values(state=JobState.QUEUED, agent_name=None, claimed_at=None)
+    ).rowcount
+    session.execute(
+        update(RemoteJob)
+        .where(RemoteJob.agent_name == agent_name, RemoteJob.state == JobState.RUNNING)
+        .values(state=JobState.FAILED, detail=reason, finished_at=now, pending_sync=True)
+    )
+    if requeued:
+        notify_jobs_queued(session)
+
+
+def set_agent_state(agent: RemoteAgent, state: str) -> None:
+    if agent.state != state:
+        agent.state = state
+        agent.state_changed_at = utcnow()
+
+
+@router.post("", response_model=RegisterResponse, summary="Register an agent and open a new session")
+def register(body: RegisterRequest, token: TokenDep) -> RegisterResponse:
+    queues = sorted(set(body.queues))
+    outside = [q for q in queues if q not in token.queues]
+    if outside:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"Token {token.name!r} may not serve queue(s) {outside}; it allows {sorted(token.queues)}.",
+        )
+    with create_session(scoped=False) as session:
+        agent = session.get(RemoteAgent, body.name, with_for_update=True)
+        now = utcnow()
+        if agent is None:
+            agent = RemoteAgent(name=body.name, registered_at=now, state=AgentState.ACTIVE)
+            session.add(agent)
+        else:
+            if agent.token_id != token.id and agent.state in (AgentState.ACTIVE, AgentState.DRAINING):
+                raise HTTPException(
+                    status.HTTP_403_FORBIDDEN,
+                    f"Agent name {body.name!r} is in use by a live agent of another token.",
+                )
+            # The previous session of this name is over: whatever it held is released.
+            release_agent_jobs(session, body.name, reason=f"agent {body.name} restarted")
+        agent.session_id = str(uuid.uuid4())
+        agent.token_id = token.id
+        agent.hostname = body.hostname
+        agent.version = body.version
+        agent.queues = ",".join(queues)
+        agent.slots = body.slots
+        agent.registered_at = now
+        agent.last_heartbeat_at = now
+        set_agent_state(agent, AgentState.ACTIVE)
+        session_id = agent.session_id
+    return RegisterResponse(
+        session_id=session_id,
+        heartbeat_interval=config.heartbeat_interval(),
+        claim_wait_seconds=config.claim_wait_seconds(),
+    )
+
+
+@router.post("/{session_id}/heartbeat", response_model=HeartbeatResponse, summary="Report liveness")
+def heartbeat(body: HeartbeatRequest, agent: AgentDep) -> HeartbeatResponse:
+    held = {job.job_id: job.attempt for job in body.running}
+    with create_session(scoped=False) as session:
+        row = session.get(RemoteAgent, agent.name, with_for_update=True)
+        row.last_heartbeat_at = utcnow()
+        set_agent_state(row, AgentState.DRAINING if body.draining else AgentState.ACTIVE)
+        valid: set[int] = set()
+        if held:
+            jobs = session.execute(
+                select(RemoteJob.id, RemoteJob.attempt, RemoteJob.agent_name, RemoteJob.state).where(
+                    RemoteJob.id.in_(held)
+                )
+            ).all()
+            valid = {
+                job.id
+                for job in jobs
+                if job.agent_name == agent.name and job.attempt == held[job.id] and job.state in JobState.HELD
+            }
+        state = row.state
+    return HeartbeatResponse(state=state, stop=sorted(set(held) - valid))
+
+
+@router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Deregister on shutdown")
+def deregister(agent: AgentDep) -> None:
+    with create_session(scoped=False) as session:
+        row = session.get(RemoteAgent, agent.name, with_for_update=True)
+        release_agent_jobs(session, agent.name, reason=f"agent {agent.name} shut down")
+        set_agent_state(row, AgentState.GONE)

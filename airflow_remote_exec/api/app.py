@@ -1,0 +1,28 @@
+"""The agent-facing FastAPI app, mounted by the plugin at ``/remote/v1`` in ``airflow api-server``."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from airflow_remote_exec import __version__
+from airflow_remote_exec.api import agents, jobs
+
+URL_PREFIX = "/remote/v1"
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Airflow Remote Execution agent API",
+        version=__version__,
+        description="Agents register, heartbeat, claim jobs and report their state. "
+        "Every call needs an agent token (`Authorization: Bearer ...`) and the "
+        "`Remote-Exec-Api-Version` header.",
+    )
+    app.include_router(agents.router)
+    app.include_router(jobs.router)
+
+    @app.get("/health", tags=["health"], summary="Liveness of the agent API (no auth)")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    return app

@@ -1,0 +1,139 @@
+"""Jobs: claim (a long-poll that returns up to the agent's free slots) and state reports."""
+
+from __future__ import annotations
+
+import time
+
+from airflow.models.taskinstance import TaskInstance
+from airflow.models.taskinstancehistory import TaskInstanceHistory
+from airflow.utils.session import create_session
+from airflow.utils.state import TaskInstanceState
+from fastapi import APIRouter, HTTPException, status
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from airflow_remote_exec import config
+from airflow_remote_exec.api.auth import AgentDep, AgentIdentity
+from airflow_remote_exec.api.datamodels import ClaimedJob, ClaimRequest, ClaimResponse, StateReport
+from airflow_remote_exec.api.wakeup import job_wakeup
+from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob, utcnow
+
+router = APIRouter(prefix="/agents/{session_id}/jobs", tags=["jobs"])
+
+# Read a few more rows than slots so a job needing many pool slots does not block smaller ones.
+_EXTRA_CANDIDATES = 8
+
+
+def claim_jobs(agent: AgentIdentity, free_slots: int) -> list[ClaimedJob]:
+    """Take queued jobs of the agent's queues, highest priority first, up to ``free_slots``."""
+    with create_session(scoped=False) as session:
+        state = session.scalar(select(RemoteAgent.state).where(RemoteAgent.name == agent.name))
+        if state != AgentState.ACTIVE:
+            return []  # draining (or lost meanwhile): no new work
+        candidates = session.execute(
+            select(RemoteJob.id, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload)
+            .where(RemoteJob.state == JobState.QUEUED, RemoteJob.queue.in_(agent.queues))
+            .order_by(RemoteJob.priority_weight.desc(), RemoteJob.id)
+            .limit(free_slots + _EXTRA_CANDIDATES)
+            .with_for_update(skip_locked=True)
+        ).all()
+        claimed: list[ClaimedJob] = []
+        now = utcnow()
+        for job in candidates:
+            if job.pool_slots > free_slots:
+                continue
+            # Conditional on still being queued, so two claimers can never both win (SQLite too).
+            won = session.execute(
+                update(RemoteJob)
+                .where(RemoteJob.id == job.id, RemoteJob.state == JobState.QUEUED)
+                .values(
+                    state=JobState.CLAIMED,
+                    agent_name=agent.name,
+                    attempt=RemoteJob.attempt + 1,
+                    claimed_at=now,
+                )
+            ).rowcount
+            if won:
+                free_slots -= job.pool_slots
+                claimed.append(
+                    ClaimedJob(
+                        job_id=job.id,
+                        attempt=job.attempt + 1,
+                        pool_slots=job.pool_slots,
+                        workload=job.workload,
+                    )
+                )
+            if free_slots <= 0:
+                break
+    return claimed
+
+
+@router.post("/claim", response_model=ClaimResponse, summary="Claim queued jobs, waiting for some if none")
+async def claim(body: ClaimRequest, agent: AgentDep) -> ClaimResponse:
+    free_slots = min(body.free_slots, agent.slots)
+    deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
+    while True:
+        jobs = await run_in_threadpool(claim_jobs, agent, free_slots)
+        remaining = deadline - time.monotonic()
+        if jobs or remaining <= 0:
+            return ClaimResponse(jobs=jobs)
+        await job_wakeup.wait(remaining)
+
+
+def _true_outcome(session: Session, ti_id: str, detail: str | None) -> tuple[str, str | None]:
+    """A task that fails still exits 0: the task instance's own state tells success from failure."""
+    ti_state = session.scalar(select(TaskInstance.state).where(TaskInstance.id == ti_id))
+    if ti_state is None:  # a later try has started; this try is in the history table
+        ti_state = session.scalar(
+            select(TaskInstanceHistory.state).where(TaskInstanceHistory.task_instance_id == ti_id)
+        )
+    if ti_state in _FAILED_TI_STATES:
+        return JobState.FAILED, f"task instance ended {ti_state}"
+    return JobState.SUCCESS, detail
+
+
+_FAILED_TI_STATES = {
+    TaskInstanceState.FAILED,
+    TaskInstanceState.UP_FOR_RETRY,
+    TaskInstanceState.UPSTREAM_FAILED,
+}
+
+_NEXT_STATES = {
+    JobState.CLAIMED: {JobState.RUNNING, JobState.SUCCESS, JobState.FAILED},
+    JobState.RUNNING: {JobState.RUNNING, JobState.SUCCESS, JobState.FAILED},
+}
+
+
+@router.post("/{job_id}/state", status_code=status.HTTP_204_NO_CONTENT, summary="Report a job's state")
+def report_state(job_id: int, body: StateReport, agent: AgentDep) -> None:
+    with create_session(scoped=False) as session:
+        job = session.get(RemoteJob, job_id, with_for_update=True)
+        if job is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged)."
+            )
+        if job.attempt != body.attempt:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"Stale report for job {job_id}: attempt {body.attempt} was superseded by {job.attempt}.",
+            )
+        if job.agent_name != agent.name:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"Job {job_id} is not held by agent {agent.name}.")
+        if job.state == body.state:
+            return  # a retried report that already landed
+        if body.state not in _NEXT_STATES.get(job.state, ()):
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"Job {job_id} is {job.state}; it cannot become {body.state}."
+            )
+        now = utcnow()
+        job.state, job.detail = body.state, body.detail
+        if body.state == JobState.SUCCESS:
+            job.state, job.detail = _true_outcome(session, job.ti_id, body.detail)
+        job.pending_sync = True
+        job.exit_code = body.exit_code
+        if body.state == JobState.RUNNING:
+            job.started_at = now
+        else:
+            job.finished_at = now
+            job.started_at = job.started_at or now

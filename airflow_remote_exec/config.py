@@ -1,0 +1,35 @@
+"""Typed access to the ``[remote_exec]`` section (defaults come from ``provider.CONFIG_OPTIONS``)."""
+
+from __future__ import annotations
+
+from airflow.configuration import conf
+
+from airflow_remote_exec.provider import CONFIG_OPTIONS
+
+SECTION = "remote_exec"
+
+
+def _default(key: str) -> str:
+    return CONFIG_OPTIONS[key]["default"]
+
+
+def heartbeat_interval() -> int:
+    return conf.getint(SECTION, "heartbeat_interval", fallback=int(_default("heartbeat_interval")))
+
+
+def lost_after_missed_heartbeats() -> int:
+    return conf.getint(
+        SECTION, "lost_after_missed_heartbeats", fallback=int(_default("lost_after_missed_heartbeats"))
+    )
+
+
+def claim_wait_seconds() -> int:
+    return conf.getint(SECTION, "claim_wait_seconds", fallback=int(_default("claim_wait_seconds")))
+
+
+def wakeup_poll_interval() -> float:
+    return conf.getfloat(SECTION, "wakeup_poll_interval", fallback=float(_default("wakeup_poll_interval")))
+
+
+def finished_job_retention() -> int:
+    return conf.getint(SECTION, "finished_job_retention", fallback=int(_default("finished_job_retention")))

@@ -1,0 +1,234 @@
+"""RemoteExecutor: runs inside the scheduler and hands task workloads to agents through the DB.
+
+Data path: ``queue_workload`` writes a ``remote_job`` row in the scheduler's own transaction (so
+the job exists exactly when the task instance is QUEUED); agents claim rows through the agent API;
+their reports set ``pending_sync``; ``sync`` turns those rows into executor events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from airflow.executors import workloads
+from airflow.executors.base_executor import BaseExecutor
+from airflow.models.taskinstancekey import TaskInstanceKey
+from airflow.utils.db import DBLocks, create_global_lock
+from airflow.utils.session import create_session
+from sqlalchemy import and_, delete, select, tuple_, update
+
+from airflow_remote_exec import config
+from airflow_remote_exec.db import RemoteDBManager
+from airflow_remote_exec.models import JobState, RemoteJob, utcnow
+from airflow_remote_exec.notify import notify_jobs_queued
+
+if TYPE_CHECKING:
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy.orm import Session
+
+PURGE_EVERY_SECONDS = 30.0
+
+
+def _key_of(job) -> TaskInstanceKey:
+    return TaskInstanceKey(
+        dag_id=job.dag_id,
+        task_id=job.task_id,
+        run_id=job.run_id,
+        try_number=job.try_number,
+        map_index=job.map_index,
+    )
+
+
+def _key_filter(key: TaskInstanceKey):
+    return and_(
+        RemoteJob.dag_id == key.dag_id,
+        RemoteJob.task_id == key.task_id,
+        RemoteJob.run_id == key.run_id,
+        RemoteJob.map_index == key.map_index,
+        RemoteJob.try_number == key.try_number,
+    )
+
+
+class RemoteExecutor(BaseExecutor):
+    """Queue task workloads for remote agents; report their outcome back to the scheduler."""
+
+    supports_ad_hoc_ti_run = True
+    serve_logs = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last_purge = 0.0
+
+    def start(self) -> None:
+        """Create the remote_* tables if ``airflow db migrate`` has not yet done so."""
+        with create_session() as session:
+            manager = RemoteDBManager(session)
+            if not manager.check_migration():
+                with create_global_lock(session=session, lock=DBLocks.MIGRATIONS):
+                    manager.initdb()
+
+    def queue_workload(self, workload: workloads.All, session: Session) -> None:
+        if not isinstance(workload, workloads.ExecuteTask):
+            raise TypeError(f"RemoteExecutor cannot run workloads of type {type(workload).__name__}")
+        ti = workload.ti
+        fields = {
+            "ti_id": str(ti.id),
+            "queue": ti.queue or "default",
+            "priority_weight": ti.priority_weight,
+            "pool_slots": max(1, ti.pool_slots),
+            "state": JobState.QUEUED,
+            "workload": workload.model_dump_json(),
+            "agent_name": None,
+            "exit_code": None,
+            "detail": None,
+            "pending_sync": False,
+            "queued_at": utcnow(),
+            "claimed_at": None,
+            "started_at": None,
+            "finished_at": None,
+        }
+        # A reschedule or a resumed deferral reuses the try number: the row is reset, and the
+        # claim that follows raises ``attempt``, which fences any late report of the previous run.
+        existing = session.scalar(select(RemoteJob).where(_key_filter(ti.key)).with_for_update())
+        if existing is None:
+            session.add(
+                RemoteJob(
+                    dag_id=ti.dag_id,
+                    task_id=ti.task_id,
+                    run_id=ti.run_id,
+                    map_index=ti.map_index,
+                    try_number=ti.try_number,
+                    attempt=0,
+                    **fields,
+                )
+            )
+        else:
+            for name, value in fields.items():
+                setattr(existing, name, value)
+        notify_jobs_queued(session)
+        self.running.add(ti.key)
+
+    def _process_workloads(self, workload_items: Sequence[workloads.All]) -> None:
+        """Unused: ``queue_workload`` writes jobs straight to the table."""
+
+    def sync(self) -> None:
+        with create_session(scoped=False) as session:
+            self._report_changed_jobs(session)
+            if time.monotonic() - self._last_purge > PURGE_EVERY_SECONDS:
+                self._purge_finished_jobs(session)
+                self._last_purge = time.monotonic()
+
+    def _report_changed_jobs(self, session: Session) -> None:
+        """Turn rows agents have reported on into executor events, each exactly once."""
+        rows = session.execute(
+            select(
+                RemoteJob.id,
+                RemoteJob.dag_id,
+                RemoteJob.task_id,
+                RemoteJob.run_id,
+                RemoteJob.map_index,
+                RemoteJob.try_number,
+                RemoteJob.state,
+                RemoteJob.agent_name,
+                RemoteJob.detail,
+            )
+            .where(RemoteJob.pending_sync.is_(True))
+            .with_for_update(skip_locked=True)
+        ).all()
+        for row in rows:
+            key = _key_of(row)
+            if key not in self.running:
+                continue  # queued by another scheduler; that one reports it
+            if row.state == JobState.RUNNING:
+                self.running_state(key, row.agent_name)
+            elif row.state == JobState.SUCCESS:
+                self.success(key)
+            elif row.state == JobState.FAILED:
+                self.fail(key, info=row.detail)
+            # Only clear the flag if the state is still the one just reported, so a report that
+            # landed meanwhile is read on the next loop instead of being lost.
+            session.execute(
+                update(RemoteJob)
+                .where(RemoteJob.id == row.id, RemoteJob.state == row.state)
+                .values(pending_sync=False)
+            )
+
+    def _purge_finished_jobs(self, session: Session) -> None:
+        cutoff = utcnow() - timedelta(seconds=config.finished_job_retention())
+        session.execute(
+            delete(RemoteJob).where(
+                RemoteJob.state.in_(JobState.FINISHED),
+                RemoteJob.pending_sync.is_(False),
+                RemoteJob.finished_at < cutoff,
+            )
+        )
+
+    def revoke_task(self, *, ti: TaskInstance) -> None:
+        """Forget the job; an agent running it is told to stop at its next heartbeat."""
+        self.running.discard(ti.key)
+        self.queued_tasks.pop(ti.key, None)
+        with create_session(scoped=False) as session:
+            session.execute(delete(RemoteJob).where(_key_filter(ti.key)))
+        self.log.info("Revoked %s", ti.key)
+
+    def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
+        """Adopt every task instance whose job is still in the table; the rest are reset."""
+        if not tis:
+            return []
+        keys = [(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number) for ti in tis]
+        with create_session(scoped=False) as session:
+            known = set(
+                session.execute(
+                    select(
+                        RemoteJob.dag_id,
+                        RemoteJob.task_id,
+                        RemoteJob.run_id,
+                        RemoteJob.map_index,
+                        RemoteJob.try_number,
+                    ).where(
+                        tuple_(
+                            RemoteJob.dag_id,
+                            RemoteJob.task_id,
+                            RemoteJob.run_id,
+                            RemoteJob.map_index,
+                            RemoteJob.try_number,
+                        ).in_(keys)
+                    )
+                ).all()
+            )
+            # A job that finished while no scheduler was listening must be reported again.
+            session.execute(
+                update(RemoteJob)
+                .where(RemoteJob.state.in_(JobState.FINISHED + (JobState.RUNNING,)))
+                .where(
+                    tuple_(
+                        RemoteJob.dag_id,
+                        RemoteJob.task_id,
+                        RemoteJob.run_id,
+                        RemoteJob.map_index,
+                        RemoteJob.try_number,
+                    ).in_(keys)
+                )
+                .values(pending_sync=True)
+            )
+        rejected = []
+        for ti, key in zip(tis, keys, strict=True):
+            if key in known:
+                self.running.add(ti.key)
+            else:
+                rejected.append(ti)
+        return rejected
+
+    def end(self) -> None:
+        """Nothing to wait for: jobs live in the DB and agents keep running them."""
+
+    def terminate(self) -> None:
+        """Nothing to stop in this process; see ``end``."""
+
+    @staticmethod
+    def get_cli_commands():
+        from airflow_remote_exec.cli import get_cli_commands
+
+        return get_cli_commands()

@@ -1,0 +1,136 @@
+"""The ``remote_*`` tables: agent tokens, agents, and the jobs the executor hands to agents.
+
+They live in their own ``MetaData`` so Airflow's core schema checks never see them; the
+``RemoteDBManager`` in ``db.py`` creates and migrates them during ``airflow db migrate``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from airflow.models.base import _get_schema, naming_convention
+from airflow.utils.sqlalchemy import UtcDateTime
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+metadata = MetaData(schema=_get_schema(), naming_convention=naming_convention)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class JobState:
+    """Life of a job row: queued -> claimed -> running -> success | failed."""
+
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    FINISHED = (SUCCESS, FAILED)
+    HELD = (CLAIMED, RUNNING)  # an agent holds the job
+
+
+class AgentState:
+    ACTIVE = "active"
+    DRAINING = "draining"
+    LOST = "lost"
+    GONE = "gone"
+
+
+class RemoteToken(Base):
+    """An agent token. Only the SHA-256 of the secret is stored; the secret is shown once."""
+
+    __tablename__ = "remote_token"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(250), unique=True, nullable=False)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    queues: Mapped[str] = mapped_column(String(2000), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    @property
+    def queue_list(self) -> list[str]:
+        return [q for q in self.queues.split(",") if q]
+
+
+class RemoteAgent(Base):
+    """One agent process. ``session_id`` changes at every registration, which fences old sessions."""
+
+    __tablename__ = "remote_agent"
+
+    name: Mapped[str] = mapped_column(String(250), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
+    token_id: Mapped[int] = mapped_column(Integer, ForeignKey("remote_token.id"), nullable=False)
+    hostname: Mapped[str] = mapped_column(String(250), nullable=False, default="")
+    version: Mapped[str] = mapped_column(String(50), nullable=False, default="")
+    queues: Mapped[str] = mapped_column(String(2000), nullable=False)
+    slots: Mapped[int] = mapped_column(Integer, nullable=False)
+    state: Mapped[str] = mapped_column(String(20), nullable=False)
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
+    state_changed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
+
+    @property
+    def queue_list(self) -> list[str]:
+        return [q for q in self.queues.split(",") if q]
+
+
+class RemoteJob(Base):
+    """One try of one task instance, waiting for, held by, or finished on an agent.
+
+    ``attempt`` grows at every claim; an agent's report must carry the attempt it claimed, so a
+    report from an agent the job was taken from can never be read as the current one.
+    ``pending_sync`` marks rows whose state the executor has not yet passed to the scheduler.
+    """
+
+    __tablename__ = "remote_job"
+    __table_args__ = (
+        UniqueConstraint("dag_id", "task_id", "run_id", "map_index", "try_number", name="remote_job_ti_key"),
+        Index("idx_remote_job_claim", "state", "queue", "priority_weight"),
+        Index("idx_remote_job_sync", "pending_sync"),
+        Index("idx_remote_job_agent", "agent_name"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    task_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    run_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    map_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    queue: Mapped[str] = mapped_column(String(256), nullable=False)
+    priority_weight: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    pool_slots: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    state: Mapped[str] = mapped_column(String(20), nullable=False)
+    workload: Mapped[str] = mapped_column(Text, nullable=False)
+    agent_name: Mapped[str | None] = mapped_column(String(250), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    pending_sync: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    queued_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
+    claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

@@ -1,0 +1,63 @@
+"""Provider registration: what Airflow discovers through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from airflow_remote_exec import __version__
+
+
+def _option(description: str, type_: str, default: str, example: str | None = None) -> dict:
+    return {
+        "description": description,
+        "version_added": None,
+        "type": type_,
+        "example": example,
+        "default": default,
+    }
+
+
+CONFIG_OPTIONS: dict[str, dict] = {
+    "heartbeat_interval": _option(
+        "Seconds between agent heartbeats. Sent to each agent when it registers.", "integer", "10"
+    ),
+    "lost_after_missed_heartbeats": _option(
+        "An agent that misses this many consecutive heartbeats is marked lost and its jobs are rerouted.",
+        "integer",
+        "3",
+    ),
+    "claim_wait_seconds": _option(
+        "Longest time a claim request is held open (long-poll) while no job is queued for the agent.",
+        "integer",
+        "20",
+    ),
+    "wakeup_poll_interval": _option(
+        "Seconds between checks for new jobs while claims wait, on databases without LISTEN/NOTIFY "
+        "(SQLite). On Postgres new jobs wake waiting claims at once and this is only a safety net.",
+        "float",
+        "0.25",
+    ),
+    "finished_job_retention": _option(
+        "Seconds a finished job row is kept (for `airflow remote-exec jobs` and debugging) before the "
+        "executor deletes it.",
+        "integer",
+        "300",
+    ),
+}
+
+
+def get_provider_info() -> dict:
+    return {
+        "package-name": "airflow-remote-exec",
+        "name": "Remote Execution",
+        "description": "Run Airflow tasks on agents in your own infrastructure over outbound HTTPS.",
+        "versions": [__version__],
+        "executors": ["airflow_remote_exec.executor.RemoteExecutor"],
+        "cli": ["airflow_remote_exec.cli.get_cli_commands"],
+        "plugins": [{"name": "remote_exec", "plugin-class": "airflow_remote_exec.plugin.RemoteExecPlugin"}],
+        "db-managers": ["airflow_remote_exec.db.RemoteDBManager"],
+        "config": {
+            "remote_exec": {
+                "description": "Settings of the RemoteExecutor and the agent API it serves.",
+                "options": CONFIG_OPTIONS,
+            }
+        },
+    }
