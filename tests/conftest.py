@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -15,9 +16,49 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# Unit and API tests use Airflow in-process against a throwaway SQLite DB. This must be set before
+# anything imports airflow; processes started by dev.stack get their own, clean environment.
+_UNIT_HOME = Path(tempfile.mkdtemp(prefix="airflow-remote-exec-unit-"))
+for _name in [n for n in os.environ if n.startswith("AIRFLOW")]:
+    del os.environ[_name]
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_UNIT_HOME),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_UNIT_HOME / 'airflow.db'}",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "airflow_remote_exec.executor.RemoteExecutor",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "unit-test-secret-" + "x" * 64,
+        "AIRFLOW__REMOTE_EXEC__WAKEUP_POLL_INTERVAL": "0.05",
+    }
+)
+
 from dev.stack import Orchestrator, Postgres  # noqa: E402
 
 OrchestratorFactory = Callable[..., Orchestrator]
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Iterator[None]:
+    """Airflow's full schema (with the remote_* tables) in the unit-test SQLite DB, built once."""
+    from airflow.utils.db import initdb
+
+    initdb()
+    yield
+    shutil.rmtree(_UNIT_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def session(airflow_db):
+    """A session on the unit-test DB; the remote_* tables are emptied after each test."""
+    from airflow.utils.session import create_session
+
+    from airflow_remote_exec.models import RemoteAgent, RemoteJob, RemoteToken
+
+    with create_session(scoped=False) as session:
+        yield session
+        session.rollback()
+        for model in (RemoteJob, RemoteAgent, RemoteToken):
+            session.query(model).delete()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from airflow.models.taskinstance import TaskInstance
 from airflow.models.taskinstancehistory import TaskInstanceHistory
@@ -83,6 +84,7 @@ async def claim(body: ClaimRequest, agent: AgentDep) -> ClaimResponse:
 
 def _true_outcome(session: Session, ti_id: str, detail: str | None) -> tuple[str, str | None]:
     """A task that fails still exits 0: the task instance's own state tells success from failure."""
+    ti_id = uuid.UUID(ti_id)
     ti_state = session.scalar(select(TaskInstance.state).where(TaskInstance.id == ti_id))
     if ti_state is None:  # a later try has started; this try is in the history table
         ti_state = session.scalar(

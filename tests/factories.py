@@ -1,0 +1,68 @@
+"""Builders for rows and workloads used by unit and API tests."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from airflow.executors.workloads import BundleInfo, ExecuteTask
+from airflow.executors.workloads.task import TaskInstanceDTO
+
+from airflow_remote_exec.models import JobState, RemoteJob
+
+
+def make_workload(
+    task_id: str = "t1",
+    *,
+    dag_id: str = "d1",
+    run_id: str = "r1",
+    try_number: int = 1,
+    map_index: int = -1,
+    queue: str = "default",
+    priority_weight: int = 1,
+    pool_slots: int = 1,
+) -> ExecuteTask:
+    ti = TaskInstanceDTO(
+        id=uuid.uuid4(),
+        task_id=task_id,
+        dag_id=dag_id,
+        run_id=run_id,
+        try_number=try_number,
+        map_index=map_index,
+        dag_version_id=uuid.uuid4(),
+        queue=queue,
+        pool_slots=pool_slots,
+        priority_weight=priority_weight,
+    )
+    return ExecuteTask(
+        ti=ti,
+        dag_rel_path=Path("dag.py"),
+        token="workload-token",
+        log_path="log.txt",
+        bundle_info=BundleInfo(name="dags-folder", version=None),
+    )
+
+
+def make_job(task_id: str = "t1", *, state: str = JobState.QUEUED, **kwargs) -> RemoteJob:
+    workload = make_workload(task_id, **{k: v for k, v in kwargs.items() if k in _WORKLOAD_FIELDS})
+    ti = workload.ti
+    row = {k: v for k, v in kwargs.items() if k not in _WORKLOAD_FIELDS}
+    return RemoteJob(
+        ti_id=str(ti.id),
+        dag_id=ti.dag_id,
+        task_id=ti.task_id,
+        run_id=ti.run_id,
+        map_index=ti.map_index,
+        try_number=ti.try_number,
+        queue=ti.queue,
+        priority_weight=ti.priority_weight,
+        pool_slots=ti.pool_slots,
+        state=state,
+        workload=workload.model_dump_json(),
+        attempt=row.pop("attempt", 0),
+        pending_sync=row.pop("pending_sync", False),
+        **row,
+    )
+
+
+_WORKLOAD_FIELDS = {"dag_id", "run_id", "try_number", "map_index", "queue", "priority_weight", "pool_slots"}
