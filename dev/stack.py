@@ -747,3 +747,93 @@ class Orchestrator:
     def logs(self, lines: int = 40) -> str:
         """Tails of every component log, for assertion messages."""
         return "\n".join(f"--- {n}.log:\n{self.log_tail(n, lines)}" for n in self.processes)
+
+
+# ------------------------------------------------------------------------------------------ remote agent
+
+
+def create_agent_token(
+    orch: Orchestrator, name: str, queues: Sequence[str], expires: str | None = None
+) -> str:
+    """``airflow remote-exec tokens create``; the token is the last line it prints on stdout."""
+    args = ["remote-exec", "tokens", "create", "--name", name, "--queues", ",".join(queues)]
+    if expires:
+        args += ["--expires", expires]
+    return orch.airflow(*args).stdout.strip().splitlines()[-1]
+
+
+class Agent:
+    """An ``airflow-remote-agent worker`` process: it gets the orchestrator's URL and a token, nothing else.
+
+    Its environment carries no database URL and no JWT secret (inherited AIRFLOW* variables are dropped);
+    it has its own AIRFLOW_HOME and its own copy of the DAGs folder path, as on a separate machine.
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        home: Path,
+        dags_folder: Path,
+        token: str,
+        name: str,
+        queues: Sequence[str] = ("default",),
+        slots: int = 4,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.home = Path(home).resolve()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.token_file = self.home / "token"
+        self.token_file.write_text(token)
+        self.health_port = free_port()
+        base = {k: v for k, v in os.environ.items() if not k.lstrip("_").startswith("AIRFLOW")}
+        env = {
+            **base,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(Path(dags_folder).resolve()),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            **(extra_env or {}),
+        }
+        argv = [
+            str(VENV_BIN / "airflow-remote-agent"),
+            "worker",
+            "--api-url",
+            api_url,
+            "--token-file",
+            str(self.token_file),
+            "--queues",
+            ",".join(queues),
+            "--slots",
+            str(slots),
+            "--name",
+            name,
+            "--health-port",
+            str(self.health_port),
+            "--health-host",
+            "127.0.0.1",
+        ]
+        self.process = ManagedProcess(f"agent-{name}", argv, env, self.home / "agent.log", cwd=self.home)
+
+    def start(self, timeout: float = 60) -> None:
+        """Start and wait until /healthz reports the agent registered and ready."""
+        self.process.start()
+
+        def ready() -> bool:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"agent {self.name} exited early:\n{self.process.log_tail(30)}")
+            return (self.healthz() or {}).get("healthy") is True
+
+        wait_until(ready, timeout, what=f"agent {self.name} to be healthy")
+
+    def healthz(self) -> dict[str, Any] | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def stop(self, timeout: float = 60) -> None:
+        self.process.stop(timeout)
+
+    def log_tail(self, lines: int = 50) -> str:
+        return self.process.log_tail(lines)

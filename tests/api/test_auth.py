@@ -1,0 +1,97 @@
+"""Every way an agent can be refused: 400, 401, 403, 410."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken, utcnow
+from tests.api.conftest import headers
+
+REGISTER = {"name": "agent-1", "queues": ["default"], "slots": 2}
+
+
+def test_missing_token_is_401(client):
+    reply = client.post("/agents", json=REGISTER, headers={"Remote-Exec-Api-Version": "1"})
+    assert reply.status_code == 401
+    assert reply.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_wrong_token_is_401(client, make_token):
+    make_token()
+    assert client.post("/agents", json=REGISTER, headers=headers("rex_wrong")).status_code == 401
+
+
+def test_expired_token_is_401(client, make_token, session):
+    token = make_token(expires_in=timedelta(seconds=60))
+    session.execute(update(RemoteToken).values(expires_at=utcnow() - timedelta(seconds=1)))
+    session.commit()
+    assert client.post("/agents", json=REGISTER, headers=headers(token)).status_code == 401
+
+
+def test_revoked_token_is_401_on_next_request(client, make_token, register, session):
+    token = make_token()
+    session_id = register(token)
+    session.execute(update(RemoteToken).values(revoked_at=utcnow()))
+    session.commit()
+    reply = client.post(f"/agents/{session_id}/heartbeat", json={"free_slots": 1}, headers=headers(token))
+    assert reply.status_code == 401
+
+
+def test_missing_or_unknown_api_version_is_400(client, make_token):
+    token = make_token()
+    bare = {"Authorization": f"Bearer {token}"}
+    assert client.post("/agents", json=REGISTER, headers=bare).status_code == 400
+    reply = client.post("/agents", json=REGISTER, headers={**bare, "Remote-Exec-Api-Version": "99"})
+    assert reply.status_code == 400
+    assert "Remote-Exec-Api-Version" in reply.json()["detail"]
+
+
+def test_queue_outside_token_scope_is_403(client, make_token):
+    token = make_token(queues=("default",))
+    reply = client.post("/agents", json={**REGISTER, "queues": ["default", "gpu"]}, headers=headers(token))
+    assert reply.status_code == 403
+    assert "gpu" in reply.json()["detail"]
+
+
+def test_session_of_another_token_is_403(client, make_token, register):
+    mine, theirs = make_token("mine"), make_token("theirs")
+    session_id = register(mine)
+    reply = client.post(f"/agents/{session_id}/heartbeat", json={"free_slots": 1}, headers=headers(theirs))
+    assert reply.status_code == 403
+
+
+def test_name_held_by_live_agent_of_another_token_is_403(client, make_token, register):
+    register(make_token("first"), name="shared")
+    reply = client.post("/agents", json={**REGISTER, "name": "shared"}, headers=headers(make_token("second")))
+    assert reply.status_code == 403
+
+
+def test_unknown_or_lost_session_is_410(client, make_token, register, session):
+    token = make_token()
+    assert (
+        client.post("/agents/nope/heartbeat", json={"free_slots": 1}, headers=headers(token)).status_code
+        == 410
+    )
+    session_id = register(token)
+    session.execute(update(RemoteAgent).values(state=AgentState.LOST))
+    session.commit()
+    reply = client.post(f"/agents/{session_id}/jobs/claim", json={"free_slots": 1}, headers=headers(token))
+    assert reply.status_code == 410
+
+
+def test_invalid_payloads_are_422(client, make_token):
+    token = make_token()
+    for body in ({**REGISTER, "slots": 0}, {**REGISTER, "queues": []}, {**REGISTER, "name": "bad name"}, {}):
+        assert client.post("/agents", json=body, headers=headers(token)).status_code == 422
+
+
+def test_openapi_schema_lists_the_agent_routes(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {
+        "/agents",
+        "/agents/{session_id}/heartbeat",
+        "/agents/{session_id}/jobs/claim",
+        "/agents/{session_id}/jobs/{job_id}/state",
+    } <= set(paths)

@@ -1,0 +1,226 @@
+"""Claiming and reporting through the agent API."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import select
+
+from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob
+from tests.api.conftest import headers
+from tests.factories import make_job
+
+
+def _add(session, *jobs: RemoteJob) -> list[int]:
+    session.add_all(jobs)
+    session.commit()
+    return [job.id for job in jobs]
+
+
+def _claim(client, token, session_id, free_slots=4, wait=0.0):
+    reply = client.post(
+        f"/agents/{session_id}/jobs/claim",
+        json={"free_slots": free_slots, "wait_seconds": wait},
+        headers=headers(token),
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()["jobs"]
+
+
+def _report(client, token, session_id, job_id, attempt, state, **extra):
+    return client.post(
+        f"/agents/{session_id}/jobs/{job_id}/state",
+        json={"attempt": attempt, "state": state, **extra},
+        headers=headers(token),
+    )
+
+
+def _job(session, job_id) -> RemoteJob:
+    session.expire_all()
+    return session.get(RemoteJob, job_id)
+
+
+def test_claim_takes_only_the_agents_queues_highest_priority_first(client, session, make_token, register):
+    token = make_token(queues=("default", "gpu"))
+    session_id = register(token, queues=("default",))
+    low, high, other = _add(
+        session,
+        make_job("low", priority_weight=1),
+        make_job("high", priority_weight=9),
+        make_job("other", queue="gpu"),
+    )
+    jobs = _claim(client, token, session_id)
+    assert [j["job_id"] for j in jobs] == [high, low]
+    assert all(j["attempt"] == 1 for j in jobs)
+    assert _job(session, other).state == JobState.QUEUED
+    claimed = _job(session, high)
+    assert (claimed.state, claimed.agent_name) == (JobState.CLAIMED, "agent-1")
+
+
+def test_claim_respects_free_slots_and_pool_slots(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token, slots=4)
+    big, small1, small2 = _add(
+        session,
+        make_job("big", pool_slots=3, priority_weight=5),
+        make_job("small1", priority_weight=4),
+        make_job("small2", priority_weight=3),
+    )
+    jobs = _claim(client, token, session_id, free_slots=2)
+    assert [j["job_id"] for j in jobs] == [small1, small2]  # big does not fit in 2 slots
+    assert _job(session, big).state == JobState.QUEUED
+    jobs = _claim(client, token, session_id, free_slots=3)
+    assert [j["job_id"] for j in jobs] == [big]
+
+
+def test_a_job_is_claimed_once(client, session, make_token, register):
+    token = make_token()
+    first, second = register(token, name="a1"), register(token, name="a2")
+    _add(session, make_job("only"))
+    assert len(_claim(client, token, first)) == 1
+    assert _claim(client, token, second) == []
+
+
+def test_draining_agent_claims_nothing(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    _add(session, make_job("x"))
+    client.post(
+        f"/agents/{session_id}/heartbeat", json={"free_slots": 4, "draining": True}, headers=headers(token)
+    )
+    assert session.scalar(select(RemoteAgent.state)) == AgentState.DRAINING
+    assert _claim(client, token, session_id) == []
+
+
+def test_long_poll_returns_a_job_queued_while_waiting(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+
+    def queue_later():
+        time.sleep(0.5)
+        _add(session, make_job("late"))
+
+    thread = threading.Thread(target=queue_later)
+    started = time.monotonic()
+    thread.start()
+    jobs = _claim(client, token, session_id, wait=10)
+    elapsed = time.monotonic() - started
+    thread.join()
+    assert [j for j in jobs if j["job_id"]], "the job queued during the wait was not returned"
+    assert elapsed < 3, f"long-poll answered after {elapsed:.1f}s"
+
+
+def test_long_poll_times_out_empty(client, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    started = time.monotonic()
+    assert _claim(client, token, session_id, wait=0.5) == []
+    assert 0.4 < time.monotonic() - started < 3
+
+
+def test_report_lifecycle_sets_pending_sync(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("life"))
+    (claimed,) = _claim(client, token, session_id)
+    assert _report(client, token, session_id, job_id, claimed["attempt"], "running").status_code == 204
+    job = _job(session, job_id)
+    assert (job.state, job.pending_sync, job.started_at is not None) == (JobState.RUNNING, True, True)
+    reply = _report(client, token, session_id, job_id, claimed["attempt"], "success", exit_code=0)
+    assert reply.status_code == 204
+    # A retried report that already landed is accepted again.
+    assert (
+        _report(client, token, session_id, job_id, claimed["attempt"], "success", exit_code=0).status_code
+        == 204
+    )
+    job = _job(session, job_id)
+    assert (job.state, job.exit_code, job.finished_at is not None) == (JobState.SUCCESS, 0, True)
+
+
+def test_failed_report_keeps_its_detail(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("boom"))
+    (claimed,) = _claim(client, token, session_id)
+    reply = _report(
+        client, token, session_id, job_id, claimed["attempt"], "failed", exit_code=-9, detail="killed"
+    )
+    assert reply.status_code == 204
+    job = _job(session, job_id)
+    assert (job.state, job.detail) == (JobState.FAILED, "killed")
+
+
+def test_report_on_job_held_by_another_agent_is_403(client, session, make_token, register):
+    token = make_token()
+    holder, other = register(token, name="holder"), register(token, name="other")
+    (job_id,) = _add(session, make_job("held"))
+    (claimed,) = _claim(client, token, holder)
+    assert _report(client, token, other, job_id, claimed["attempt"], "success").status_code == 403
+
+
+def test_stale_attempt_is_409(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("stale"))
+    (claimed,) = _claim(client, token, session_id)
+    reply = _report(client, token, session_id, job_id, claimed["attempt"] - 1, "success")
+    assert reply.status_code == 409
+    assert "Stale" in reply.json()["detail"]
+
+
+def test_report_on_unknown_job_is_404(client, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    assert _report(client, token, session_id, 999999, 1, "success").status_code == 404
+
+
+def test_finished_job_cannot_change_state(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("done"))
+    (claimed,) = _claim(client, token, session_id)
+    _report(client, token, session_id, job_id, claimed["attempt"], "success")
+    assert _report(client, token, session_id, job_id, claimed["attempt"], "running").status_code == 409
+
+
+def test_heartbeat_tells_agent_to_stop_jobs_it_no_longer_holds(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("hb"))
+    (claimed,) = _claim(client, token, session_id)
+    body = {"free_slots": 3, "running": [{"job_id": job_id, "attempt": claimed["attempt"]}]}
+    reply = client.post(f"/agents/{session_id}/heartbeat", json=body, headers=headers(token))
+    assert reply.json() == {"state": AgentState.ACTIVE, "stop": []}
+    session.delete(_job(session, job_id))  # revoked by the scheduler
+    session.commit()
+    reply = client.post(f"/agents/{session_id}/heartbeat", json=body, headers=headers(token))
+    assert reply.json()["stop"] == [job_id]
+
+
+def test_deregister_requeues_unstarted_and_fails_running_jobs(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    unstarted, running = _add(session, make_job("u", priority_weight=2), make_job("r", priority_weight=1))
+    claims = {j["job_id"]: j["attempt"] for j in _claim(client, token, session_id)}
+    _report(client, token, session_id, running, claims[running], "running")
+    assert client.delete(f"/agents/{session_id}", headers=headers(token)).status_code == 204
+    assert _job(session, unstarted).state == JobState.QUEUED
+    job = _job(session, running)
+    assert (job.state, job.pending_sync) == (JobState.FAILED, True)
+    assert "shut down" in job.detail
+    assert session.scalar(select(RemoteAgent.state)) == AgentState.GONE
+
+
+def test_re_registration_fences_the_previous_session(client, session, make_token, register):
+    token = make_token()
+    old = register(token)
+    (job_id,) = _add(session, make_job("fence"))
+    (claimed,) = _claim(client, token, old)
+    new = register(token)
+    assert new != old
+    assert _job(session, job_id).state == JobState.QUEUED
+    (reclaimed,) = _claim(client, token, new)
+    assert reclaimed["attempt"] == claimed["attempt"] + 1
+    assert _report(client, token, old, job_id, claimed["attempt"], "success").status_code == 410
+    assert _report(client, token, new, job_id, claimed["attempt"], "success").status_code == 409

@@ -1,0 +1,54 @@
+"""DAGs for the RemoteExecutor's edge cases: a failing task, an unserved queue, a long task."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from airflow.sdk import dag, task
+
+
+@dag(dag_id="remote_fails", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_fails():
+    @task(retries=0)
+    def boom() -> None:
+        raise RuntimeError("this task always fails")
+
+    boom()
+
+
+@dag(dag_id="remote_unserved", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_unserved():
+    @task(queue="nobody-serves-this")
+    def orphan() -> None:
+        pass
+
+    orphan()
+
+
+@dag(dag_id="remote_sleeps", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_sleeps():
+    @task(retries=0)
+    def nap(seconds: int = 8) -> int:
+        time.sleep(seconds)
+        return seconds
+
+    nap()
+
+
+remote_fails()
+remote_unserved()
+remote_sleeps()
+
+
+@dag(dag_id="remote_drain", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_drain():
+    @task(queue="drain", retries=0)
+    def finish_me() -> str:
+        time.sleep(6)
+        return "finished after SIGTERM"
+
+    finish_me()
+
+
+remote_drain()

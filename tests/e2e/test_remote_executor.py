@@ -1,0 +1,206 @@
+"""End to end: real api-server, scheduler, dag-processor and agent processes on Postgres."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from dev.stack import Agent, Orchestrator, create_agent_token, queued_to_start_latencies, wait_until
+from tests.conftest import make_orchestrator
+
+pytestmark = pytest.mark.e2e
+
+DAGS = Path(__file__).parent / "dags"
+EXECUTOR = "airflow_remote_exec.executor.RemoteExecutor"
+API_HEADERS = {"Remote-Exec-Api-Version": "1"}
+
+
+@pytest.fixture(scope="module")
+def stack(postgres, tmp_path_factory):
+    """One orchestrator and two agents with different tokens: agent-a serves default, agent-b etl."""
+    home = tmp_path_factory.mktemp("remote-stack")
+    db_url = postgres.create_database(f"airflow_{uuid.uuid4().hex[:12]}")
+    orch = make_orchestrator(
+        home / "orchestrator", db_url, EXECUTOR, DAGS, {"AIRFLOW__CORE__PARALLELISM": "16"}
+    )
+    agents = {}
+    try:
+        tokens = {
+            "a": create_agent_token(orch, "tok-a", ["default"]),
+            "b": create_agent_token(orch, "tok-b", ["etl"]),
+        }
+        for name, queue in (("a", "default"), ("b", "etl")):
+            agents[name] = Agent(
+                orch.api_url, home / f"agent-{name}", DAGS, tokens[name], f"agent-{name}", [queue], 4
+            )
+            agents[name].start()
+        yield orch, agents, tokens
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        orch.stop()
+
+
+def _jobs(orch: Orchestrator, dag_id: str) -> list[dict]:
+    engine = sa.create_engine(orch.db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT * FROM remote_job WHERE dag_id = :d ORDER BY id"), {"d": dag_id}
+            )
+            return [dict(row._mapping) for row in rows]
+    finally:
+        engine.dispose()
+
+
+def _run(orch: Orchestrator, dag_id: str, timeout: float = 240) -> tuple[str, str, list[dict]]:
+    with orch.client() as client:
+        client.wait_for_dag(dag_id)
+        run_id = client.trigger(dag_id)
+        state = client.wait_for_run(dag_id, run_id, timeout=timeout)
+        return run_id, state, client.task_instances(dag_id, run_id)
+
+
+def test_wide_dag_runs_across_two_queues_and_two_agents(stack):
+    orch, agents, _ = stack
+    run_id, state, tis = _run(orch, "remote_wide")
+    assert state == "success", orch.logs()
+    assert len(tis) == 12
+    assert {ti["state"] for ti in tis} == {"success"}
+    ran_by = {ti["task_id"]: ti["external_executor_id"] for ti in tis}
+    for task_id, agent in ran_by.items():
+        expected = "agent-b" if task_id.startswith(("double", "check")) else "agent-a"
+        assert agent == expected, f"{task_id} ran on {agent}"
+    # The agent reports a job finished when Airflow's supervisor returns, a moment after the task did.
+    wait_until(
+        lambda: all(j["state"] == "success" for j in _jobs(orch, "remote_wide")), 30, what="job reports"
+    )
+    assert {(j["state"], j["attempt"]) for j in _jobs(orch, "remote_wide")} == {("success", 1)}
+    latencies = [s * 1000 for s in queued_to_start_latencies(orch.db_url, "remote_wide", run_id)]
+    median, worst = statistics.median(latencies), max(latencies)
+    print(f"\nqueued->start over {len(latencies)} tasks: median {median:.0f} ms, max {worst:.0f} ms")
+
+
+def test_failing_task_ends_failed(stack):
+    orch, _, _ = stack
+    _, state, tis = _run(orch, "remote_fails")
+    assert state == "failed"
+    assert [(ti["task_id"], ti["state"]) for ti in tis] == [("boom", "failed")]
+    (job,) = _jobs(orch, "remote_fails")
+    assert job["state"] == "failed"
+    assert "failed" in job["detail"]
+
+
+def test_task_on_a_queue_no_agent_serves_stays_queued(stack):
+    orch, _, _ = stack
+    with orch.client() as client:
+        client.wait_for_dag("remote_unserved")
+        run_id = client.trigger("remote_unserved")
+        wait_until(lambda: _jobs(orch, "remote_unserved"), 60, what="the job row")
+        time.sleep(5)  # several claim rounds of both agents
+        (ti,) = client.task_instances("remote_unserved", run_id)
+    assert ti["state"] == "queued"
+    (job,) = _jobs(orch, "remote_unserved")
+    assert (job["state"], job["agent_name"], job["attempt"]) == ("queued", None, 0)
+
+
+def _task_pids(agent: Agent) -> list[int]:
+    """Task processes: children of the runner processes that are supervising a task."""
+    pids = []
+    for pid in agent.process.tree_pids():
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        if b"airflow-remote-agent task" in title:
+            pids += [int(child) for child in children]
+    return pids
+
+
+def test_crashed_task_process_is_failed(stack):
+    orch, agents, _ = stack
+    with orch.client() as client:
+        client.wait_for_dag("remote_sleeps")
+        run_id = client.trigger("remote_sleeps")
+        wait_until(lambda: _task_pids(agents["a"]), 60, what="the task process to start")
+        for pid in _task_pids(agents["a"]):
+            os.kill(pid, signal.SIGKILL)
+        assert client.wait_for_run("remote_sleeps", run_id, timeout=120) == "failed"
+        (ti,) = client.task_instances("remote_sleeps", run_id)
+    assert ti["state"] == "failed"
+    wait_until(lambda: _jobs(orch, "remote_sleeps")[0]["state"] == "failed", 30, what="job to be failed")
+    (job,) = _jobs(orch, "remote_sleeps")
+    assert job["exit_code"] != 0, job
+
+
+def test_sigterm_drains_the_running_task(stack, tmp_path):
+    orch, _, _ = stack
+    token = create_agent_token(orch, "tok-drain", ["drain"])
+    agent = Agent(orch.api_url, tmp_path / "drainer", DAGS, token, "drainer", ["drain"], 2)
+    agent.start()
+    try:
+        with orch.client() as client:
+            client.wait_for_dag("remote_drain")
+            run_id = client.trigger("remote_drain")
+            wait_until(
+                lambda: _jobs(orch, "remote_drain") and _jobs(orch, "remote_drain")[0]["state"] == "running",
+                60,
+                what="the task to run",
+            )
+            agent.process.terminate()  # SIGTERM
+            wait_until(lambda: not agent.process.alive, 60, what="the agent to drain and exit")
+            assert agent.process.returncode == 0, agent.log_tail()
+            assert client.wait_for_run("remote_drain", run_id, timeout=60) == "success"
+    finally:
+        agent.stop()
+    (job,) = _jobs(orch, "remote_drain")
+    assert job["state"] == "success"
+    agents = orch.airflow("remote-exec", "agents", "list", "-o", "json").stdout
+    assert '"name": "drainer", "state": "gone"' in agents
+
+
+def test_auth_failures_against_the_real_api_server(stack):
+    orch, _, tokens = stack
+    api = f"{orch.api_url}/remote/v1"
+    register = {"name": "intruder", "queues": ["default"], "slots": 1}
+
+    def post(path, token=None, json=None):
+        headers = {**API_HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
+        return httpx.post(f"{api}{path}", json=json, headers=headers, timeout=30)
+
+    assert post("/agents", json=register).status_code == 401
+    assert post("/agents", "rex_not-a-real-token", register).status_code == 401
+    expiring = create_agent_token(orch, "tok-expiring", ["default"], expires="1s")
+    time.sleep(1.5)
+    assert post("/agents", expiring, register).status_code == 401
+    assert post("/agents", tokens["a"], {**register, "queues": ["etl"]}).status_code == 403
+
+    session_id = post("/agents", tokens["a"], register).json()["session_id"]
+    held_by_agent_a = next(j for j in _jobs(orch, "remote_wide") if j["agent_name"] == "agent-a")
+    report = {"attempt": held_by_agent_a["attempt"], "state": "success"}
+    reply = post(f"/agents/{session_id}/jobs/{held_by_agent_a['id']}/state", tokens["a"], report)
+    assert reply.status_code == 403, reply.text
+    assert post(f"/agents/{session_id}/heartbeat", tokens["b"], {"free_slots": 1}).status_code == 403
+
+
+def test_revoked_token_stops_its_agent(stack, tmp_path):
+    orch, _, _ = stack
+    token = create_agent_token(orch, "tok-revoke", ["default"])
+    agent = Agent(orch.api_url, tmp_path / "revokee", DAGS, token, "revokee", ["default"], 1)
+    agent.start()
+    try:
+        orch.airflow("remote-exec", "tokens", "revoke", "tok-revoke")
+        wait_until(lambda: not agent.process.alive, 60, what="the agent to stop after revocation")
+        assert agent.process.returncode == 1
+        assert "token rejected" in agent.log_tail()
+    finally:
+        agent.stop()
