@@ -39,7 +39,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Not resolved: the venv's python is a symlink, and its *unresolved* directory holds the venv scripts.
 VENV_BIN = Path(sys.executable).parent
 AIRFLOW_BIN = str(VENV_BIN / "airflow")
-PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _find_pg_bin() -> Path:
+    """Newest Debian-packaged PostgreSQL server binaries, unless PG_BIN says otherwise."""
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    return found[-1] if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _find_pg_bin()
 
 _TAG_VAR = "DEV_STACK_PROCESS_TAG"
 DEFAULT_COMPONENTS = ("api-server", "scheduler", "dag-processor")

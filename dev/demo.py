@@ -1,0 +1,169 @@
+"""The one-command demo: stock Airflow on SQLite with the RemoteExecutor, one worker agent, one DAG.
+
+Run through ``./dev/demo``; ``--keep`` leaves the stack up, ``--stop`` stops a kept stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from dev.stack import REPO_ROOT, Agent, Orchestrator, create_agent_token, free_port, wait_until
+
+DEMO_HOME = REPO_ROOT / ".demo"
+PIDS_FILE = DEMO_HOME / "pids.json"
+DAG_ID = "example_remote"
+EXECUTOR = "airflow_remote_exec.executor.RemoteExecutor"
+
+
+def _port(preferred: int = 8080) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()
+
+
+def _say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def run(keep: bool) -> int:
+    if PIDS_FILE.exists():
+        print(
+            f"A demo stack is still running (see {PIDS_FILE}); stop it with ./dev/demo --stop",
+            file=sys.stderr,
+        )
+        return 1
+    home = DEMO_HOME / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    orch = Orchestrator(
+        home=home / "orchestrator",
+        db_url=f"sqlite:///{home / 'orchestrator' / 'airflow.db'}",
+        dags_folder=REPO_ROOT / "dev" / "dags",
+        executor=EXECUTOR,
+        port=_port(),
+        # SQLite serialises writers: keep the demo gentle.
+        extra_env={"AIRFLOW__CORE__PARALLELISM": "4"},
+    )
+    agent: Agent | None = None
+    started = time.monotonic()
+    try:
+        _say(f"orchestrator: airflow db migrate (SQLite) in {orch.home}")
+        orch.migrate()
+        token = create_agent_token(orch, "demo-agent", ["default"])
+        _say(f"orchestrator: api-server on {orch.api_url}, scheduler, dag-processor")
+        orch.start()
+        agent = Agent(
+            orch.api_url, home / "agent", REPO_ROOT / "dev" / "dags", token, "demo-agent", ["default"], 2
+        )
+        _say("agent: airflow-remote-agent worker (only the API URL and a token; no DB access)")
+        agent.start()
+        with orch.client() as client:
+            client.wait_for_dag(DAG_ID)
+            run_id = client.trigger(DAG_ID)
+            _say(f"triggered {DAG_ID} run {run_id}; waiting for it to finish")
+            state = client.wait_for_run(DAG_ID, run_id, timeout=300)
+            tis = client.task_instances(DAG_ID, run_id)
+        _print_results(state, tis, _agents_by_try(orch, run_id), time.monotonic() - started)
+        ok = state == "success" and all(ti["state"] == "success" for ti in tis)
+        if not ok:
+            print(orch.logs(20), "\n--- agent:\n", agent.log_tail(40), file=sys.stderr)
+        if keep:
+            _keep(orch, agent)
+            return 0 if ok else 1
+        return 0 if ok else 1
+    except Exception as err:  # the demo's user wants the reason, not a traceback
+        print(f"demo failed: {err}", file=sys.stderr)
+        if agent is not None:
+            print(f"--- agent log:\n{agent.log_tail(30)}", file=sys.stderr)
+        keep = False
+        return 1
+    finally:
+        if not keep:
+            _say("stopping agent and orchestrator")
+            if agent is not None:
+                agent.stop()
+            orch.stop()
+
+
+def _agents_by_try(orch: Orchestrator, run_id: str) -> dict[tuple[str, int, int], str]:
+    """Which agent ran each try, from the executor's own job table."""
+    engine = sa.create_engine(orch.db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT task_id, map_index, try_number, agent_name FROM remote_job WHERE run_id = :r"
+                ),
+                {"r": run_id},
+            )
+            return {(r.task_id, r.map_index, r.try_number): r.agent_name for r in rows}
+    finally:
+        engine.dispose()
+
+
+def _print_results(state: str, tis: list[dict], agents: dict, elapsed: float) -> None:
+    print(f"\nDAG run {DAG_ID}: {state} in {elapsed:.0f}s\n")
+    print(f"{'task':<16}{'map':>5}  {'state':<10}{'tries':>6}  agent")
+    for ti in sorted(tis, key=lambda t: (t["start_date"] or "", t["task_id"], t["map_index"])):
+        map_index = "" if ti["map_index"] < 0 else str(ti["map_index"])
+        print(
+            f"{ti['task_id']:<16}{map_index:>5}  {ti['state']:<10}{ti['try_number']:>6}  "
+            f"{agents.get((ti['task_id'], ti['map_index'], ti['try_number'])) or '-'}"
+        )
+    print()
+
+
+def _keep(orch: Orchestrator, agent: Agent) -> None:
+    pids = [p.pid for p in orch.processes.values()] + [agent.process.pid]
+    PIDS_FILE.write_text(json.dumps(pids))
+    print(f"The stack keeps running. Airflow UI: {orch.api_url}  (login admin / admin)")
+    print(f"Logs: {orch.logs_dir} and {agent.home / 'agent.log'}")
+    print("Stop it with: ./dev/demo --stop")
+
+
+def stop() -> int:
+    if not PIDS_FILE.exists():
+        print("No demo stack is running.")
+        return 0
+    pids = json.loads(PIDS_FILE.read_text())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+
+        def all_gone() -> bool:
+            return not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+        try:
+            wait_until(all_gone, 30, what="demo processes to stop")
+            break
+        except TimeoutError:
+            continue
+    PIDS_FILE.unlink()
+    print("Demo stack stopped.")
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="./dev/demo", description=__doc__)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--keep", action="store_true", help="leave the stack running and print the UI address")
+    group.add_argument("--stop", action="store_true", help="stop a stack left running by --keep")
+    args = parser.parse_args()
+    DEMO_HOME.mkdir(exist_ok=True)
+    sys.exit(stop() if args.stop else run(args.keep))
+
+
+if __name__ == "__main__":
+    main()
