@@ -23,12 +23,14 @@ from airflow_remote_exec import config
 from airflow_remote_exec.db import RemoteDBManager
 from airflow_remote_exec.models import JobState, RemoteJob, utcnow
 from airflow_remote_exec.notify import notify_jobs_queued
+from airflow_remote_exec.reroute import mark_lost_agents
 
 if TYPE_CHECKING:
     from airflow.models.taskinstance import TaskInstance
     from sqlalchemy.orm import Session
 
 PURGE_EVERY_SECONDS = 30.0
+LIVENESS_EVERY_SECONDS = 1.0
 
 
 def _key_of(job) -> TaskInstanceKey:
@@ -60,6 +62,7 @@ class RemoteExecutor(BaseExecutor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._last_purge = 0.0
+        self._last_liveness_check = 0.0
 
     def start(self) -> None:
         """Create the remote_* tables if ``airflow db migrate`` has not yet done so."""
@@ -115,6 +118,11 @@ class RemoteExecutor(BaseExecutor):
 
     def sync(self) -> None:
         with create_session(scoped=False) as session:
+            if time.monotonic() - self._last_liveness_check > LIVENESS_EVERY_SECONDS:
+                for name in mark_lost_agents(session):
+                    self.log.warning("Agent %s missed its heartbeats: declared lost, its jobs rerouted", name)
+                session.flush()
+                self._last_liveness_check = time.monotonic()
             self._report_changed_jobs(session)
             if time.monotonic() - self._last_purge > PURGE_EVERY_SECONDS:
                 self._purge_finished_jobs(session)

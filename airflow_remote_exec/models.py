@@ -94,6 +94,12 @@ class RemoteAgent(Base):
     def queue_list(self) -> list[str]:
         return [q for q in self.queues.split(",") if q]
 
+    def set_state(self, state: str) -> None:
+        """Change state, recording when: ``agents list`` shows each agent's latest transition."""
+        if self.state != state:
+            self.state = state
+            self.state_changed_at = utcnow()
+
 
 class RemoteJob(Base):
     """One try of one task instance, waiting for, held by, or finished on an agent.

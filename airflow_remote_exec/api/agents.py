@@ -6,8 +6,7 @@ import uuid
 
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from airflow_remote_exec import config
 from airflow_remote_exec.api.auth import AgentDep, TokenDep
@@ -18,32 +17,9 @@ from airflow_remote_exec.api.datamodels import (
     RegisterResponse,
 )
 from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob, utcnow
-from airflow_remote_exec.notify import notify_jobs_queued
+from airflow_remote_exec.reroute import release_agent_jobs
 
 router = APIRouter(prefix="/agents", tags=["agents"])
-
-
-def release_agent_jobs(session: Session, agent_name: str, reason: str) -> None:
-    """Hand back what an agent held: unstarted jobs to the queue, running ones to Airflow's retry path."""
-    now = utcnow()
-    requeued = session.execute(
-        update(RemoteJob)
-        .where(RemoteJob.agent_name == agent_name, RemoteJob.state == JobState.CLAIMED)
-        .values(state=JobState.QUEUED, agent_name=None, claimed_at=None)
-    ).rowcount
-    session.execute(
-        update(RemoteJob)
-        .where(RemoteJob.agent_name == agent_name, RemoteJob.state == JobState.RUNNING)
-        .values(state=JobState.FAILED, detail=reason, finished_at=now, pending_sync=True)
-    )
-    if requeued:
-        notify_jobs_queued(session)
-
-
-def set_agent_state(agent: RemoteAgent, state: str) -> None:
-    if agent.state != state:
-        agent.state = state
-        agent.state_changed_at = utcnow()
 
 
 @router.post("", response_model=RegisterResponse, summary="Register an agent and open a new session")
@@ -77,7 +53,7 @@ def register(body: RegisterRequest, token: TokenDep) -> RegisterResponse:
         agent.slots = body.slots
         agent.registered_at = now
         agent.last_heartbeat_at = now
-        set_agent_state(agent, AgentState.ACTIVE)
+        agent.set_state(AgentState.ACTIVE)
         session_id = agent.session_id
     return RegisterResponse(
         session_id=session_id,
@@ -92,7 +68,7 @@ def heartbeat(body: HeartbeatRequest, agent: AgentDep) -> HeartbeatResponse:
     with create_session(scoped=False) as session:
         row = session.get(RemoteAgent, agent.name, with_for_update=True)
         row.last_heartbeat_at = utcnow()
-        set_agent_state(row, AgentState.DRAINING if body.draining else AgentState.ACTIVE)
+        row.set_state(AgentState.DRAINING if body.draining else AgentState.ACTIVE)
         valid: set[int] = set()
         if held:
             jobs = session.execute(
@@ -114,4 +90,4 @@ def deregister(agent: AgentDep) -> None:
     with create_session(scoped=False) as session:
         row = session.get(RemoteAgent, agent.name, with_for_update=True)
         release_agent_jobs(session, agent.name, reason=f"agent {agent.name} shut down")
-        set_agent_state(row, AgentState.GONE)
+        row.set_state(AgentState.GONE)

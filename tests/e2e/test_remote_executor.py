@@ -75,15 +75,17 @@ def test_wide_dag_runs_across_two_queues_and_two_agents(stack):
     assert state == "success", orch.logs()
     assert len(tis) == 12
     assert {ti["state"] for ti in tis} == {"success"}
-    ran_by = {ti["task_id"]: ti["external_executor_id"] for ti in tis}
-    for task_id, agent in ran_by.items():
-        expected = "agent-b" if task_id.startswith(("double", "check")) else "agent-a"
-        assert agent == expected, f"{task_id} ran on {agent}"
     # The agent reports a job finished when Airflow's supervisor returns, a moment after the task did.
     wait_until(
         lambda: all(j["state"] == "success" for j in _jobs(orch, "remote_wide")), 30, what="job reports"
     )
-    assert {(j["state"], j["attempt"]) for j in _jobs(orch, "remote_wide")} == {("success", 1)}
+    jobs = _jobs(orch, "remote_wide")
+    assert {(j["state"], j["attempt"]) for j in jobs} == {("success", 1)}
+    for job in jobs:
+        expected = "agent-b" if job["task_id"].startswith(("double", "check")) else "agent-a"
+        assert job["agent_name"] == expected, f"{job['task_id']} ran on {job['agent_name']}"
+    # The scheduler records the agent on the task instance when it sees the task running.
+    assert {ti["external_executor_id"] for ti in tis} <= {"agent-a", "agent-b", None}
     latencies = [s * 1000 for s in queued_to_start_latencies(orch.db_url, "remote_wide", run_id)]
     median, worst = statistics.median(latencies), max(latencies)
     print(f"\nqueued->start over {len(latencies)} tasks: median {median:.0f} ms, max {worst:.0f} ms")

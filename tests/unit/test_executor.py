@@ -154,3 +154,39 @@ def test_adopt_keeps_known_jobs_and_rejects_unknown(executor, session):
 def test_non_task_workloads_are_refused(executor, session):
     with pytest.raises(TypeError, match="cannot run"):
         executor.queue_workload(SimpleNamespace(), session=session)
+
+
+def test_silent_agent_is_declared_lost_and_its_jobs_rerouted(executor, session):
+    from airflow_remote_exec.models import AgentState, RemoteAgent
+    from airflow_remote_exec.tokens import create_token
+
+    token, _ = create_token(session, "t-silent", ["default"])
+    stale = utcnow() - timedelta(seconds=3600)
+    session.add(
+        RemoteAgent(
+            name="silent",
+            session_id="s-1",
+            token_id=token.id,
+            queues="default",
+            slots=2,
+            state=AgentState.ACTIVE,
+            last_heartbeat_at=stale,
+        )
+    )
+    claimed, running = make_workload("claimed"), make_workload("running")
+    for workload in (claimed, running):
+        _queue(executor, session, workload)
+    for workload, state in ((claimed, JobState.CLAIMED), (running, JobState.RUNNING)):
+        job = _job(session, workload)
+        job.state, job.agent_name, job.attempt = state, "silent", 1
+        session.commit()
+
+    executor.sync()
+
+    agent = session.get(RemoteAgent, "silent")
+    session.refresh(agent)
+    assert agent.state == AgentState.LOST
+    assert (_job(session, claimed).state, _job(session, claimed).agent_name) == (JobState.QUEUED, None)
+    assert _job(session, running).state == JobState.FAILED
+    assert "lost" in _job(session, running).detail
+    assert executor.get_event_buffer()[running.ti.key][0] == TaskInstanceState.FAILED
