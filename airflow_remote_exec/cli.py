@@ -22,6 +22,8 @@ ARG_EXPIRES = Arg(
     ("--expires",), help="Lifetime such as 30d, 12h or 2w (default: never expires)", default=None
 )
 ARG_TOKEN_NAME = Arg(("name",), help="Name of the token")
+ARG_AGENT_NAME = Arg(("name",), help="Name of the agent")
+ARG_AGENT_FILTER = Arg(("name",), nargs="?", default=None, help="Only this agent")
 
 TOKEN_COMMANDS = (
     ActionCommand(
@@ -47,9 +49,27 @@ TOKEN_COMMANDS = (
 AGENT_COMMANDS = (
     ActionCommand(
         name="list",
-        help="List agents with their state, queues, slots and last heartbeat",
+        help="List agents with their state, when it changed, queues, slots and last heartbeat",
         func=lazy_load_command(_CLI + "agents_list"),
         args=(ARG_OUTPUT,),
+    ),
+    ActionCommand(
+        name="history",
+        help="Every recorded state change of agents (registered, active, draining, lost, gone) and why",
+        func=lazy_load_command(_CLI + "agents_history"),
+        args=(ARG_AGENT_FILTER, ARG_OUTPUT),
+    ),
+    ActionCommand(
+        name="drain",
+        help="Stop new claims by an agent; its running tasks finish",
+        func=lazy_load_command(_CLI + "agents_drain"),
+        args=(ARG_AGENT_NAME,),
+    ),
+    ActionCommand(
+        name="resume",
+        help="Let a drained agent claim jobs again",
+        func=lazy_load_command(_CLI + "agents_resume"),
+        args=(ARG_AGENT_NAME,),
     ),
 )
 

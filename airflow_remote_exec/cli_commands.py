@@ -10,7 +10,7 @@ from airflow.utils.session import create_session
 from sqlalchemy import select
 
 from airflow_remote_exec.cli import fail
-from airflow_remote_exec.models import RemoteAgent, RemoteToken, utcnow
+from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteAgentEvent, RemoteToken, utcnow
 from airflow_remote_exec.tokens import TokenError, create_token, parse_duration, parse_queues, token_status
 
 
@@ -66,15 +66,33 @@ def tokens_revoke(args) -> None:
     print(f"Revoked agent token {args.name!r}; its agents get 401 on their next request.")
 
 
+RECENT_TRANSITIONS = 4
+
+
+def _recent_transitions(session) -> dict[str, str]:
+    """The latest few state changes of each agent, oldest first, as 'state@HH:MM:SS' words."""
+    recent: dict[str, list[str]] = {}
+    events = session.scalars(
+        select(RemoteAgentEvent).order_by(RemoteAgentEvent.at.desc(), RemoteAgentEvent.id.desc())
+    )
+    for event in events:
+        seen = recent.setdefault(event.agent_name, [])
+        if len(seen) < RECENT_TRANSITIONS:
+            seen.append(f"{event.state}@{event.at:%H:%M:%S}")
+    return {name: " ".join(reversed(words)) for name, words in recent.items()}
+
+
 @cli_utils.action_cli
 def agents_list(args) -> None:
     with create_session() as session:
         rows = session.scalars(select(RemoteAgent).order_by(RemoteAgent.name)).all()
+        transitions = _recent_transitions(session)
         data = [
             {
                 "name": row.name,
                 "state": row.state,
                 "since": _iso(row.state_changed_at),
+                "recent_transitions": transitions.get(row.name, ""),
                 "hostname": row.hostname,
                 "queues": row.queues,
                 "slots": row.slots,
@@ -84,3 +102,41 @@ def agents_list(args) -> None:
             for row in rows
         ]
     AirflowConsole().print_as(data=data, output=args.output)
+
+
+@cli_utils.action_cli
+def agents_history(args) -> None:
+    with create_session() as session:
+        query = select(RemoteAgentEvent).order_by(RemoteAgentEvent.at, RemoteAgentEvent.id)
+        if args.name:
+            query = query.where(RemoteAgentEvent.agent_name == args.name)
+        data = [
+            {"at": _iso(e.at), "agent": e.agent_name, "state": e.state, "reason": e.reason}
+            for e in session.scalars(query)
+        ]
+    AirflowConsole().print_as(data=data, output=args.output)
+
+
+def _set_drain(name: str, drain: bool) -> None:
+    with create_session() as session:
+        agent = session.get(RemoteAgent, name, with_for_update=True)
+        if agent is None:
+            fail(f"No agent named {name!r}; see `airflow remote-exec agents list`.")
+        agent.drain_requested = drain
+        if agent.state in (AgentState.REGISTERED, AgentState.ACTIVE, AgentState.DRAINING):
+            if drain:
+                agent.set_state(session, AgentState.DRAINING, "drain requested by an operator")
+            else:
+                agent.set_state(session, AgentState.ACTIVE, "resumed by an operator")
+
+
+@cli_utils.action_cli
+def agents_drain(args) -> None:
+    _set_drain(args.name, True)
+    print(f"Agent {args.name!r} takes no new jobs; its running tasks finish. Undo with `agents resume`.")
+
+
+@cli_utils.action_cli
+def agents_resume(args) -> None:
+    _set_drain(args.name, False)
+    print(f"Agent {args.name!r} claims jobs again.")

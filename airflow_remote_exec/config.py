@@ -33,3 +33,7 @@ def wakeup_poll_interval() -> float:
 
 def finished_job_retention() -> int:
     return conf.getint(SECTION, "finished_job_retention", fallback=int(_default("finished_job_retention")))
+
+
+def reroute_fence_seconds() -> int:
+    return conf.getint(SECTION, "reroute_fence_seconds", fallback=int(_default("reroute_fence_seconds")))

@@ -23,7 +23,7 @@ from airflow_remote_exec import config
 from airflow_remote_exec.db import RemoteDBManager
 from airflow_remote_exec.models import JobState, RemoteJob, utcnow
 from airflow_remote_exec.notify import notify_jobs_queued
-from airflow_remote_exec.reroute import mark_lost_agents
+from airflow_remote_exec.reroute import fence_of_previous_try, mark_lost_agents
 
 if TYPE_CHECKING:
     from airflow.models.taskinstance import TaskInstance
@@ -91,6 +91,10 @@ class RemoteExecutor(BaseExecutor):
             "claimed_at": None,
             "started_at": None,
             "finished_at": None,
+            "fenced_until": None,
+            "not_before": fence_of_previous_try(
+                session, ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number
+            ),
         }
         # A reschedule or a resumed deferral reuses the try number: the row is reset, and the
         # claim that follows raises ``attempt``, which fences any late report of the previous run.

@@ -21,7 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 metadata = MetaData(schema=_get_schema(), naming_convention=naming_convention)
 
@@ -48,10 +48,13 @@ class JobState:
 
 
 class AgentState:
+    REGISTERED = "registered"
     ACTIVE = "active"
     DRAINING = "draining"
     LOST = "lost"
     GONE = "gone"
+
+    LIVE = (REGISTERED, ACTIVE, DRAINING)
 
 
 class RemoteToken(Base):
@@ -89,16 +92,51 @@ class RemoteAgent(Base):
     registered_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
     last_heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
     state_changed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
+    drain_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
 
     @property
     def queue_list(self) -> list[str]:
         return [q for q in self.queues.split(",") if q]
 
-    def set_state(self, state: str) -> None:
-        """Change state, recording when: ``agents list`` shows each agent's latest transition."""
-        if self.state != state:
-            self.state = state
-            self.state_changed_at = utcnow()
+    def set_state(self, session: Session, state: str, reason: str = "") -> None:
+        """Change state and record the transition, so ``agents list --history`` can show each one."""
+        if self.state == state:
+            return
+        self.state = state
+        self.state_changed_at = utcnow()
+        session.add(
+            RemoteAgentEvent(agent_name=self.name, state=state, at=self.state_changed_at, reason=reason)
+        )
+
+
+class RemoteAgentEvent(Base):
+    """One state change of an agent: registered, active, draining, lost or gone."""
+
+    __tablename__ = "remote_agent_event"
+    __table_args__ = (Index("idx_remote_agent_event_agent", "agent_name", "at"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    agent_name: Mapped[str] = mapped_column(String(250), nullable=False)
+    state: Mapped[str] = mapped_column(String(20), nullable=False)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    reason: Mapped[str] = mapped_column(String(1000), nullable=False, default="")
+
+
+class RemoteApiServer(Base):
+    """Presence of each api-server process serving the agent API.
+
+    Agents can only heartbeat while an api-server is up; the executor declares an agent lost only
+    if the agent API has been up for the whole silence window, so an api-server outage is never
+    mistaken for dead agents.
+    """
+
+    __tablename__ = "remote_api_server"
+
+    name: Mapped[str] = mapped_column(String(250), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
 
 class RemoteJob(Base):
@@ -140,3 +178,8 @@ class RemoteJob(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Fencing across agents: a job taken from a lost agent while running carries ``fenced_until``;
+    # the next try of the same task may not be claimed before it (``not_before``), which gives the
+    # old try's supervisor time to learn from Airflow that its try is over and stop.
+    fenced_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    not_before: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

@@ -24,6 +24,14 @@ CONFIG_OPTIONS: dict[str, dict] = {
         "integer",
         "3",
     ),
+    "reroute_fence_seconds": _option(
+        "When a lost agent's running task is failed into Airflow's retry path, its next try is not handed "
+        "to another agent for this many seconds. That gives the old try's supervisor, if it still runs, "
+        "time to learn from Airflow that its try is over and stop the task ([workers] "
+        "min_heartbeat_interval, 5 s, plus up to 5 s to terminate), so the two never run at once.",
+        "integer",
+        "10",
+    ),
     "claim_wait_seconds": _option(
         "Longest time a claim request is held open (long-poll) while no job is queued for the agent.",
         "integer",

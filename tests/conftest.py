@@ -52,12 +52,18 @@ def session(airflow_db):
     """A session on the unit-test DB; the remote_* tables are emptied after each test."""
     from airflow.utils.session import create_session
 
-    from airflow_remote_exec.models import RemoteAgent, RemoteJob, RemoteToken
+    from airflow_remote_exec.models import (
+        RemoteAgent,
+        RemoteAgentEvent,
+        RemoteApiServer,
+        RemoteJob,
+        RemoteToken,
+    )
 
     with create_session(scoped=False) as session:
         yield session
         session.rollback()
-        for model in (RemoteJob, RemoteAgent, RemoteToken):
+        for model in (RemoteJob, RemoteAgentEvent, RemoteApiServer, RemoteAgent, RemoteToken):
             session.query(model).delete()
 
 

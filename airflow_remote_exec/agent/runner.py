@@ -9,6 +9,7 @@ does, against the orchestrator's ``/execution/`` API with the workload's own tok
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ from typing import NamedTuple
 log = logging.getLogger(__name__)
 
 PRELOAD = ["airflow_remote_exec.agent.preload"]
+_PR_SET_PDEATHSIG = 1
 
 
 class Assignment(NamedTuple):
@@ -35,8 +37,21 @@ class Outcome(NamedTuple):
     error: str | None
 
 
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Applied to runners and, through ``os.register_at_fork``, to the supervisor's task processes:
+    when the agent dies, its tasks die with it instead of running on unsupervised while their
+    retries start on another agent.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _runner_main(inbox: SimpleQueue, outbox, server: str) -> None:
     """Loop of one runner process: run each assignment and post its outcome."""
+    _die_with_parent()
+    os.register_at_fork(after_in_child=_die_with_parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when tasks stop
     from airflow.executors.base_executor import BaseExecutor
     from airflow.executors.workloads import ExecuteTask

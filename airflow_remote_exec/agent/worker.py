@@ -245,31 +245,36 @@ class Worker:
 
     # -- heartbeat -------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        while not self._done.wait(self._heartbeat_interval):
-            session_id = self._session_id
+        while not self._done.is_set():
+            self._heartbeat()
+            self._done.wait(self._heartbeat_interval)
+
+    def _heartbeat(self) -> None:
+        """Tell the orchestrator what runs here; stop whatever it says is no longer ours."""
+        session_id = self._session_id
+        with self._lock:
+            running = [HeldJob(job_id=i, attempt=h.attempt) for i, h in self._held.items()]
+        request = HeartbeatRequest(
+            running=running, free_slots=max(0, self.free_slots()), draining=self._stop.is_set()
+        )
+        try:
+            reply = self.client.heartbeat(session_id, request)
+        except SessionGone:
+            if not self._stop.is_set():
+                self._start_new_session(session_id)
+            return
+        except Unauthorized as err:
+            self._fail(f"Agent token rejected ({err.detail}); stopping.")
+            return
+        except (AgentApiError, Stopped) as err:
+            log.warning("Heartbeat failed: %s", err)
+            return
+        self._last_contact = time.monotonic()
+        if reply.stop:
             with self._lock:
-                running = [HeldJob(job_id=i, attempt=h.attempt) for i, h in self._held.items()]
-            request = HeartbeatRequest(
-                running=running, free_slots=max(0, self.free_slots()), draining=self._stop.is_set()
-            )
-            try:
-                reply = self.client.heartbeat(session_id, request)
-            except SessionGone:
-                if not self._stop.is_set():
-                    self._start_new_session(session_id)
-                continue
-            except Unauthorized as err:
-                self._fail(f"Agent token rejected ({err.detail}); stopping.")
-                continue
-            except (AgentApiError, Stopped) as err:
-                log.warning("Heartbeat failed: %s", err)
-                continue
-            self._last_contact = time.monotonic()
-            if reply.stop:
-                with self._lock:
-                    for job_id in reply.stop:
-                        log.warning("Orchestrator says job %s is no longer ours; stopping it", job_id)
-                        self._abandon(job_id)
+                for job_id in reply.stop:
+                    log.warning("Orchestrator says job %s is no longer ours; stopping it", job_id)
+                    self._abandon(job_id)
 
     def health(self) -> tuple[bool, dict]:
         since = time.monotonic() - self._last_contact if self._last_contact else None

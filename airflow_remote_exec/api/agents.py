@@ -35,10 +35,10 @@ def register(body: RegisterRequest, token: TokenDep) -> RegisterResponse:
         agent = session.get(RemoteAgent, body.name, with_for_update=True)
         now = utcnow()
         if agent is None:
-            agent = RemoteAgent(name=body.name, registered_at=now, state=AgentState.ACTIVE)
+            agent = RemoteAgent(name=body.name, registered_at=now, state="", drain_requested=False)
             session.add(agent)
         else:
-            if agent.token_id != token.id and agent.state in (AgentState.ACTIVE, AgentState.DRAINING):
+            if agent.token_id != token.id and agent.state in AgentState.LIVE:
                 raise HTTPException(
                     status.HTTP_403_FORBIDDEN,
                     f"Agent name {body.name!r} is in use by a live agent of another token.",
@@ -53,7 +53,8 @@ def register(body: RegisterRequest, token: TokenDep) -> RegisterResponse:
         agent.slots = body.slots
         agent.registered_at = now
         agent.last_heartbeat_at = now
-        agent.set_state(AgentState.ACTIVE)
+        agent.state = ""  # every registration is recorded, also one that follows a registration
+        agent.set_state(session, AgentState.REGISTERED, f"session {agent.session_id} from {body.hostname}")
         session_id = agent.session_id
     return RegisterResponse(
         session_id=session_id,
@@ -68,7 +69,12 @@ def heartbeat(body: HeartbeatRequest, agent: AgentDep) -> HeartbeatResponse:
     with create_session(scoped=False) as session:
         row = session.get(RemoteAgent, agent.name, with_for_update=True)
         row.last_heartbeat_at = utcnow()
-        row.set_state(AgentState.DRAINING if body.draining else AgentState.ACTIVE)
+        if body.draining:
+            row.set_state(session, AgentState.DRAINING, "agent is shutting down")
+        elif row.drain_requested:
+            row.set_state(session, AgentState.DRAINING, "drain requested by an operator")
+        else:
+            row.set_state(session, AgentState.ACTIVE)
         valid: set[int] = set()
         if held:
             jobs = session.execute(
@@ -90,4 +96,4 @@ def deregister(agent: AgentDep) -> None:
     with create_session(scoped=False) as session:
         row = session.get(RemoteAgent, agent.name, with_for_update=True)
         release_agent_jobs(session, agent.name, reason=f"agent {agent.name} shut down")
-        row.set_state(AgentState.GONE)
+        row.set_state(session, AgentState.GONE, "deregistered on shutdown")

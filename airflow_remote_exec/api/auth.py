@@ -11,6 +11,7 @@ from fastapi import Depends, Header, HTTPException, Path, status
 from sqlalchemy import select
 
 from airflow_remote_exec.api.datamodels import API_VERSION_HEADER, SUPPORTED_API_VERSIONS
+from airflow_remote_exec.api.presence import ensure_presence
 from airflow_remote_exec.models import AgentState, RemoteAgent
 from airflow_remote_exec.tokens import find_valid_token
 
@@ -36,6 +37,7 @@ def _unauthorized(detail: str) -> HTTPException:
 
 
 def check_api_version(version: Annotated[str | None, Header(alias=API_VERSION_HEADER)] = None) -> None:
+    ensure_presence()
     if version not in SUPPORTED_API_VERSIONS:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,

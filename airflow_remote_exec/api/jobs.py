@@ -11,7 +11,7 @@ from airflow.utils.session import create_session
 from airflow.utils.state import TaskInstanceState
 from fastapi import APIRouter, HTTPException, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
@@ -30,17 +30,21 @@ def claim_jobs(agent: AgentIdentity, free_slots: int) -> list[ClaimedJob]:
     """Take queued jobs of the agent's queues, highest priority first, up to ``free_slots``."""
     with create_session(scoped=False) as session:
         state = session.scalar(select(RemoteAgent.state).where(RemoteAgent.name == agent.name))
-        if state != AgentState.ACTIVE:
+        if state not in (AgentState.REGISTERED, AgentState.ACTIVE):
             return []  # draining (or lost meanwhile): no new work
+        now = utcnow()
         candidates = session.execute(
             select(RemoteJob.id, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload)
-            .where(RemoteJob.state == JobState.QUEUED, RemoteJob.queue.in_(agent.queues))
+            .where(
+                RemoteJob.state == JobState.QUEUED,
+                RemoteJob.queue.in_(agent.queues),
+                or_(RemoteJob.not_before.is_(None), RemoteJob.not_before <= now),
+            )
             .order_by(RemoteJob.priority_weight.desc(), RemoteJob.id)
             .limit(free_slots + _EXTRA_CANDIDATES)
             .with_for_update(skip_locked=True)
         ).all()
         claimed: list[ClaimedJob] = []
-        now = utcnow()
         for job in candidates:
             if job.pool_slots > free_slots:
                 continue

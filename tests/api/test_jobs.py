@@ -224,3 +224,36 @@ def test_re_registration_fences_the_previous_session(client, session, make_token
     assert reclaimed["attempt"] == claimed["attempt"] + 1
     assert _report(client, token, old, job_id, claimed["attempt"], "success").status_code == 410
     assert _report(client, token, new, job_id, claimed["attempt"], "success").status_code == 409
+
+
+def test_fenced_job_is_not_claimed_before_not_before(client, session, make_token, register):
+    from datetime import timedelta
+
+    from airflow_remote_exec.models import utcnow
+
+    token = make_token()
+    session_id = register(token)
+    (fenced,) = _add(session, make_job("fenced", not_before=utcnow() + timedelta(seconds=60)))
+    assert _claim(client, token, session_id) == []
+    job = _job(session, fenced)
+    job.not_before = utcnow() - timedelta(seconds=1)
+    session.commit()
+    assert [j["job_id"] for j in _claim(client, token, session_id)] == [fenced]
+
+
+def test_operator_drain_and_resume(client, session, make_token, register):
+    from airflow_remote_exec.cli_commands import _set_drain
+    from airflow_remote_exec.models import RemoteAgentEvent
+
+    token = make_token()
+    session_id = register(token)
+    _add(session, make_job("wait-for-resume"))
+    _set_drain("agent-1", True)
+    reply = client.post(f"/agents/{session_id}/heartbeat", json={"free_slots": 4}, headers=headers(token))
+    assert reply.json()["state"] == AgentState.DRAINING  # the agent's heartbeat does not undo it
+    assert _claim(client, token, session_id) == []
+    _set_drain("agent-1", False)
+    assert len(_claim(client, token, session_id)) == 1
+    session.expire_all()
+    states = [e.state for e in session.scalars(select(RemoteAgentEvent).order_by(RemoteAgentEvent.id))]
+    assert states == [AgentState.REGISTERED, AgentState.DRAINING, AgentState.ACTIVE]

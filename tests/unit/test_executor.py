@@ -157,11 +157,12 @@ def test_non_task_workloads_are_refused(executor, session):
 
 
 def test_silent_agent_is_declared_lost_and_its_jobs_rerouted(executor, session):
-    from airflow_remote_exec.models import AgentState, RemoteAgent
+    from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteApiServer
     from airflow_remote_exec.tokens import create_token
 
     token, _ = create_token(session, "t-silent", ["default"])
     stale = utcnow() - timedelta(seconds=3600)
+    session.add(RemoteApiServer(name="api-1", started_at=stale, last_seen_at=utcnow()))
     session.add(
         RemoteAgent(
             name="silent",
@@ -190,3 +191,36 @@ def test_silent_agent_is_declared_lost_and_its_jobs_rerouted(executor, session):
     assert _job(session, running).state == JobState.FAILED
     assert "lost" in _job(session, running).detail
     assert executor.get_event_buffer()[running.ti.key][0] == TaskInstanceState.FAILED
+
+    # The next try of the rerouted task is fenced: no agent may claim it before fenced_until.
+    fenced_until = _job(session, running).fenced_until
+    assert fenced_until > utcnow()
+    retry = make_workload("running", try_number=2)
+    _queue(executor, session, retry)
+    assert _job(session, retry).not_before == fenced_until
+
+
+def test_no_agent_is_declared_lost_while_the_agent_api_is_down(executor, session):
+    from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteApiServer
+    from airflow_remote_exec.tokens import create_token
+
+    token, _ = create_token(session, "t-quiet", ["default"])
+    long_ago = utcnow() - timedelta(seconds=3600)
+    # The only api-server stopped reporting presence a while ago: silence proves nothing.
+    session.add(RemoteApiServer(name="api-1", started_at=long_ago, last_seen_at=long_ago))
+    session.add(
+        RemoteAgent(
+            name="quiet",
+            session_id="s-2",
+            token_id=token.id,
+            queues="default",
+            slots=1,
+            state=AgentState.ACTIVE,
+            last_heartbeat_at=long_ago,
+        )
+    )
+    session.commit()
+    executor.sync()
+    agent = session.get(RemoteAgent, "quiet")
+    session.refresh(agent)
+    assert agent.state == AgentState.ACTIVE
