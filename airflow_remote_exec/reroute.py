@@ -15,8 +15,10 @@ from airflow_remote_exec import config
 from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteApiServer, RemoteJob, utcnow
 from airflow_remote_exec.notify import notify_jobs_queued
 
-# An api-server whose presence row is older than this is considered down.
-API_PRESENCE_STALE_SECONDS = 10
+# An api-server whose presence row is older than this is considered down. It must stay well
+# below the silence window (heartbeat_interval x lost_after_missed_heartbeats): a killed api-server
+# has to look down before its agents' silence could be mistaken for their death.
+API_PRESENCE_STALE_SECONDS = 2.5
 
 
 def release_agent_jobs(session: Session, agent_name: str, reason: str) -> None:

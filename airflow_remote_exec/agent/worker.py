@@ -157,7 +157,7 @@ class Worker:
                 self._start_new_session(session_id)
                 continue
             except Unauthorized as err:
-                self._fail(f"Agent token rejected ({err.detail}); no more claims.")
+                self._fail(f"Agent token rejected ({err}); no more claims.")
                 return
             except Stopped:
                 return
@@ -264,7 +264,7 @@ class Worker:
                 self._start_new_session(session_id)
             return
         except Unauthorized as err:
-            self._fail(f"Agent token rejected ({err.detail}); stopping.")
+            self._fail(f"Agent token rejected ({err}); stopping.")
             return
         except (AgentApiError, Stopped) as err:
             log.warning("Heartbeat failed: %s", err)

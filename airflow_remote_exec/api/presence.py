@@ -13,7 +13,7 @@ from airflow_remote_exec.models import RemoteApiServer, utcnow
 
 log = logging.getLogger(__name__)
 
-PRESENCE_INTERVAL_SECONDS = 2.0
+PRESENCE_INTERVAL_SECONDS = 1.0
 
 _started = threading.Event()
 _lock = threading.Lock()
