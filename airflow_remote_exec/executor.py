@@ -190,39 +190,20 @@ class RemoteExecutor(BaseExecutor):
         if not tis:
             return []
         keys = [(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number) for ti in tis]
+        key_columns = (
+            RemoteJob.dag_id,
+            RemoteJob.task_id,
+            RemoteJob.run_id,
+            RemoteJob.map_index,
+            RemoteJob.try_number,
+        )
+        in_keys = tuple_(*key_columns).in_(keys)
         with create_session(scoped=False) as session:
-            known = set(
-                session.execute(
-                    select(
-                        RemoteJob.dag_id,
-                        RemoteJob.task_id,
-                        RemoteJob.run_id,
-                        RemoteJob.map_index,
-                        RemoteJob.try_number,
-                    ).where(
-                        tuple_(
-                            RemoteJob.dag_id,
-                            RemoteJob.task_id,
-                            RemoteJob.run_id,
-                            RemoteJob.map_index,
-                            RemoteJob.try_number,
-                        ).in_(keys)
-                    )
-                ).all()
-            )
+            known = set(session.execute(select(*key_columns).where(in_keys)).all())
             # A job that finished while no scheduler was listening must be reported again.
             session.execute(
                 update(RemoteJob)
-                .where(RemoteJob.state.in_(JobState.FINISHED + (JobState.RUNNING,)))
-                .where(
-                    tuple_(
-                        RemoteJob.dag_id,
-                        RemoteJob.task_id,
-                        RemoteJob.run_id,
-                        RemoteJob.map_index,
-                        RemoteJob.try_number,
-                    ).in_(keys)
-                )
+                .where(in_keys, RemoteJob.state.in_(JobState.FINISHED + (JobState.RUNNING,)))
                 .values(pending_sync=True)
             )
         rejected = []

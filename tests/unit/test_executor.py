@@ -156,24 +156,32 @@ def test_non_task_workloads_are_refused(executor, session):
         executor.queue_workload(SimpleNamespace(), session=session)
 
 
-def test_silent_agent_is_declared_lost_and_its_jobs_rerouted(executor, session):
+def _add_silent_agent(session, name: str, api_last_seen):
+    """An agent silent for an hour, and an api-server up since then until ``api_last_seen``."""
     from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteApiServer
     from airflow_remote_exec.tokens import create_token
 
-    token, _ = create_token(session, "t-silent", ["default"])
-    stale = utcnow() - timedelta(seconds=3600)
-    session.add(RemoteApiServer(name="api-1", started_at=stale, last_seen_at=utcnow()))
+    token, _ = create_token(session, f"t-{name}", ["default"])
+    long_ago = utcnow() - timedelta(seconds=3600)
+    session.add(RemoteApiServer(name="api-1", started_at=long_ago, last_seen_at=api_last_seen or long_ago))
     session.add(
         RemoteAgent(
-            name="silent",
-            session_id="s-1",
+            name=name,
+            session_id=f"s-{name}",
             token_id=token.id,
             queues="default",
             slots=2,
             state=AgentState.ACTIVE,
-            last_heartbeat_at=stale,
+            last_heartbeat_at=long_ago,
         )
     )
+    session.commit()
+
+
+def test_silent_agent_is_declared_lost_and_its_jobs_rerouted(executor, session):
+    from airflow_remote_exec.models import AgentState, RemoteAgent
+
+    _add_silent_agent(session, "silent", api_last_seen=utcnow())
     claimed, running = make_workload("claimed"), make_workload("running")
     for workload in (claimed, running):
         _queue(executor, session, workload)
@@ -201,25 +209,10 @@ def test_silent_agent_is_declared_lost_and_its_jobs_rerouted(executor, session):
 
 
 def test_no_agent_is_declared_lost_while_the_agent_api_is_down(executor, session):
-    from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteApiServer
-    from airflow_remote_exec.tokens import create_token
+    from airflow_remote_exec.models import AgentState, RemoteAgent
 
-    token, _ = create_token(session, "t-quiet", ["default"])
-    long_ago = utcnow() - timedelta(seconds=3600)
-    # The only api-server stopped reporting presence a while ago: silence proves nothing.
-    session.add(RemoteApiServer(name="api-1", started_at=long_ago, last_seen_at=long_ago))
-    session.add(
-        RemoteAgent(
-            name="quiet",
-            session_id="s-2",
-            token_id=token.id,
-            queues="default",
-            slots=1,
-            state=AgentState.ACTIVE,
-            last_heartbeat_at=long_ago,
-        )
-    )
-    session.commit()
+    # The only api-server stopped reporting presence an hour ago: silence proves nothing.
+    _add_silent_agent(session, "quiet", api_last_seen=None)
     executor.sync()
     agent = session.get(RemoteAgent, "quiet")
     session.refresh(agent)
