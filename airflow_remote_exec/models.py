@@ -153,6 +153,7 @@ class RemoteJob(Base):
         Index("idx_remote_job_claim", "state", "queue", "priority_weight"),
         Index("idx_remote_job_sync", "pending_sync"),
         Index("idx_remote_job_agent", "agent_name"),
+        Index("idx_remote_job_finished", "finished_at"),  # the purge reads only rows past retention
     )
 
     id: Mapped[int] = mapped_column(

@@ -79,10 +79,16 @@ def find_valid_token(session: Session, secret: str, now: datetime | None = None)
     row = session.scalar(select(RemoteToken).where(RemoteToken.token_hash == digest))
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         return None
-    now = now or utcnow()
-    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
-        return None
-    return row
+    return row if token_is_live(row, now) else None
+
+
+def token_matches(row: RemoteToken, secret: str) -> bool:
+    """Whether ``secret`` is this token's, compared in constant time."""
+    return hmac.compare_digest(row.token_hash, hash_token(secret or ""))
+
+
+def token_is_live(row: RemoteToken, now: datetime | None = None) -> bool:
+    return token_status(row, now) == "active"
 
 
 def token_status(row: RemoteToken, now: datetime | None = None) -> str:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from sqlalchemy import select
 
 from airflow_remote_exec import config
-from airflow_remote_exec.api.auth import AgentDep, TokenDep
+from airflow_remote_exec.api.auth import SecretDep, authenticate, authorize_agent
 from airflow_remote_exec.api.datamodels import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -23,15 +23,16 @@ router = APIRouter(prefix="/agents", tags=["agents"])
 
 
 @router.post("", response_model=RegisterResponse, summary="Register an agent and open a new session")
-def register(body: RegisterRequest, token: TokenDep) -> RegisterResponse:
+def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
     queues = sorted(set(body.queues))
-    outside = [q for q in queues if q not in token.queues]
-    if outside:
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"Token {token.name!r} may not serve queue(s) {outside}; it allows {sorted(token.queues)}.",
-        )
     with create_session(scoped=False) as session:
+        token = authenticate(session, secret)
+        outside = [q for q in queues if q not in token.queue_list]
+        if outside:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"Token {token.name!r} may not serve queue(s) {outside}; it allows {token.queue_list}.",
+            )
         agent = session.get(RemoteAgent, body.name, with_for_update=True)
         now = utcnow()
         if agent is None:
@@ -64,17 +65,17 @@ def register(body: RegisterRequest, token: TokenDep) -> RegisterResponse:
 
 
 @router.post("/{session_id}/heartbeat", response_model=HeartbeatResponse, summary="Report liveness")
-def heartbeat(body: HeartbeatRequest, agent: AgentDep) -> HeartbeatResponse:
+def heartbeat(session_id: str, body: HeartbeatRequest, secret: SecretDep) -> HeartbeatResponse:
     held = {job.job_id: job.attempt for job in body.running}
     with create_session(scoped=False) as session:
-        row = session.get(RemoteAgent, agent.name, with_for_update=True)
-        row.last_heartbeat_at = utcnow()
+        agent = authorize_agent(session, secret, session_id, lock=True)
+        agent.last_heartbeat_at = utcnow()
         if body.draining:
-            row.set_state(session, AgentState.DRAINING, "agent is shutting down")
-        elif row.drain_requested:
-            row.set_state(session, AgentState.DRAINING, "drain requested by an operator")
+            agent.set_state(session, AgentState.DRAINING, "agent is shutting down")
+        elif agent.drain_requested:
+            agent.set_state(session, AgentState.DRAINING, "drain requested by an operator")
         else:
-            row.set_state(session, AgentState.ACTIVE)
+            agent.set_state(session, AgentState.ACTIVE)
         valid: set[int] = set()
         if held:
             jobs = session.execute(
@@ -87,13 +88,13 @@ def heartbeat(body: HeartbeatRequest, agent: AgentDep) -> HeartbeatResponse:
                 for job in jobs
                 if job.agent_name == agent.name and job.attempt == held[job.id] and job.state in JobState.HELD
             }
-        state = row.state
+        state = agent.state
     return HeartbeatResponse(state=state, stop=sorted(set(held) - valid))
 
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Deregister on shutdown")
-def deregister(agent: AgentDep) -> None:
+def deregister(session_id: str, secret: SecretDep) -> None:
     with create_session(scoped=False) as session:
-        row = session.get(RemoteAgent, agent.name, with_for_update=True)
+        agent = authorize_agent(session, secret, session_id, lock=True)
         release_agent_jobs(session, agent.name, reason=f"agent {agent.name} shut down")
-        row.set_state(session, AgentState.GONE, "deregistered on shutdown")
+        agent.set_state(session, AgentState.GONE, "deregistered on shutdown")

@@ -1,42 +1,29 @@
 """Who is calling: the API version (400), the agent token (401) and the agent session (403, or 410 when
-the session is over and the agent must register again)."""
+the session is over and the agent must register again).
+
+Header checks are ``async`` dependencies (no thread hop). The database checks are plain functions
+the route calls inside its own session, so a request costs one session and one query for auth.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
-from airflow.utils.session import create_session
-from fastapi import Depends, Header, HTTPException, Path, status
+from fastapi import Depends, Header, HTTPException, status
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from airflow_remote_exec.api.datamodels import API_VERSION_HEADER, SUPPORTED_API_VERSIONS
 from airflow_remote_exec.api.presence import ensure_presence
-from airflow_remote_exec.models import AgentState, RemoteAgent
-from airflow_remote_exec.tokens import find_valid_token
+from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken
+from airflow_remote_exec.tokens import find_valid_token, token_is_live, token_matches
 
 
-@dataclass(frozen=True)
-class TokenIdentity:
-    id: int
-    name: str
-    queues: frozenset[str]
-
-
-@dataclass(frozen=True)
-class AgentIdentity:
-    name: str
-    session_id: str
-    token_id: int
-    queues: tuple[str, ...]
-    slots: int
-
-
-def _unauthorized(detail: str) -> HTTPException:
+def _unauthorized(detail: str = "Agent token is unknown, expired or revoked.") -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def check_api_version(version: Annotated[str | None, Header(alias=API_VERSION_HEADER)] = None) -> None:
+async def check_api_version(version: Annotated[str | None, Header(alias=API_VERSION_HEADER)] = None) -> None:
     ensure_presence()
     if version not in SUPPORTED_API_VERSIONS:
         raise HTTPException(
@@ -46,42 +33,41 @@ def check_api_version(version: Annotated[str | None, Header(alias=API_VERSION_HE
         )
 
 
-def authenticated_token(
+async def bearer_secret(
     authorization: Annotated[str | None, Header()] = None,
     _version: Annotated[None, Depends(check_api_version)] = None,
-) -> TokenIdentity:
+) -> str:
     scheme, _, secret = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secret:
+    if scheme.lower() != "bearer" or not secret.strip():
         raise _unauthorized("Missing agent token: send 'Authorization: Bearer <token>'.")
-    with create_session(scoped=False) as session:
-        row = find_valid_token(session, secret.strip())
-        if row is None:
-            raise _unauthorized("Agent token is unknown, expired or revoked.")
-        return TokenIdentity(id=row.id, name=row.name, queues=frozenset(row.queue_list))
+    return secret.strip()
 
 
-def current_agent(
-    session_id: Annotated[str, Path(max_length=36)],
-    token: Annotated[TokenIdentity, Depends(authenticated_token)],
-) -> AgentIdentity:
-    with create_session(scoped=False) as session:
-        agent = session.scalar(select(RemoteAgent).where(RemoteAgent.session_id == session_id))
-        if agent is None:
-            raise HTTPException(status.HTTP_410_GONE, "Unknown agent session; register again.")
-        if agent.token_id != token.id:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "This agent session belongs to another token.")
-        if agent.state in (AgentState.LOST, AgentState.GONE):
-            raise HTTPException(
-                status.HTTP_410_GONE, f"Agent session is {agent.state}; register again to continue."
-            )
-        return AgentIdentity(
-            name=agent.name,
-            session_id=agent.session_id,
-            token_id=agent.token_id,
-            queues=tuple(agent.queue_list),
-            slots=agent.slots,
-        )
+SecretDep = Annotated[str, Depends(bearer_secret)]
 
 
-TokenDep = Annotated[TokenIdentity, Depends(authenticated_token)]
-AgentDep = Annotated[AgentIdentity, Depends(current_agent)]
+def authenticate(session: Session, secret: str) -> RemoteToken:
+    """The live token for ``secret``, or 401."""
+    token = find_valid_token(session, secret)
+    if token is None:
+        raise _unauthorized()
+    return token
+
+
+def authorize_agent(session: Session, secret: str, session_id: str, lock: bool = False) -> RemoteAgent:
+    """The agent of ``session_id`` if ``secret`` is its live token: one query on the usual path."""
+    query = (
+        select(RemoteAgent, RemoteToken)
+        .join(RemoteToken, RemoteToken.id == RemoteAgent.token_id)
+        .where(RemoteAgent.session_id == session_id)
+    )
+    row = session.execute(query.with_for_update(of=RemoteAgent) if lock else query).first()
+    if row is not None and token_matches(row.RemoteToken, secret) and token_is_live(row.RemoteToken):
+        agent = row.RemoteAgent
+        if agent.state not in AgentState.LIVE:
+            raise HTTPException(status.HTTP_410_GONE, f"Agent session is {agent.state}; register again.")
+        return agent
+    authenticate(session, secret)  # 401 before anything else for a bad token
+    if row is None:
+        raise HTTPException(status.HTTP_410_GONE, "Unknown agent session; register again.")
+    raise HTTPException(status.HTTP_403_FORBIDDEN, "This agent session belongs to another token.")

@@ -15,10 +15,10 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
-from airflow_remote_exec.api.auth import AgentDep, AgentIdentity
+from airflow_remote_exec.api.auth import SecretDep, authorize_agent
 from airflow_remote_exec.api.datamodels import ClaimedJob, ClaimRequest, ClaimResponse, StateReport
 from airflow_remote_exec.api.wakeup import job_wakeup
-from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob, utcnow
+from airflow_remote_exec.models import AgentState, JobState, RemoteJob, utcnow
 
 router = APIRouter(prefix="/agents/{session_id}/jobs", tags=["jobs"])
 
@@ -26,18 +26,19 @@ router = APIRouter(prefix="/agents/{session_id}/jobs", tags=["jobs"])
 _EXTRA_CANDIDATES = 8
 
 
-def claim_jobs(agent: AgentIdentity, free_slots: int) -> list[ClaimedJob]:
+def claim_jobs(secret: str, session_id: str, free_slots: int) -> list[ClaimedJob]:
     """Take queued jobs of the agent's queues, highest priority first, up to ``free_slots``."""
     with create_session(scoped=False) as session:
-        state = session.scalar(select(RemoteAgent.state).where(RemoteAgent.name == agent.name))
-        if state not in (AgentState.REGISTERED, AgentState.ACTIVE):
-            return []  # draining (or lost meanwhile): no new work
+        agent = authorize_agent(session, secret, session_id)
+        if agent.state not in (AgentState.REGISTERED, AgentState.ACTIVE):
+            return []  # draining: no new work
+        free_slots = min(free_slots, agent.slots)
         now = utcnow()
         candidates = session.execute(
             select(RemoteJob.id, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload)
             .where(
                 RemoteJob.state == JobState.QUEUED,
-                RemoteJob.queue.in_(agent.queues),
+                RemoteJob.queue.in_(agent.queue_list),
                 or_(RemoteJob.not_before.is_(None), RemoteJob.not_before <= now),
             )
             .order_by(RemoteJob.priority_weight.desc(), RemoteJob.id)
@@ -75,11 +76,10 @@ def claim_jobs(agent: AgentIdentity, free_slots: int) -> list[ClaimedJob]:
 
 
 @router.post("/claim", response_model=ClaimResponse, summary="Claim queued jobs, waiting for some if none")
-async def claim(body: ClaimRequest, agent: AgentDep) -> ClaimResponse:
-    free_slots = min(body.free_slots, agent.slots)
+async def claim(session_id: str, body: ClaimRequest, secret: SecretDep) -> ClaimResponse:
     deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
     while True:
-        jobs = await run_in_threadpool(claim_jobs, agent, free_slots)
+        jobs = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots)
         remaining = deadline - time.monotonic()
         if jobs or remaining <= 0:
             return ClaimResponse(jobs=jobs)
@@ -112,9 +112,20 @@ _NEXT_STATES = {
 
 
 @router.post("/{job_id}/state", status_code=status.HTTP_204_NO_CONTENT, summary="Report a job's state")
-def report_state(job_id: int, body: StateReport, agent: AgentDep) -> None:
+def report_state(session_id: str, job_id: int, body: StateReport, secret: SecretDep) -> None:
     with create_session(scoped=False) as session:
-        job = session.get(RemoteJob, job_id, with_for_update=True)
+        agent = authorize_agent(session, secret, session_id)
+        job = session.execute(
+            select(
+                RemoteJob.attempt,
+                RemoteJob.agent_name,
+                RemoteJob.state,
+                RemoteJob.ti_id,
+                RemoteJob.started_at,
+            )
+            .where(RemoteJob.id == job_id)
+            .with_for_update()
+        ).first()
         if job is None:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged)."
@@ -133,13 +144,17 @@ def report_state(job_id: int, body: StateReport, agent: AgentDep) -> None:
                 status.HTTP_409_CONFLICT, f"Job {job_id} is {job.state}; it cannot become {body.state}."
             )
         now = utcnow()
-        job.state, job.detail = body.state, body.detail
+        changes = {
+            "state": body.state,
+            "detail": body.detail,
+            "exit_code": body.exit_code,
+            "pending_sync": True,
+        }
         if body.state == JobState.SUCCESS:
-            job.state, job.detail = _true_outcome(session, job.ti_id, body.detail)
-        job.pending_sync = True
-        job.exit_code = body.exit_code
+            changes["state"], changes["detail"] = _true_outcome(session, job.ti_id, body.detail)
         if body.state == JobState.RUNNING:
-            job.started_at = now
+            changes["started_at"] = now
         else:
-            job.finished_at = now
-            job.started_at = job.started_at or now
+            changes["finished_at"] = now
+            changes["started_at"] = job.started_at or now
+        session.execute(update(RemoteJob).where(RemoteJob.id == job_id).values(**changes))

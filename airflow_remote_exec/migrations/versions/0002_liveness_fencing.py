@@ -1,4 +1,4 @@
-"""Agent events, api-server presence, operator drain and reroute fencing.
+"""Agent events, api-server presence, operator drain, reroute fencing and a purge index.
 
 Revision ID: 0002_liveness_fencing
 Revises: 0001_remote_tables
@@ -40,9 +40,11 @@ def upgrade() -> None:
     with op.batch_alter_table("remote_job") as batch:
         batch.add_column(sa.Column("fenced_until", UtcDateTime, nullable=True))
         batch.add_column(sa.Column("not_before", UtcDateTime, nullable=True))
+    op.create_index("idx_remote_job_finished", "remote_job", ["finished_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("idx_remote_job_finished", table_name="remote_job")
     with op.batch_alter_table("remote_job") as batch:
         batch.drop_column("not_before")
         batch.drop_column("fenced_until")
