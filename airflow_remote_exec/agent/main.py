@@ -105,8 +105,19 @@ def settings_from_args(argv: list[str] | None = None):
     )
 
 
+def _prefer_prompt_task_exit() -> None:
+    """Free a slot as soon as its task ends, unless the environment says otherwise.
+
+    Airflow's supervisor notices that its task process exited only at its next wake-up, which can be
+    up to ``[workers] min_heartbeat_interval`` (default 5 s) later; until then the agent's slot stays
+    busy. One second keeps slots turning over, at one execution-API heartbeat per second per task.
+    """
+    os.environ.setdefault("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "1")
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = settings_from_args(argv)
+    _prefer_prompt_task_exit()
     logging.basicConfig(
         level=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
