@@ -5,6 +5,9 @@ Without it each task process would load Airflow's plugins and listeners itself (
 of CPU per task, several seconds when eight tasks start together on two cores).
 """
 
+import airflow.dag_processing.dagbag  # noqa: F401 - every task parses its DAG file with it
+import airflow.providers.standard.decorators.python  # noqa: F401 - the @task machinery
+import airflow.providers.standard.operators.python  # noqa: F401
 from airflow.dag_processing.bundles.manager import DagBundlesManager
 from airflow.executors.base_executor import BaseExecutor  # noqa: F401
 from airflow.executors.workloads import ExecuteTask  # noqa: F401

@@ -1,0 +1,1 @@
+"""Executor benchmarks: RemoteExecutor side by side with stock LocalExecutor and EdgeExecutor."""
