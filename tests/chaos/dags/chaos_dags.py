@@ -38,7 +38,7 @@ RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=1)}
 def chaos_long():
     @task(queue="chaos")
     def long_task() -> str:
-        return run_with_markers(12)
+        return run_with_markers(30)  # long enough to be fenced mid-work, never to finish first
 
     long_task()
 
