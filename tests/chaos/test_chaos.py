@@ -14,6 +14,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -228,11 +229,21 @@ def test_restart_postgres_while_tasks_run(chaos, postgres):
         what="tasks to be running",
     )
     postgres.restart()
-    # Airflow's own processes may exit on a lost DB connection; an orchestrator restarts them.
-    for name, process in chaos.orch.processes.items():
-        if not process.alive:
-            chaos.orch.start_process(name)
-    chaos.finish("chaos_many", run_id, timeout=300)
+
+    # Airflow's own processes may exit on a lost DB connection, some seconds later; like a process
+    # supervisor (Kubernetes), restart whichever died until the run is over.
+    def finished_restarting_the_dead() -> bool:
+        for name, process in chaos.orch.processes.items():
+            if not process.alive:
+                chaos.orch.start_process(name)
+        try:
+            with chaos.orch.client() as client:
+                return client.dag_run("chaos_many", run_id)["state"] in ("success", "failed")
+        except httpx.HTTPError:  # the api-server is still reconnecting to the database
+            return False
+
+    wait_until(finished_restarting_the_dead, 300, interval=2, what="chaos_many to finish after the restart")
+    chaos.finish("chaos_many", run_id, timeout=30)
     chaos.assert_no_doubled_execution("chaos_many", run_id, tasks=20)
 
 
