@@ -69,7 +69,6 @@ class RemoteToken(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
-    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     @property
     def queue_list(self) -> list[str]:

@@ -27,7 +27,6 @@ def upgrade() -> None:
         sa.Column("created_at", UtcDateTime, nullable=False),
         sa.Column("expires_at", UtcDateTime, nullable=True),
         sa.Column("revoked_at", UtcDateTime, nullable=True),
-        sa.Column("last_used_at", UtcDateTime, nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("remote_token_pkey")),
         sa.UniqueConstraint("name", name=op.f("remote_token_name_uq")),
         sa.UniqueConstraint("token_hash", name=op.f("remote_token_token_hash_uq")),
