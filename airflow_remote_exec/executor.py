@@ -1,29 +1,36 @@
-"""RemoteExecutor: runs inside the scheduler and hands task workloads to agents through the DB.
+"""RemoteExecutor: runs inside the scheduler and hands workloads to agents through the DB.
 
 Data path: ``queue_workload`` writes a ``remote_job`` row in the scheduler's own transaction (so
 the job exists exactly when the task instance is QUEUED); agents claim rows through the agent API;
-their reports set ``pending_sync``; ``sync`` turns those rows into executor events.
+their reports set ``pending_sync``; ``sync`` turns those rows into executor events. Task workloads
+and deadline-alert callbacks (``ExecuteCallback``) travel the same way.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from airflow.configuration import conf
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
+from airflow.models.callback import CallbackKey
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.db import DBLocks, create_global_lock
 from airflow.utils.session import create_session
 from sqlalchemy import and_, delete, select, tuple_, update
 
-from airflow_remote_exec import config
+from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.db import RemoteDBManager
-from airflow_remote_exec.models import JobState, RemoteJob, utcnow
+from airflow_remote_exec.housekeeping import purge_old_rows
+from airflow_remote_exec.models import JobKind, JobState, RemoteJob
 from airflow_remote_exec.notify import notify_jobs_queued
-from airflow_remote_exec.reroute import fence_of_previous_try, mark_lost_agents
+from airflow_remote_exec.reroute import (
+    fence_of_previous_try,
+    mark_lost_agents,
+    release_jobs_of_agents_not_live,
+)
 
 if TYPE_CHECKING:
     from airflow.models.taskinstance import TaskInstance
@@ -33,7 +40,9 @@ PURGE_EVERY_SECONDS = 30.0
 LIVENESS_EVERY_SECONDS = 1.0
 
 
-def _key_of(job) -> TaskInstanceKey:
+def _key_of(job) -> TaskInstanceKey | CallbackKey:
+    if job.kind == JobKind.CALLBACK:
+        return CallbackKey(id=job.ti_id)
     return TaskInstanceKey(
         dag_id=job.dag_id,
         task_id=job.task_id,
@@ -57,6 +66,8 @@ class RemoteExecutor(BaseExecutor):
     """Queue task workloads for remote agents; report their outcome back to the scheduler."""
 
     supports_ad_hoc_ti_run = True
+    supports_callbacks = True
+    supports_connection_test = False  # a test must run inside the agents' network; not yet
     serve_logs = False
 
     def __init__(self, *args, **kwargs):
@@ -73,40 +84,88 @@ class RemoteExecutor(BaseExecutor):
                     manager.initdb()
 
     def queue_workload(self, workload: workloads.All, session: Session) -> None:
-        if not isinstance(workload, workloads.ExecuteTask):
-            raise TypeError(f"RemoteExecutor cannot run workloads of type {type(workload).__name__}")
+        """Write the workload's job row. Never raises for a workload it cannot run: an exception here
+        would stop the scheduler's loop, and again at every restart while the workload is pending."""
+        if isinstance(workload, workloads.ExecuteTask):
+            self._queue_task(workload, session)
+        elif isinstance(workload, workloads.ExecuteCallback):
+            self._queue_callback(workload, session)
+        else:
+            # TestConnection never comes here while supports_connection_test is False: the scheduler
+            # fails such a test itself, with a message naming this executor.
+            self.log.error("RemoteExecutor cannot run %s workloads; ignored", type(workload).__name__)
+            return
+        notify_jobs_queued(session)
+
+    def _queue_task(self, workload: workloads.ExecuteTask, session: Session) -> None:
         ti = workload.ti
-        fields = {
-            "ti_id": str(ti.id),
-            "queue": ti.queue or "default",
-            "priority_weight": ti.priority_weight,
-            "pool_slots": max(1, ti.pool_slots),
-            "state": JobState.QUEUED,
-            "workload": workload.model_dump_json(),
-            "agent_name": None,
-            "exit_code": None,
-            "detail": None,
-            "pending_sync": False,
-            "queued_at": utcnow(),
-            "claimed_at": None,
-            "started_at": None,
-            "finished_at": None,
-            "fenced_until": None,
-            "not_before": fence_of_previous_try(
-                session, ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number
-            ),
-        }
+        fence = fence_of_previous_try(session, ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
+        self._write_job(
+            session,
+            key=ti.key,
+            kind=JobKind.TASK,
+            ti_id=str(ti.id),
+            queue=ti.queue or "default",
+            priority_weight=ti.priority_weight,
+            pool_slots=max(1, ti.pool_slots),
+            workload=workload,
+            not_before=fence,
+        )
+        self.running.add(ti.key)
+
+    def _queue_callback(self, workload: workloads.ExecuteCallback, session: Session) -> None:
+        """A deadline-alert callback runs on an agent of the default queue (callbacks carry none)."""
+        data = workload.callback.data
+        callback_id = str(workload.callback.id)
+        key = TaskInstanceKey(
+            dag_id=str(data.get("dag_id", "")),
+            task_id=f"callback:{callback_id}",
+            run_id=str(data.get("dag_run_id", "")),
+            try_number=1,
+            map_index=-1,
+        )
+        self._write_job(
+            session,
+            key=key,
+            kind=JobKind.CALLBACK,
+            ti_id=callback_id,
+            queue=str(data.get("queue") or conf.get("operators", "default_queue", fallback="default")),
+            priority_weight=int(data.get("priority_weight", 1)),
+            pool_slots=1,
+            workload=workload,
+            not_before=None,
+        )
+        self.running.add(workload.key)
+
+    def _write_job(
+        self, session: Session, *, key: TaskInstanceKey, kind: str, workload: workloads.All, **fields
+    ) -> None:
+        fields.update(
+            state=JobState.QUEUED,
+            workload=workload.model_dump_json(),
+            agent_name=None,
+            exit_code=None,
+            detail=None,
+            pending_sync=False,
+            queued_at=db_now(session),
+            claimed_at=None,
+            claim_request_id=None,
+            started_at=None,
+            finished_at=None,
+            fenced_until=None,
+        )
         # A reschedule or a resumed deferral reuses the try number: the row is reset, and the
         # claim that follows raises ``attempt``, which fences any late report of the previous run.
-        existing = session.scalar(select(RemoteJob).where(_key_filter(ti.key)).with_for_update())
+        existing = session.scalar(select(RemoteJob).where(_key_filter(key)).with_for_update())
         if existing is None:
             session.add(
                 RemoteJob(
-                    dag_id=ti.dag_id,
-                    task_id=ti.task_id,
-                    run_id=ti.run_id,
-                    map_index=ti.map_index,
-                    try_number=ti.try_number,
+                    kind=kind,
+                    dag_id=key.dag_id,
+                    task_id=key.task_id,
+                    run_id=key.run_id,
+                    map_index=key.map_index,
+                    try_number=key.try_number,
                     attempt=0,
                     **fields,
                 )
@@ -114,8 +173,6 @@ class RemoteExecutor(BaseExecutor):
         else:
             for name, value in fields.items():
                 setattr(existing, name, value)
-        notify_jobs_queued(session)
-        self.running.add(ti.key)
 
     def _process_workloads(self, workload_items: Sequence[workloads.All]) -> None:
         """Unused: ``queue_workload`` writes jobs straight to the table."""
@@ -127,16 +184,21 @@ class RemoteExecutor(BaseExecutor):
                     self.log.warning("Agent %s missed its heartbeats: declared lost, its jobs rerouted", name)
                 session.flush()
                 self._last_liveness_check = time.monotonic()
-            self._report_changed_jobs(session)
             if time.monotonic() - self._last_purge > PURGE_EVERY_SECONDS:
-                self._purge_finished_jobs(session)
+                for name in release_jobs_of_agents_not_live(session):
+                    self.log.warning("Released jobs still held by agent %s, which is not live", name)
+                purge_old_rows(session)
+                session.flush()
                 self._last_purge = time.monotonic()
+            self._report_changed_jobs(session)
 
     def _report_changed_jobs(self, session: Session) -> None:
         """Turn rows agents have reported on into executor events, each exactly once."""
         rows = session.execute(
             select(
                 RemoteJob.id,
+                RemoteJob.kind,
+                RemoteJob.ti_id,
                 RemoteJob.dag_id,
                 RemoteJob.task_id,
                 RemoteJob.run_id,
@@ -159,6 +221,11 @@ class RemoteExecutor(BaseExecutor):
                 self.success(key)
             elif row.state == JobState.FAILED:
                 self.fail(key, info=row.detail)
+            elif row.state == JobState.NOT_STARTED:
+                # Airflow refused to start this try: it is no longer queued, or runs elsewhere.
+                # An event would make the scheduler fail a task instance that is not ours to judge.
+                self.log.info("%s was not started: %s", key, row.detail)
+                self.running.discard(key)
             # Only clear the flag if the state is still the one just reported, so a report that
             # landed meanwhile is read on the next loop instead of being lost.
             session.execute(
@@ -166,16 +233,6 @@ class RemoteExecutor(BaseExecutor):
                 .where(RemoteJob.id == row.id, RemoteJob.state == row.state)
                 .values(pending_sync=False)
             )
-
-    def _purge_finished_jobs(self, session: Session) -> None:
-        cutoff = utcnow() - timedelta(seconds=config.finished_job_retention())
-        session.execute(
-            delete(RemoteJob).where(
-                RemoteJob.state.in_(JobState.FINISHED),
-                RemoteJob.pending_sync.is_(False),
-                RemoteJob.finished_at < cutoff,
-            )
-        )
 
     def revoke_task(self, *, ti: TaskInstance) -> None:
         """Forget the job; an agent running it is told to stop at its next heartbeat."""

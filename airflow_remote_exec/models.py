@@ -35,16 +35,28 @@ class Base(DeclarativeBase):
 
 
 class JobState:
-    """Life of a job row: queued -> claimed -> running -> success | failed."""
+    """Life of a job row: queued -> claimed -> running -> success | failed | not_started.
+
+    As with Airflow's own executors, ``success`` means the supervisor returned (the task instance's
+    state says how the task ended) and ``failed`` that the workload could not run to completion.
+    ``not_started`` means Airflow refused to start this try (it is no longer queued, or runs
+    elsewhere): the scheduler gets no event for it, since the task instance is not ours to judge.
+    """
 
     QUEUED = "queued"
     CLAIMED = "claimed"
     RUNNING = "running"
     SUCCESS = "success"
     FAILED = "failed"
+    NOT_STARTED = "not_started"
 
-    FINISHED = (SUCCESS, FAILED)
+    FINISHED = (SUCCESS, FAILED, NOT_STARTED)
     HELD = (CLAIMED, RUNNING)  # an agent holds the job
+
+
+class JobKind:
+    TASK = "task"  # an ExecuteTask workload, keyed by its task instance
+    CALLBACK = "callback"  # an ExecuteCallback workload (deadline alerts), keyed by its callback id
 
 
 class AgentState:
@@ -84,6 +96,7 @@ class RemoteAgent(Base):
     session_id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
     token_id: Mapped[int] = mapped_column(Integer, ForeignKey("remote_token.id"), nullable=False)
     hostname: Mapped[str] = mapped_column(String(250), nullable=False, default="")
+    pid: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     version: Mapped[str] = mapped_column(String(50), nullable=False, default="")
     queues: Mapped[str] = mapped_column(String(2000), nullable=False)
     slots: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -97,12 +110,12 @@ class RemoteAgent(Base):
     def queue_list(self) -> list[str]:
         return [q for q in self.queues.split(",") if q]
 
-    def set_state(self, session: Session, state: str, reason: str = "") -> None:
-        """Change state and record the transition, so ``agents list --history`` can show each one."""
+    def set_state(self, session: Session, state: str, reason: str = "", now: datetime | None = None) -> None:
+        """Change state and record the transition, so ``agents history`` can show each one."""
         if self.state == state:
             return
         self.state = state
-        self.state_changed_at = utcnow()
+        self.state_changed_at = now or utcnow()
         session.add(
             RemoteAgentEvent(agent_name=self.name, state=state, at=self.state_changed_at, reason=reason)
         )
@@ -112,7 +125,10 @@ class RemoteAgentEvent(Base):
     """One state change of an agent: registered, active, draining, lost or gone."""
 
     __tablename__ = "remote_agent_event"
-    __table_args__ = (Index("idx_remote_agent_event_agent", "agent_name", "at"),)
+    __table_args__ = (
+        Index("idx_remote_agent_event_agent", "agent_name", "at"),
+        Index("idx_remote_agent_event_at", "at"),  # the purge of old history
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
@@ -158,6 +174,8 @@ class RemoteJob(Base):
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
+    kind: Mapped[str] = mapped_column(String(20), nullable=False, default=JobKind.TASK)
+    # The task instance id, or for a callback the callback id.
     ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
     dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
     task_id: Mapped[str] = mapped_column(String(250), nullable=False)
@@ -171,6 +189,8 @@ class RemoteJob(Base):
     workload: Mapped[str] = mapped_column(Text, nullable=False)
     agent_name: Mapped[str | None] = mapped_column(String(250), nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # The claim request that took the job: a claim re-sent after its response was lost gets it back.
+    claim_request_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     detail: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     pending_sync: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)

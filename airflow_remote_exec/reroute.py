@@ -1,18 +1,30 @@
 """Liveness and rerouting: what happens to the jobs of an agent that goes away.
 
-Used by the api-server (an agent re-registers or deregisters) and by the executor's ``sync``
-(an agent stops heartbeating and is declared lost).
+Used by the api-server (an agent re-registers, deregisters, or stops listing a job in its
+heartbeat) and by the executor's ``sync`` (an agent stops heartbeating and is declared lost, or a
+job is held by an agent that is not live). Every time here comes from the database's clock.
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 
+from airflow.models.taskinstance import TaskInstance
+from airflow.utils.state import TaskInstanceState
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
-from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteApiServer, RemoteJob, utcnow
+from airflow_remote_exec.clock import db_now
+from airflow_remote_exec.models import (
+    AgentState,
+    JobKind,
+    JobState,
+    RemoteAgent,
+    RemoteApiServer,
+    RemoteJob,
+)
 from airflow_remote_exec.notify import notify_jobs_queued
 
 # An api-server whose presence row is older than this is considered down. It must stay well
@@ -21,32 +33,68 @@ from airflow_remote_exec.notify import notify_jobs_queued
 API_PRESENCE_STALE_SECONDS = 2.5
 
 
-def release_agent_jobs(session: Session, agent_name: str, reason: str) -> None:
-    """Hand back what an agent held: unstarted jobs to the queue, running ones to Airflow's retry path.
+def silence_window() -> timedelta:
+    """How long an agent may stay silent before it counts as lost."""
+    return timedelta(seconds=config.heartbeat_interval() * config.lost_after_missed_heartbeats())
 
-    A running job is failed rather than requeued because its task may have had side effects; the
-    scheduler then applies the task's own retry policy and a retry runs on a healthy agent, but not
-    before ``reroute_fence_seconds`` (see ``RemoteJob.fenced_until``).
+
+def _started_task_ids(session: Session, ti_ids: list[str]) -> set[str]:
+    """Of these task instance ids, those Airflow has already started (no longer QUEUED)."""
+    if not ti_ids:
+        return set()
+    states = session.execute(
+        select(TaskInstance.id, TaskInstance.state).where(TaskInstance.id.in_([uuid.UUID(i) for i in ti_ids]))
+    ).all()
+    return {str(ti_id) for ti_id, state in states if state != TaskInstanceState.QUEUED}
+
+
+def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetime) -> None:
+    """Take jobs back from the agent holding them: unstarted ones to the queue, started ones to a retry.
+
+    A job counts as started when its agent reported it running, or when Airflow already runs its
+    task instance (the agent's "running" report may have been lost). A started job is failed rather
+    than requeued, because its task may have had side effects: the scheduler applies the task's own
+    retry policy, and the retry may not be claimed before ``reroute_fence_seconds`` (see
+    ``RemoteJob.fenced_until``), by which time a still-running old try has been told to stop.
     """
-    now = utcnow()
-    requeued = session.execute(
-        update(RemoteJob)
-        .where(RemoteJob.agent_name == agent_name, RemoteJob.state == JobState.CLAIMED)
-        .values(state=JobState.QUEUED, agent_name=None, claimed_at=None)
-    ).rowcount
-    session.execute(
-        update(RemoteJob)
-        .where(RemoteJob.agent_name == agent_name, RemoteJob.state == JobState.RUNNING)
-        .values(
-            state=JobState.FAILED,
-            detail=reason[:1000],
-            finished_at=now,
-            pending_sync=True,
-            fenced_until=now + timedelta(seconds=config.reroute_fence_seconds()),
+    if not job_ids:
+        return
+    rows = session.execute(
+        select(RemoteJob.id, RemoteJob.state, RemoteJob.kind, RemoteJob.ti_id)
+        .where(RemoteJob.id.in_(job_ids), RemoteJob.state.in_(JobState.HELD))
+        .with_for_update()
+    ).all()
+    claimed_tasks = [r.ti_id for r in rows if r.state == JobState.CLAIMED and r.kind == JobKind.TASK]
+    started_tis = _started_task_ids(session, claimed_tasks)
+    started = [r.id for r in rows if r.state == JobState.RUNNING or r.ti_id in started_tis]
+    unstarted = [r.id for r in rows if r.id not in started]
+    if unstarted:
+        session.execute(
+            update(RemoteJob)
+            .where(RemoteJob.id.in_(unstarted))
+            .values(state=JobState.QUEUED, agent_name=None, claimed_at=None, claim_request_id=None)
         )
-    )
-    if requeued:
         notify_jobs_queued(session)
+    if started:
+        session.execute(
+            update(RemoteJob)
+            .where(RemoteJob.id.in_(started))
+            .values(
+                state=JobState.FAILED,
+                detail=reason[:1000],
+                finished_at=now,
+                pending_sync=True,
+                fenced_until=now + timedelta(seconds=config.reroute_fence_seconds()),
+            )
+        )
+
+
+def release_agent_jobs(session: Session, agent_name: str, reason: str, now: datetime | None = None) -> None:
+    """Hand back everything an agent holds (see ``release_jobs``)."""
+    held = session.scalars(
+        select(RemoteJob.id).where(RemoteJob.agent_name == agent_name, RemoteJob.state.in_(JobState.HELD))
+    ).all()
+    release_jobs(session, list(held), reason, now or db_now(session))
 
 
 def agent_api_up_since(session: Session, now: datetime) -> datetime | None:
@@ -58,14 +106,14 @@ def agent_api_up_since(session: Session, now: datetime) -> datetime | None:
     )
 
 
-def mark_lost_agents(session: Session, now: datetime | None = None) -> list[str]:
+def mark_lost_agents(session: Session) -> list[str]:
     """Declare agents lost that missed ``lost_after_missed_heartbeats`` heartbeats; reroute their jobs.
 
     Only while the agent API has been up for the whole window: when the api-server itself is down,
     silence says nothing about the agents, and their running tasks must not be failed.
     """
-    now = now or utcnow()
-    silence = timedelta(seconds=config.heartbeat_interval() * config.lost_after_missed_heartbeats())
+    now = db_now(session)
+    silence = silence_window()
     up_since = agent_api_up_since(session, now)
     if up_since is None or up_since > now - silence:
         return []
@@ -77,9 +125,27 @@ def mark_lost_agents(session: Session, now: datetime | None = None) -> list[str]
     for agent in agents:
         quiet_for = int((now - agent.last_heartbeat_at).total_seconds())
         reason = f"agent {agent.name} lost: no heartbeat for {quiet_for}s"
-        agent.set_state(session, AgentState.LOST, reason)
-        release_agent_jobs(session, agent.name, reason=reason)
+        agent.set_state(session, AgentState.LOST, reason, now=now)
+        release_agent_jobs(session, agent.name, reason, now)
     return [agent.name for agent in agents]
+
+
+def release_jobs_of_agents_not_live(session: Session) -> list[str]:
+    """Release jobs still held in the name of an agent that is lost, gone or unknown.
+
+    Nothing should leave such a row, but a leak would hold a task (and a parallelism slot of the
+    executor) for ever, so the executor sweeps now and then.
+    """
+    live = select(RemoteAgent.name).where(RemoteAgent.state.in_(AgentState.LIVE))
+    names = session.scalars(
+        select(RemoteJob.agent_name)
+        .where(RemoteJob.state.in_(JobState.HELD), RemoteJob.agent_name.not_in(live))
+        .distinct()
+    ).all()
+    now = db_now(session)
+    for name in names:
+        release_agent_jobs(session, name, f"agent {name} is not live", now)
+    return list(names)
 
 
 def fence_of_previous_try(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from airflow.executors.workloads import BundleInfo, ExecuteTask
+from airflow.executors.workloads import BundleInfo, ExecuteCallback, ExecuteTask
+from airflow.executors.workloads.callback import CallbackDTO, CallbackFetchMethod
 from airflow.executors.workloads.task import TaskInstanceDTO
 
 from airflow_remote_exec.models import JobState, RemoteJob
@@ -39,6 +40,18 @@ def make_workload(
         dag_rel_path=Path("dag.py"),
         token="workload-token",
         log_path="log.txt",
+        bundle_info=BundleInfo(name="dags-folder", version=None),
+    )
+
+
+def make_callback_workload(dag_id: str = "d1", dag_run_id: int = 1) -> ExecuteCallback:
+    """A deadline-alert callback workload as the scheduler builds it."""
+    data = {"path": "tests.callbacks.notify", "kwargs": {}, "dag_id": dag_id, "dag_run_id": str(dag_run_id)}
+    return ExecuteCallback(
+        callback=CallbackDTO(id=str(uuid.uuid4()), fetch_method=CallbackFetchMethod.IMPORT_PATH, data=data),
+        dag_rel_path=Path("dag.py"),
+        token="workload-token",
+        log_path="executor_callbacks/cb.log",
         bundle_info=BundleInfo(name="dags-folder", version=None),
     )
 

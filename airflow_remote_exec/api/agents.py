@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
@@ -13,17 +14,28 @@ from airflow_remote_exec.api.auth import SecretDep, authenticate, authorize_agen
 from airflow_remote_exec.api.datamodels import (
     HeartbeatRequest,
     HeartbeatResponse,
+    HeldJob,
     RegisterRequest,
     RegisterResponse,
 )
-from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob, utcnow
-from airflow_remote_exec.reroute import release_agent_jobs
+from airflow_remote_exec.api.versions import version_mismatch
+from airflow_remote_exec.clock import db_now
+from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob
+from airflow_remote_exec.reroute import release_agent_jobs, release_jobs, silence_window
 
 router = APIRouter(prefix="/agents", tags=["agents"])
+
+# A live agent whose name is taken by a registration from another process keeps it while its
+# heartbeats are this fresh: two intervals tell a running agent from a dead one, and a dead
+# agent's restarted successor waits at most that long.
+NAME_HELD_FOR_INTERVALS = 2
 
 
 @router.post("", response_model=RegisterResponse, summary="Register an agent and open a new session")
 def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
+    mismatch = version_mismatch(body.airflow_version, body.task_sdk_version)
+    if mismatch:
+        raise HTTPException(status.HTTP_426_UPGRADE_REQUIRED, mismatch)
     queues = sorted(set(body.queues))
     with create_session(scoped=False) as session:
         token = authenticate(session, secret)
@@ -34,67 +46,89 @@ def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
                 f"Token {token.name!r} may not serve queue(s) {outside}; it allows {token.queue_list}.",
             )
         agent = session.get(RemoteAgent, body.name, with_for_update=True)
-        now = utcnow()
+        now = db_now(session)
         if agent is None:
             agent = RemoteAgent(name=body.name, registered_at=now, state="", drain_requested=False)
             session.add(agent)
         else:
-            if agent.token_id != token.id and agent.state in AgentState.LIVE:
-                raise HTTPException(
-                    status.HTTP_403_FORBIDDEN,
-                    f"Agent name {body.name!r} is in use by a live agent of another token.",
-                )
+            if agent.state in AgentState.LIVE:
+                _refuse_taking_a_live_name(agent, body, token.id, now)
             # The previous session of this name is over: whatever it held is released.
-            release_agent_jobs(session, body.name, reason=f"agent {body.name} restarted")
+            release_agent_jobs(session, body.name, f"agent {body.name} restarted", now)
         agent.session_id = str(uuid.uuid4())
         agent.token_id = token.id
         agent.hostname = body.hostname
+        agent.pid = body.pid
         agent.version = body.version
         agent.queues = ",".join(queues)
         agent.slots = body.slots
         agent.registered_at = now
         agent.last_heartbeat_at = now
         agent.state = ""  # every registration is recorded, also one that follows a registration
-        agent.set_state(session, AgentState.REGISTERED, f"session {agent.session_id} from {body.hostname}")
+        agent.set_state(
+            session, AgentState.REGISTERED, f"session {agent.session_id} from {body.hostname}", now=now
+        )
         session_id = agent.session_id
     return RegisterResponse(
         session_id=session_id,
         heartbeat_interval=config.heartbeat_interval(),
+        lost_after_missed_heartbeats=config.lost_after_missed_heartbeats(),
         claim_wait_seconds=config.claim_wait_seconds(),
     )
 
 
+def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, token_id: int, now) -> None:
+    """A live name may be taken over only by its own process restarting, or once its holder is silent."""
+    if agent.token_id != token_id:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"Agent name {body.name!r} is in use by a live agent of another token."
+        )
+    same_process = (agent.hostname, agent.pid) == (body.hostname, body.pid)
+    silent_for = now - agent.last_heartbeat_at
+    held_for = timedelta(seconds=NAME_HELD_FOR_INTERVALS * config.heartbeat_interval())
+    if not same_process and silent_for < held_for:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"Agent name {body.name!r} is in use by a live agent on {agent.hostname} (pid {agent.pid}, "
+            f"heartbeat {int(silent_for.total_seconds())}s ago). Give each agent its own --name; a "
+            f"restarted agent may take the name once the old one has been silent for "
+            f"{int(held_for.total_seconds())}s.",
+        )
+
+
 @router.post("/{session_id}/heartbeat", response_model=HeartbeatResponse, summary="Report liveness")
 def heartbeat(session_id: str, body: HeartbeatRequest, secret: SecretDep) -> HeartbeatResponse:
-    held = {job.job_id: job.attempt for job in body.running}
+    held = {(job.job_id, job.attempt) for job in body.running}
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock=True)
-        agent.last_heartbeat_at = utcnow()
+        agent = authorize_agent(session, secret, session_id, lock="update")
+        now = db_now(session)
+        agent.last_heartbeat_at = now
         if body.draining:
-            agent.set_state(session, AgentState.DRAINING, "agent is shutting down")
+            agent.set_state(session, AgentState.DRAINING, "agent is shutting down", now=now)
         elif agent.drain_requested:
-            agent.set_state(session, AgentState.DRAINING, "drain requested by an operator")
+            agent.set_state(session, AgentState.DRAINING, "drain requested by an operator", now=now)
         else:
-            agent.set_state(session, AgentState.ACTIVE)
-        valid: set[int] = set()
-        if held:
-            jobs = session.execute(
-                select(RemoteJob.id, RemoteJob.attempt, RemoteJob.agent_name, RemoteJob.state).where(
-                    RemoteJob.id.in_(held)
-                )
-            ).all()
-            valid = {
-                job.id
-                for job in jobs
-                if job.agent_name == agent.name and job.attempt == held[job.id] and job.state in JobState.HELD
-            }
+            agent.set_state(session, AgentState.ACTIVE, now=now)
+        ours = session.execute(
+            select(RemoteJob.id, RemoteJob.attempt, RemoteJob.claimed_at).where(
+                RemoteJob.agent_name == agent.name, RemoteJob.state.in_(JobState.HELD)
+            )
+        ).all()
+        valid = {(job.id, job.attempt) for job in ours}
+        # A job claimed for this agent that it does not list, long after the claim, never reached it
+        # (a claim response lost in transit): give it back.
+        unknown_before = now - silence_window()
+        orphans = [j.id for j in ours if (j.id, j.attempt) not in held and j.claimed_at < unknown_before]
+        release_jobs(session, orphans, f"agent {agent.name} does not hold this job", now)
         state = agent.state
-    return HeartbeatResponse(state=state, stop=sorted(set(held) - valid))
+    stop = [HeldJob(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(held - valid)]
+    return HeartbeatResponse(state=state, stop=stop)
 
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Deregister on shutdown")
 def deregister(session_id: str, secret: SecretDep) -> None:
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock=True)
-        release_agent_jobs(session, agent.name, reason=f"agent {agent.name} shut down")
-        agent.set_state(session, AgentState.GONE, "deregistered on shutdown")
+        agent = authorize_agent(session, secret, session_id, lock="update")
+        now = db_now(session)
+        release_agent_jobs(session, agent.name, f"agent {agent.name} shut down", now)
+        agent.set_state(session, AgentState.GONE, "deregistered on shutdown", now=now)

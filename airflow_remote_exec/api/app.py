@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from airflow_remote_exec import __version__
 from airflow_remote_exec.api import agents, jobs
+from airflow_remote_exec.api.presence import ensure_presence
 
 URL_PREFIX = "/remote/v1"
 
 
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    """Record presence from the moment the api-server serves, not from the first agent request."""
+    ensure_presence()
+    yield
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
+        lifespan=_lifespan,
         title="Airflow Remote Execution agent API",
         version=__version__,
         description="Agents register, heartbeat, claim jobs and report their state. "

@@ -7,7 +7,7 @@ the route calls inside its own session, so a request costs one session and one q
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Header, HTTPException, status
 from sqlalchemy import select
@@ -54,14 +54,22 @@ def authenticate(session: Session, secret: str) -> RemoteToken:
     return token
 
 
-def authorize_agent(session: Session, secret: str, session_id: str, lock: bool = False) -> RemoteAgent:
-    """The agent of ``session_id`` if ``secret`` is its live token: one query on the usual path."""
+def authorize_agent(
+    session: Session, secret: str, session_id: str, lock: Literal["update", "share"] | None = None
+) -> RemoteAgent:
+    """The agent of ``session_id`` if ``secret`` is its live token: one query on the usual path.
+
+    ``lock`` row-locks the agent for the rest of the transaction: "update" to change it, "share" to
+    keep it from being declared lost meanwhile (a claim must never land on a lost agent).
+    """
     query = (
         select(RemoteAgent, RemoteToken)
         .join(RemoteToken, RemoteToken.id == RemoteAgent.token_id)
         .where(RemoteAgent.session_id == session_id)
     )
-    row = session.execute(query.with_for_update(of=RemoteAgent) if lock else query).first()
+    if lock:
+        query = query.with_for_update(of=RemoteAgent, read=lock == "share")
+    row = session.execute(query).first()
     if row is not None and token_matches(row.RemoteToken, secret) and token_is_live(row.RemoteToken):
         agent = row.RemoteAgent
         if agent.state not in AgentState.LIVE:

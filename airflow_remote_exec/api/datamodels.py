@@ -4,19 +4,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 API_VERSION = "1"
 API_VERSION_HEADER = "Remote-Exec-Api-Version"
 SUPPORTED_API_VERSIONS = frozenset({"1"})
 
 _NAME = r"^[A-Za-z0-9_.:\-]{1,250}$"
+_INT32 = 2**31 - 1  # every integer column is 32-bit: larger values are a 422, not a 500
+DETAIL_MAX_CHARS = 1000
+
+JobKind = Literal["task", "callback"]
 
 
 class RegisterRequest(BaseModel):
     name: str = Field(pattern=_NAME, description="Agent name, unique among live agents.")
     hostname: str = Field(default="", max_length=250)
-    version: str = Field(default="", max_length=50)
+    pid: int = Field(
+        default=0, ge=0, le=_INT32, description="Process id: with hostname, tells a restart apart."
+    )
+    version: str = Field(default="", max_length=50, description="airflow-remote-exec version of the agent.")
+    airflow_version: str = Field(max_length=50, description="Airflow core installed on the agent.")
+    task_sdk_version: str = Field(max_length=50, description="Airflow Task SDK installed on the agent.")
     queues: list[str] = Field(min_length=1, max_length=100)
     slots: int = Field(ge=1, le=1024)
 
@@ -24,45 +33,77 @@ class RegisterRequest(BaseModel):
 class RegisterResponse(BaseModel):
     session_id: str
     heartbeat_interval: int
+    lost_after_missed_heartbeats: int = Field(
+        description="The orchestrator declares the agent lost after this many missed heartbeats; the "
+        "agent stops its own tasks one interval earlier, so a cut-off agent never overlaps a retry."
+    )
     claim_wait_seconds: int
 
 
 class HeldJob(BaseModel):
-    job_id: int
-    attempt: int
+    job_id: int = Field(ge=1, le=2**63 - 1)
+    attempt: int = Field(ge=0, le=_INT32)
 
 
 class HeartbeatRequest(BaseModel):
-    running: list[HeldJob] = Field(default_factory=list, max_length=1024)
+    running: list[HeldJob] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Every job the agent holds: running, or finished with its report not yet delivered.",
+    )
     free_slots: int = Field(ge=0, le=1024)
     draining: bool = False
 
 
 class HeartbeatResponse(BaseModel):
     state: str
-    stop: list[int] = Field(
-        default_factory=list, description="Jobs the agent must stop: not its own any more."
+    stop: list[HeldJob] = Field(
+        default_factory=list, description="Jobs (with the attempt) the agent must stop: not its own any more."
     )
 
 
 class ClaimRequest(BaseModel):
     free_slots: int = Field(ge=1, le=1024)
     wait_seconds: float = Field(default=0, ge=0, le=60)
+    request_id: str = Field(
+        default="",
+        max_length=36,
+        description="Idempotency key: a claim re-sent after its response was lost returns the same jobs.",
+    )
 
 
 class ClaimedJob(BaseModel):
     job_id: int
     attempt: int = Field(description="Fencing token: every report on this job must carry it.")
-    pool_slots: int
-    workload: str = Field(description="The ExecuteTask workload as JSON, token included.")
+    kind: JobKind = "task"
+    pool_slots: int = Field(
+        description="Agent slots the job takes: its pool_slots, at most the agent's slots."
+    )
+    workload: str = Field(description="The ExecuteTask or ExecuteCallback workload as JSON, token included.")
 
 
 class ClaimResponse(BaseModel):
     jobs: list[ClaimedJob]
 
 
+ReportedState = Literal["running", "success", "failed", "not_started", "returned"]
+
+
 class StateReport(BaseModel):
-    attempt: int
-    state: Literal["running", "success", "failed"]
-    exit_code: int | None = None
-    detail: str | None = Field(default=None, max_length=1000)
+    """``success``: the supervisor returned (the task instance's own state says how the task ended);
+    ``failed``: the workload could not run to completion (the runner died or raised);
+    ``not_started``: Airflow refused to start this try (it runs elsewhere or is no longer queued);
+    ``returned``: the agent cannot run this workload at all (it cannot read it); queue it again."""
+
+    attempt: int = Field(ge=0, le=_INT32)
+    state: ReportedState
+    exit_code: int | None = Field(default=None, ge=-_INT32, le=_INT32)
+    detail: str | None = None
+
+    @field_validator("detail")
+    @classmethod
+    def _truncate(cls, value: str | None) -> str | None:
+        """A long error message is cut, never a reason to refuse the report."""
+        return (
+            value if value is None or len(value) <= DETAIL_MAX_CHARS else value[: DETAIL_MAX_CHARS - 1] + "…"
+        )

@@ -3,39 +3,71 @@
 from __future__ import annotations
 
 import time
-import uuid
 
-from airflow.models.taskinstance import TaskInstance
-from airflow.models.taskinstancehistory import TaskInstanceHistory
 from airflow.utils.session import create_session
-from airflow.utils.state import TaskInstanceState
 from fastapi import APIRouter, HTTPException, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
 from airflow_remote_exec.api.auth import SecretDep, authorize_agent
 from airflow_remote_exec.api.datamodels import ClaimedJob, ClaimRequest, ClaimResponse, StateReport
 from airflow_remote_exec.api.wakeup import job_wakeup
-from airflow_remote_exec.models import AgentState, JobState, RemoteJob, utcnow
+from airflow_remote_exec.clock import db_now
+from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob
+from airflow_remote_exec.notify import notify_jobs_queued
 
 router = APIRouter(prefix="/agents/{session_id}/jobs", tags=["jobs"])
+
+_CLAIM_COLUMNS = (RemoteJob.id, RemoteJob.kind, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload)
 
 # Read a few more rows than slots so a job needing many pool slots does not block smaller ones.
 _EXTRA_CANDIDATES = 8
 
 
-def claim_jobs(secret: str, session_id: str, free_slots: int) -> list[ClaimedJob]:
+def _slots_taken(pool_slots: int, agent: RemoteAgent) -> int:
+    """Agent slots a job takes. ``pool_slots`` weighs a task in an Airflow pool and says nothing about
+    CPUs, so a task wider than the agent takes the whole agent rather than never running."""
+    return min(pool_slots, agent.slots)
+
+
+def _claimed(job, agent: RemoteAgent, attempt: int) -> ClaimedJob:
+    return ClaimedJob(
+        job_id=job.id,
+        attempt=attempt,
+        kind=job.kind,
+        pool_slots=_slots_taken(job.pool_slots, agent),
+        workload=job.workload,
+    )
+
+
+def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str) -> list[ClaimedJob]:
+    """Jobs an earlier delivery of this very claim request took (its response was lost)."""
+    rows = session.execute(
+        select(
+            RemoteJob.id, RemoteJob.kind, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload
+        ).where(
+            RemoteJob.agent_name == agent.name,
+            RemoteJob.state == JobState.CLAIMED,
+            RemoteJob.claim_request_id == request_id,
+        )
+    ).all()
+    return [_claimed(job, agent, job.attempt) for job in rows]
+
+
+def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = "") -> list[ClaimedJob]:
     """Take queued jobs of the agent's queues, highest priority first, up to ``free_slots``."""
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id)
+        agent = authorize_agent(session, secret, session_id, lock="share")
+        if request_id and (again := _jobs_of_claim(session, agent, request_id)):
+            return again
         if agent.state not in (AgentState.REGISTERED, AgentState.ACTIVE):
             return []  # draining: no new work
         free_slots = min(free_slots, agent.slots)
-        now = utcnow()
+        now = db_now(session)
         candidates = session.execute(
-            select(RemoteJob.id, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload)
+            select(*_CLAIM_COLUMNS)
             .where(
                 RemoteJob.state == JobState.QUEUED,
                 RemoteJob.queue.in_(agent.queue_list),
@@ -47,7 +79,8 @@ def claim_jobs(secret: str, session_id: str, free_slots: int) -> list[ClaimedJob
         ).all()
         claimed: list[ClaimedJob] = []
         for job in candidates:
-            if job.pool_slots > free_slots:
+            slots = _slots_taken(job.pool_slots, agent)
+            if slots > free_slots:
                 continue
             # Conditional on still being queued, so two claimers can never both win (SQLite too).
             won = session.execute(
@@ -58,18 +91,12 @@ def claim_jobs(secret: str, session_id: str, free_slots: int) -> list[ClaimedJob
                     agent_name=agent.name,
                     attempt=RemoteJob.attempt + 1,
                     claimed_at=now,
+                    claim_request_id=request_id or None,
                 )
             ).rowcount
             if won:
-                free_slots -= job.pool_slots
-                claimed.append(
-                    ClaimedJob(
-                        job_id=job.id,
-                        attempt=job.attempt + 1,
-                        pool_slots=job.pool_slots,
-                        workload=job.workload,
-                    )
-                )
+                free_slots -= slots
+                claimed.append(_claimed(job, agent, job.attempt + 1))
             if free_slots <= 0:
                 break
     return claimed
@@ -79,34 +106,15 @@ def claim_jobs(secret: str, session_id: str, free_slots: int) -> list[ClaimedJob
 async def claim(session_id: str, body: ClaimRequest, secret: SecretDep) -> ClaimResponse:
     deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
     while True:
-        jobs = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots)
+        jobs = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
         remaining = deadline - time.monotonic()
         if jobs or remaining <= 0:
             return ClaimResponse(jobs=jobs)
         await job_wakeup.wait(remaining)
 
 
-def _true_outcome(session: Session, ti_id: str, detail: str | None) -> tuple[str, str | None]:
-    """A task that fails still exits 0: the task instance's own state tells success from failure."""
-    ti_id = uuid.UUID(ti_id)
-    ti_state = session.scalar(select(TaskInstance.state).where(TaskInstance.id == ti_id))
-    if ti_state is None:  # a later try has started; this try is in the history table
-        ti_state = session.scalar(
-            select(TaskInstanceHistory.state).where(TaskInstanceHistory.task_instance_id == ti_id)
-        )
-    if ti_state in _FAILED_TI_STATES:
-        return JobState.FAILED, f"task instance ended {ti_state}"
-    return JobState.SUCCESS, detail
-
-
-_FAILED_TI_STATES = {
-    TaskInstanceState.FAILED,
-    TaskInstanceState.UP_FOR_RETRY,
-    TaskInstanceState.UPSTREAM_FAILED,
-}
-
 _NEXT_STATES = {
-    JobState.CLAIMED: {JobState.RUNNING, JobState.SUCCESS, JobState.FAILED},
+    JobState.CLAIMED: {JobState.RUNNING, JobState.SUCCESS, JobState.FAILED, JobState.NOT_STARTED, "returned"},
     JobState.RUNNING: {JobState.RUNNING, JobState.SUCCESS, JobState.FAILED},
 }
 
@@ -116,13 +124,7 @@ def report_state(session_id: str, job_id: int, body: StateReport, secret: Secret
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id)
         job = session.execute(
-            select(
-                RemoteJob.attempt,
-                RemoteJob.agent_name,
-                RemoteJob.state,
-                RemoteJob.ti_id,
-                RemoteJob.started_at,
-            )
+            select(RemoteJob.attempt, RemoteJob.agent_name, RemoteJob.state, RemoteJob.started_at)
             .where(RemoteJob.id == job_id)
             .with_for_update()
         ).first()
@@ -143,18 +145,24 @@ def report_state(session_id: str, job_id: int, body: StateReport, secret: Secret
             raise HTTPException(
                 status.HTTP_409_CONFLICT, f"Job {job_id} is {job.state}; it cannot become {body.state}."
             )
-        now = utcnow()
-        changes = {
-            "state": body.state,
-            "detail": body.detail,
-            "exit_code": body.exit_code,
-            "pending_sync": True,
-        }
-        if body.state == JobState.SUCCESS:
-            changes["state"], changes["detail"] = _true_outcome(session, job.ti_id, body.detail)
-        if body.state == JobState.RUNNING:
-            changes["started_at"] = now
+        now = db_now(session)
+        if body.state == "returned":  # the agent cannot run it: back to the queue for another agent
+            changes = {
+                "state": JobState.QUEUED,
+                "agent_name": None,
+                "claimed_at": None,
+                "claim_request_id": None,
+            }
+            notify_jobs_queued(session)
+        elif body.state == JobState.RUNNING:
+            changes = {"state": body.state, "started_at": now, "pending_sync": True}
         else:
-            changes["finished_at"] = now
-            changes["started_at"] = job.started_at or now
+            changes = {
+                "state": body.state,
+                "detail": body.detail,
+                "exit_code": body.exit_code,
+                "pending_sync": True,
+                "finished_at": now,
+                "started_at": func.coalesce(RemoteJob.started_at, now),
+            }
         session.execute(update(RemoteJob).where(RemoteJob.id == job_id).values(**changes))

@@ -1,4 +1,10 @@
-"""Each api-server process records that it is serving the agent API (see ``RemoteApiServer``)."""
+"""Each api-server process records that it is serving the agent API (see ``RemoteApiServer``).
+
+``started_at`` marks the start of the current unbroken stretch of presence: it is reset when this
+process starts and after any gap (a database outage, or a row left by an earlier process of the
+same name, as after a container restart). The executor declares agents lost only once the agent
+API has been up for a whole silence window, so agents always get that long to heartbeat again.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +12,53 @@ import logging
 import os
 import socket
 import threading
+from datetime import timedelta
 
 from airflow.utils.session import create_session
 
-from airflow_remote_exec.models import RemoteApiServer, utcnow
+from airflow_remote_exec.clock import db_now
+from airflow_remote_exec.models import RemoteApiServer
+from airflow_remote_exec.reroute import API_PRESENCE_STALE_SECONDS
 
 log = logging.getLogger(__name__)
 
 PRESENCE_INTERVAL_SECONDS = 1.0
 
-_started = threading.Event()
+_started_in_pid: int | None = None
 _lock = threading.Lock()
 
 
 def ensure_presence() -> None:
-    """Start the presence thread of this process once; called on every agent request (cheap)."""
-    if _started.is_set():
+    """Start this process's presence thread once (also in a process forked after it started)."""
+    global _started_in_pid
+    if _started_in_pid == os.getpid():
         return
     with _lock:
-        if not _started.is_set():
+        if _started_in_pid != os.getpid():
             threading.Thread(target=_record_forever, name="remote-exec-presence", daemon=True).start()
-            _started.set()
+            _started_in_pid = os.getpid()
+
+
+def record_presence(name: str, first: bool) -> None:
+    """Mark ``name`` present now; start a new stretch if this is its first record or after a gap."""
+    with create_session(scoped=False) as session:
+        now = db_now(session)
+        row = session.get(RemoteApiServer, name, with_for_update=True)
+        if row is None:
+            session.add(RemoteApiServer(name=name, started_at=now, last_seen_at=now))
+            return
+        if first or row.last_seen_at < now - timedelta(seconds=API_PRESENCE_STALE_SECONDS):
+            row.started_at = now
+        row.last_seen_at = now
 
 
 def _record_forever() -> None:
     name = f"{socket.gethostname()}:{os.getpid()}"
-    started_at = utcnow()
+    first = True
     while True:
         try:
-            with create_session(scoped=False) as session:
-                row = session.get(RemoteApiServer, name)
-                if row is None:
-                    session.add(RemoteApiServer(name=name, started_at=started_at, last_seen_at=utcnow()))
-                else:
-                    row.last_seen_at = utcnow()
+            record_presence(name, first)
+            first = False
         except Exception:
             log.warning("Could not record api-server presence; retrying", exc_info=True)
         threading.Event().wait(PRESENCE_INTERVAL_SECONDS)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import airflow
 import pytest
+from airflow.sdk import __version__ as task_sdk_version
 from fastapi.testclient import TestClient
 
 from airflow_remote_exec.api.app import create_app
 from airflow_remote_exec.api.datamodels import API_VERSION, API_VERSION_HEADER
 from airflow_remote_exec.tokens import create_token
+
+# What a real agent sends about itself: the same Airflow and Task SDK as the orchestrator.
+AGENT_VERSIONS = {"airflow_version": airflow.__version__, "task_sdk_version": task_sdk_version}
 
 
 @pytest.fixture
@@ -38,7 +43,9 @@ def register(client) -> Callable[..., str]:
 
     def do(token: str, name: str = "agent-1", queues: tuple[str, ...] = ("default",), slots: int = 4) -> str:
         reply = client.post(
-            "/agents", json={"name": name, "queues": list(queues), "slots": slots}, headers=headers(token)
+            "/agents",
+            json={"name": name, "queues": list(queues), "slots": slots, **AGENT_VERSIONS},
+            headers=headers(token),
         )
         assert reply.status_code == 200, reply.text
         return reply.json()["session_id"]

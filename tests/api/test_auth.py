@@ -7,9 +7,9 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken, utcnow
-from tests.api.conftest import headers
+from tests.api.conftest import AGENT_VERSIONS, headers
 
-REGISTER = {"name": "agent-1", "queues": ["default"], "slots": 2}
+REGISTER = {"name": "agent-1", "queues": ["default"], "slots": 2, **AGENT_VERSIONS}
 
 
 def test_missing_token_is_401(client):

@@ -195,7 +195,7 @@ def test_heartbeat_tells_agent_to_stop_jobs_it_no_longer_holds(client, session, 
     session.delete(_job(session, job_id))  # revoked by the scheduler
     session.commit()
     reply = client.post(f"/agents/{session_id}/heartbeat", json=body, headers=headers(token))
-    assert reply.json()["stop"] == [job_id]
+    assert reply.json()["stop"] == [{"job_id": job_id, "attempt": claimed["attempt"]}]
 
 
 def test_deregister_requeues_unstarted_and_fails_running_jobs(client, session, make_token, register):

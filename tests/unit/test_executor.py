@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -10,13 +11,16 @@ from airflow.utils.state import TaskInstanceState
 from sqlalchemy import select
 
 from airflow_remote_exec.executor import RemoteExecutor
+from airflow_remote_exec.housekeeping import purge_old_rows
 from airflow_remote_exec.models import JobState, RemoteJob, utcnow
-from tests.factories import make_workload
+from tests.factories import make_callback_workload, make_workload
 
 
 @pytest.fixture
 def executor():
-    return RemoteExecutor(parallelism=8)
+    executor = RemoteExecutor(parallelism=8)
+    executor._last_purge = time.monotonic()  # housekeeping has tests of its own
+    return executor
 
 
 def _queue(executor, session, workload):
@@ -97,24 +101,81 @@ def test_sync_ignores_jobs_of_other_schedulers(executor, session):
     assert _job(session, workload).pending_sync is True
 
 
-def test_purge_deletes_only_old_reported_finished_rows(executor, session):
-    old, recent, unsynced = make_workload("p1"), make_workload("p2"), make_workload("p3")
-    for workload in (old, recent, unsynced):
+def test_purge_deletes_old_reported_rows_and_unsynced_rows_no_scheduler_will_adopt(executor, session):
+    old, recent, unsynced, orphaned = (make_workload(f"p{n}") for n in range(4))
+    for workload in (old, recent, unsynced, orphaned):
         _queue(executor, session, workload)
     long_ago = utcnow() - timedelta(days=1)
     for workload, finished, pending in (
         (old, long_ago, False),
         (recent, utcnow(), False),
-        (unsynced, long_ago, True),
+        (unsynced, utcnow() - timedelta(minutes=10), True),  # a scheduler may still adopt it
+        (orphaned, long_ago, True),  # its scheduler died long ago
     ):
         job = _job(session, workload)
         job.state, job.finished_at, job.pending_sync = JobState.SUCCESS, finished, pending
         session.commit()
-    executor._purge_finished_jobs(session)
+    purge_old_rows(session)
     session.commit()
     assert _job(session, old) is None
     assert _job(session, recent) is not None
     assert _job(session, unsynced) is not None
+    assert _job(session, orphaned) is None
+
+
+def test_purge_forgets_week_old_agent_history_and_dead_api_servers(session):
+    from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteAgentEvent, RemoteApiServer
+    from airflow_remote_exec.tokens import create_token
+
+    token, _ = create_token(session, "t-old", ["default"])
+    week_ago = utcnow() - timedelta(days=8)
+    session.add_all(
+        [
+            RemoteAgent(
+                name="gone-long-ago",
+                session_id="s1",
+                token_id=token.id,
+                queues="default",
+                slots=1,
+                state=AgentState.GONE,
+                state_changed_at=week_ago,
+            ),
+            RemoteAgent(
+                name="lost-recently",
+                session_id="s2",
+                token_id=token.id,
+                queues="default",
+                slots=1,
+                state=AgentState.LOST,
+                state_changed_at=utcnow(),
+            ),
+            RemoteAgentEvent(agent_name="gone-long-ago", state=AgentState.GONE, at=week_ago),
+            RemoteAgentEvent(agent_name="lost-recently", state=AgentState.LOST, at=utcnow()),
+            RemoteApiServer(name="old:1", started_at=week_ago, last_seen_at=week_ago),
+            RemoteApiServer(name="new:2", started_at=utcnow(), last_seen_at=utcnow()),
+        ]
+    )
+    session.commit()
+    purge_old_rows(session)
+    session.commit()
+    assert session.scalars(select(RemoteAgent.name)).all() == ["lost-recently"]
+    assert session.scalars(select(RemoteAgentEvent.agent_name)).all() == ["lost-recently"]
+    assert session.scalars(select(RemoteApiServer.name)).all() == ["new:2"]
+
+
+def test_sync_releases_jobs_held_by_an_agent_that_is_not_live(executor, session):
+    claimed, running = make_workload("orphan-claimed"), make_workload("orphan-running")
+    for workload, state in ((claimed, JobState.CLAIMED), (running, JobState.RUNNING)):
+        _queue(executor, session, workload)
+        job = _job(session, workload)
+        job.state, job.agent_name, job.attempt = state, "vanished", 1
+        session.commit()
+    executor._last_purge = 0.0
+    executor.sync()
+    assert (_job(session, claimed).state, _job(session, claimed).agent_name) == (JobState.QUEUED, None)
+    assert _job(session, running).state == JobState.FAILED
+    assert executor.get_event_buffer()[running.ti.key][0] == TaskInstanceState.FAILED
+    assert running.ti.key not in executor.running
 
 
 def test_revoke_deletes_the_job(executor, session):
@@ -151,9 +212,39 @@ def test_adopt_keeps_known_jobs_and_rejects_unknown(executor, session):
     assert executor.get_event_buffer()[known.ti.key][0] == TaskInstanceState.SUCCESS
 
 
-def test_non_task_workloads_are_refused(executor, session):
-    with pytest.raises(TypeError, match="cannot run"):
-        executor.queue_workload(SimpleNamespace(), session=session)
+def test_unsupported_workloads_are_ignored_without_raising(executor, session):
+    executor.queue_workload(SimpleNamespace(), session=session)  # must not stop the scheduler loop
+    assert session.scalars(select(RemoteJob)).all() == []
+    assert executor.supports_connection_test is False  # the scheduler fails connection tests itself
+
+
+def test_deadline_callback_is_queued_as_a_job_and_reported_with_its_callback_key(executor, session):
+    from airflow.models.callback import CallbackKey
+    from airflow.utils.state import CallbackState
+
+    workload = make_callback_workload(dag_id="d1", dag_run_id=7)
+    _queue(executor, session, workload)
+    job = session.scalar(select(RemoteJob).where(RemoteJob.ti_id == str(workload.callback.id)))
+    assert (job.kind, job.state, job.queue, job.dag_id) == ("callback", JobState.QUEUED, "default", "d1")
+    key = CallbackKey(id=str(workload.callback.id))
+    assert key in executor.running
+    job.state, job.pending_sync, job.agent_name = JobState.SUCCESS, True, "agent-1"
+    session.commit()
+    executor.sync()
+    assert executor.get_event_buffer()[key][0] == CallbackState.SUCCESS
+    assert key not in executor.running
+
+
+def test_not_started_job_leaves_running_without_an_event(executor, session):
+    workload = make_workload("refused-start")
+    _queue(executor, session, workload)
+    job = _job(session, workload)
+    job.state, job.pending_sync, job.detail = JobState.NOT_STARTED, True, "ti_run 409"
+    session.commit()
+    executor.sync()
+    assert executor.get_event_buffer() == {}
+    assert workload.ti.key not in executor.running
+    assert _job(session, workload).pending_sync is False
 
 
 def _add_silent_agent(session, name: str, api_last_seen):
