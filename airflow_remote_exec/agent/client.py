@@ -6,6 +6,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 
 URL_PREFIX = "/remote/v1"
 MAX_BACKOFF_SECONDS = 30.0
+# Connect/read/write limit for ordinary calls: the API answers in milliseconds when healthy, and a
+# call stuck longer than this is better retried on a fresh connection.
+DEFAULT_TIMEOUT_SECONDS = 15.0
+# A heartbeat is tried at most this many times, back to back: one immediate retry rides out a dropped
+# connection or a restarting api-server without letting the heartbeat slip past its interval.
+HEARTBEAT_TRIES = 2
 
 
 class AgentApiError(Exception):
@@ -44,15 +51,27 @@ class Unauthorized(AgentApiError):
     """401: the token is unknown, expired or revoked."""
 
 
+class Conflict(AgentApiError):
+    """409: the agent name is held by another live agent (register), or the attempt is stale (report)."""
+
+
 class SessionGone(AgentApiError):
     """410: this agent session is over (e.g. declared lost); register again."""
 
 
-class Stopped(Exception):
+class VersionMismatch(AgentApiError):
+    """426: this agent's Airflow or Task SDK major.minor differs from the orchestrator's."""
+
+
+class Unreachable(Exception):
+    """The orchestrator did not answer (transport error, timeout, 5xx) within the allowed tries."""
+
+
+class Stopped(Unreachable):
     """The agent is shutting down and gave up waiting for the orchestrator."""
 
 
-_ERRORS = {401: Unauthorized, 410: SessionGone}
+_ERRORS = {401: Unauthorized, 409: Conflict, 410: SessionGone, 426: VersionMismatch}
 
 
 def _detail(response: httpx.Response) -> str:
@@ -65,13 +84,21 @@ def _detail(response: httpx.Response) -> str:
 
 
 class AgentClient:
-    def __init__(self, api_url: str, token: str, stop: threading.Event | None = None):
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        stop: threading.Event | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.api_url = api_url.rstrip("/")
         self._stop = stop or threading.Event()
         self._http = httpx.Client(
             base_url=self.api_url + URL_PREFIX,
             headers={"Authorization": f"Bearer {token}", API_VERSION_HEADER: API_VERSION},
-            timeout=httpx.Timeout(15.0),
+            timeout=httpx.Timeout(DEFAULT_TIMEOUT_SECONDS),
+            transport=transport,
         )
 
     def close(self) -> None:
@@ -83,34 +110,42 @@ class AgentClient:
         path: str,
         body: Any = None,
         *,
-        read_timeout: float | None = None,
+        timeout: httpx.Timeout | None = None,
         keep_trying: Callable[[], bool] | None = None,
+        max_tries: int | None = None,
+        backoff: bool = True,
     ) -> Any:
-        """Send one request, retrying with jittered backoff while the orchestrator is unreachable.
+        """Send one request, retrying while the orchestrator is unreachable (transport error, 5xx, 429).
 
         ``keep_trying`` decides whether to go on retrying; by default until the agent stops.
+        ``max_tries`` caps the tries; ``backoff=False`` retries at once instead of after a jittered,
+        growing delay. The same payload is re-sent each time, so a retried request must be idempotent.
         """
         # Requests bound to the agent's life stop retrying, and stop sleeping, once it stops.
         sleep = self._stop.wait if keep_trying is None else time.sleep
         keep_trying = keep_trying or (lambda: not self._stop.is_set())
         payload = body.model_dump(mode="json") if body is not None else None
-        timeout = httpx.Timeout(15.0, read=read_timeout) if read_timeout else httpx.USE_CLIENT_DEFAULT
-        backoff, failures = 0.5, 0
+        delay_base, failures = 0.5, 0
         while True:
             try:
-                response = self._http.request(method, path, json=payload, timeout=timeout)
+                response = self._http.request(
+                    method, path, json=payload, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+                )
                 if response.status_code < 500 and response.status_code != 429:
                     break
                 problem = f"HTTP {response.status_code}: {_detail(response)}"
             except httpx.TransportError as err:
                 problem = f"{type(err).__name__}: {err}"
             failures += 1
-            if not keep_trying():
-                raise Stopped(problem)
-            delay = min(MAX_BACKOFF_SECONDS, backoff) * random.uniform(0.8, 1.2)
+            if (max_tries is not None and failures >= max_tries) or not keep_trying():
+                raise (Stopped if self._stop.is_set() else Unreachable)(problem)
+            if not backoff:
+                log.info("Orchestrator unreachable (%s), try %d; retrying now", problem, failures)
+                continue
+            delay = min(MAX_BACKOFF_SECONDS, delay_base) * random.uniform(0.8, 1.2)
             log.warning("Orchestrator unreachable (%s), try %d; retrying in %.1fs", problem, failures, delay)
             sleep(delay)
-            backoff *= 2
+            delay_base *= 2
         if failures:
             log.info("Orchestrator reachable again after %d failed tries", failures)
         if response.is_success:
@@ -119,16 +154,32 @@ class AgentClient:
         raise error(response.status_code, _detail(response))
 
     def register(self, request: RegisterRequest) -> RegisterResponse:
+        """Register once; retries only while unreachable. 409 and 426 are the caller's to handle."""
         return RegisterResponse.model_validate(self._call("POST", "/agents", request))
 
-    def heartbeat(self, session_id: str, request: HeartbeatRequest) -> HeartbeatResponse:
-        data = self._call("POST", f"/agents/{session_id}/heartbeat", request, keep_trying=lambda: False)
+    def heartbeat(self, session_id: str, request: HeartbeatRequest, interval: float) -> HeartbeatResponse:
+        """One heartbeat: each try is limited to half the interval and a failed try is retried once at
+        once, so the pair never delays the next heartbeat, which is due one interval after this one."""
+        data = self._call(
+            "POST",
+            f"/agents/{session_id}/heartbeat",
+            request,
+            timeout=httpx.Timeout(interval / 2),
+            keep_trying=lambda: True,
+            max_tries=HEARTBEAT_TRIES,
+            backoff=False,
+        )
         return HeartbeatResponse.model_validate(data)
 
     def claim(self, session_id: str, free_slots: int, wait_seconds: float) -> list[ClaimedJob]:
-        request = ClaimRequest(free_slots=free_slots, wait_seconds=wait_seconds)
+        """Long-poll for jobs. A fresh ``request_id`` per claim makes its retries idempotent: a claim
+        re-sent after its response was lost gets the same jobs back instead of stranding them."""
+        request = ClaimRequest(free_slots=free_slots, wait_seconds=wait_seconds, request_id=str(uuid.uuid4()))
         data = self._call(
-            "POST", f"/agents/{session_id}/jobs/claim", request, read_timeout=wait_seconds + 15.0
+            "POST",
+            f"/agents/{session_id}/jobs/claim",
+            request,
+            timeout=httpx.Timeout(DEFAULT_TIMEOUT_SECONDS, read=wait_seconds + DEFAULT_TIMEOUT_SECONDS),
         )
         return ClaimResponse.model_validate(data).jobs
 

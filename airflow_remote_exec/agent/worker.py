@@ -2,15 +2,16 @@
 
 Threads, each with one job:
 - main: claim loop (long-poll) while slots are free, then drain on SIGTERM;
-- outcomes: collects finished tasks from the runners and replaces dead runners;
+- outcomes: collects finished jobs from the runners, replaces dead runners, fences on silence;
 - reporter: delivers state reports in order, retrying while the orchestrator is unreachable;
 - heartbeat: tells the orchestrator what runs here and stops jobs that are no longer ours.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import queue
+import os
 import signal
 import socket
 import threading
@@ -18,15 +19,35 @@ import time
 from dataclasses import dataclass
 
 from airflow_remote_exec import __version__
-from airflow_remote_exec.agent.client import AgentApiError, AgentClient, SessionGone, Stopped, Unauthorized
+from airflow_remote_exec.agent.client import (
+    MAX_BACKOFF_SECONDS,
+    AgentApiError,
+    AgentClient,
+    Conflict,
+    SessionGone,
+    Stopped,
+    Unauthorized,
+    Unreachable,
+    VersionMismatch,
+)
 from airflow_remote_exec.agent.health import serve_health
-from airflow_remote_exec.agent.runner import Assignment, Outcome, RunnerPool
-from airflow_remote_exec.api.datamodels import HeartbeatRequest, HeldJob, RegisterRequest, StateReport
+from airflow_remote_exec.agent.heartbeat import Heartbeat
+from airflow_remote_exec.agent.ledger import Holding, Ledger, Session
+from airflow_remote_exec.agent.reporter import Reporter
+from airflow_remote_exec.agent.runner import STOP_GRACE_SECONDS, Assignment, JobKey, Outcome, RunnerPool
+from airflow_remote_exec.agent.threads import GuardedThreads
+from airflow_remote_exec.api.datamodels import ClaimedJob, RegisterRequest, StateReport
 
 log = logging.getLogger(__name__)
 
 # At shutdown, how long to keep retrying undelivered reports before giving up.
 REPORT_FLUSH_SECONDS = 60.0
+# After terminating jobs at the drain timeout, how long beyond the SIGTERM grace to wait for their
+# runners to be reaped: reaping runs every half second, so a few seconds is plenty.
+REAP_MARGIN_SECONDS = 5.0
+# First wait before registering again when another live agent holds our name; doubles up to
+# MAX_BACKOFF_SECONDS. The other agent may be our own predecessor whose heartbeat has yet to go stale.
+NAME_TAKEN_BACKOFF_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -41,30 +62,38 @@ class WorkerSettings:
     drain_timeout: float = 300.0
 
 
-@dataclass
-class HeldJobState:
-    attempt: int
-    pool_slots: int
-    session_id: str
+@functools.cache
+def installed_versions() -> tuple[str, str]:
+    """Airflow core and Task SDK versions: the orchestrator refuses an agent whose major.minor differ,
+    since the workloads it serialises must parse and run here exactly as there."""
+    import airflow
+    import airflow.sdk
+
+    return airflow.__version__, airflow.sdk.__version__
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(
+        self, settings: WorkerSettings, client: AgentClient | None = None, pool: RunnerPool | None = None
+    ):
         self.settings = settings
-        self._stop = threading.Event()  # SIGTERM/SIGINT: stop claiming, drain
+        self._stop = threading.Event()  # SIGTERM/SIGINT or fatal error: stop claiming, drain
         self._done = threading.Event()  # drained: background threads end
-        self._give_up_reports = threading.Event()  # shutdown flush timed out
-        self.client = AgentClient(settings.api_url, settings.token, stop=self._stop)
-        self._lock = threading.Lock()
-        self._held: dict[int, HeldJobState] = {}
+        self.client = client or AgentClient(settings.api_url, settings.token, stop=self._stop)
+        self.ledger = Ledger(settings.slots)
+        self.pool = pool
+        self.reporter = Reporter(self.client, self.ledger, self.abandon, self.contact)
+        self.heartbeat = Heartbeat(self, self._done)
+        self.threads = GuardedThreads(self._done)
+        self._register_lock = threading.Lock()  # one registration at a time; never held with ledger.lock
         self._slot_freed = threading.Event()
-        self._reports: queue.Queue[tuple[HeldJob, StateReport, str]] = queue.Queue()
-        self._session_id: str | None = None
-        self._heartbeat_interval = 10
-        self._claim_wait = 20
+        self._session: Session | None = None
         self._last_contact = 0.0
         self._fatal: str | None = None
-        self.pool: RunnerPool | None = None
+
+    @property
+    def session(self) -> Session | None:
+        return self._session
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -72,21 +101,19 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             self._register()
-        except (Unauthorized, AgentApiError) as err:
+        except VersionMismatch as err:
+            log.error(self._version_mismatch(err))
+            return 1
+        except AgentApiError as err:
             log.error("Registration refused: %s", err)
             return 1
         except Stopped:
             return 0
-        self.pool = RunnerPool(self.settings.slots, server=f"{self.settings.api_url}/execution/")
+        if self.pool is None:
+            self.pool = RunnerPool(self.settings.slots, server=f"{self.settings.api_url}/execution/")
         if self.settings.health_port is not None:
             serve_health(self.settings.health_host, self.settings.health_port, self.health)
-        threads = [
-            threading.Thread(target=self._collect_outcomes, name="outcomes", daemon=True),
-            threading.Thread(target=self._deliver_reports, name="reporter", daemon=True),
-            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
+        self.start_threads()
         log.info(
             "Agent %s serving queues %s with %d slots",
             self.settings.name,
@@ -97,225 +124,233 @@ class Worker:
         self._drain()
         return 1 if self._fatal else 0
 
+    def start_threads(self) -> None:
+        self.threads.start("outcomes", self._collect_outcomes)
+        self.threads.start("reporter", self.reporter.step)
+        self.threads.start("heartbeat", self.heartbeat.step)
+
     def _on_signal(self, signum, _frame) -> None:
         if not self._stop.is_set():
             log.info(
-                "Received %s: no new jobs; draining %d running", signal.Signals(signum).name, len(self._held)
+                "Received %s: no new jobs; draining %d running",
+                signal.Signals(signum).name,
+                self.ledger.count(),
             )
         self._stop.set()
         self._slot_freed.set()
 
-    def _register(self) -> None:
-        reply = self.client.register(
-            RegisterRequest(
-                name=self.settings.name,
-                hostname=socket.gethostname(),
-                version=__version__,
-                queues=self.settings.queues,
-                slots=self.settings.slots,
-            )
-        )
-        self._session_id = reply.session_id
-        self._heartbeat_interval = reply.heartbeat_interval
-        self._claim_wait = reply.claim_wait_seconds
+    def draining(self) -> bool:
+        return self._stop.is_set()
+
+    def contact(self) -> None:
         self._last_contact = time.monotonic()
+
+    def fail(self, message: str) -> None:
+        """Stop for good: drain what runs, then exit 1."""
+        log.error(message)
+        self._fatal = self._fatal or message
+        self._stop.set()
+        self._slot_freed.set()
+
+    # -- sessions --------------------------------------------------------------------------
+    def _register(self) -> None:
+        """Register, waiting while another live agent holds our name. Raises on any other refusal."""
+        airflow_version, task_sdk_version = installed_versions()
+        request = RegisterRequest(
+            name=self.settings.name,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            airflow_version=airflow_version,
+            task_sdk_version=task_sdk_version,
+            queues=self.settings.queues,
+            slots=self.settings.slots,
+        )
+        backoff = NAME_TAKEN_BACKOFF_SECONDS
+        while True:
+            started = time.monotonic()
+            try:
+                reply = self.client.register(request)
+                break
+            except Conflict as err:
+                log.warning(
+                    "Agent name %r is held by another live agent (%s); give each agent its own --name. "
+                    "Retrying in %.0fs",
+                    self.settings.name,
+                    err.detail,
+                    backoff,
+                )
+                if self._stop.wait(backoff):
+                    raise Stopped("stopped while waiting for the agent name") from err
+                backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+        self._session = Session(
+            session_id=reply.session_id,
+            heartbeat_interval=float(reply.heartbeat_interval),
+            lost_after_missed_heartbeats=reply.lost_after_missed_heartbeats,
+            claim_wait_seconds=float(reply.claim_wait_seconds),
+            started=started,
+        )
+        self.contact()
         log.info("Registered as %s (session %s)", self.settings.name, reply.session_id)
 
-    def _start_new_session(self, gone_session: str) -> None:
-        """The orchestrator ended our session (we were declared lost): our jobs went elsewhere."""
-        with self._lock:
-            if self._session_id != gone_session:
-                return  # another thread already re-registered
-            log.warning(
-                "Session %s is over; stopping %d jobs that were taken from us", gone_session, len(self._held)
-            )
-            for job_id in list(self._held):
-                self._abandon(job_id)
-            self._register()
+    @staticmethod
+    def _version_mismatch(err: VersionMismatch) -> str:
+        airflow_version, task_sdk_version = installed_versions()
+        return (
+            f"Registration refused: this agent has Airflow {airflow_version} / Task SDK {task_sdk_version}, "
+            f"which the orchestrator cannot use ({err.detail}); install its Airflow version here."
+        )
 
-    def _fail(self, message: str) -> None:
-        log.error(message)
-        self._fatal = message
-        self._stop.set()
+    def session_gone(self, gone_session: str) -> None:
+        """The orchestrator ended our session (we were declared lost): our jobs went elsewhere."""
+        with self._register_lock:
+            if self._session is None or self._session.session_id != gone_session:
+                return  # another thread already re-registered
+            keys = self.ledger.abandon_all()
+            log.warning(
+                "Session %s is over; stopping %d jobs that were taken from us", gone_session, len(keys)
+            )
+            for key in keys:
+                self.pool.stop_job(*key)
+            if self._stop.is_set():
+                return
+            try:
+                self._register()
+            except Stopped:
+                return
+            except VersionMismatch as err:
+                self.fail(self._version_mismatch(err))
+            except AgentApiError as err:
+                self.fail(f"Registration refused: {err}")
 
     # -- claiming --------------------------------------------------------------------------
-    def free_slots(self) -> int:
-        with self._lock:
-            return self.settings.slots - sum(job.pool_slots for job in self._held.values())
-
     def _claim_loop(self) -> None:
         while not self._stop.is_set():
-            free = min(self.free_slots(), self.pool.idle_count())
-            if free <= 0:
-                self._slot_freed.wait(1.0)
-                self._slot_freed.clear()
-                continue
-            session_id = self._session_id
             try:
-                jobs = self.client.claim(session_id, free, wait_seconds=self._claim_wait)
-            except SessionGone:
-                self._start_new_session(session_id)
-                continue
-            except Unauthorized as err:
-                self._fail(f"Agent token rejected ({err}); no more claims.")
-                return
-            except Stopped:
-                return
-            except AgentApiError as err:
-                log.error("Claim refused: %s", err)
-                self._stop.wait(self._heartbeat_interval)
-                continue
-            self._last_contact = time.monotonic()
-            for job in jobs:
-                self._start_job(job.job_id, job.attempt, job.pool_slots, job.workload, session_id)
+                self._claim_once()
+            except Exception:
+                log.exception("Unexpected error while claiming; carrying on")
+                self._stop.wait(1.0)
 
-    def _start_job(self, job_id: int, attempt: int, pool_slots: int, workload: str, session_id: str) -> None:
-        with self._lock:
-            self._held[job_id] = HeldJobState(attempt=attempt, pool_slots=pool_slots, session_id=session_id)
-            self.pool.start(Assignment(job_id, attempt, workload))
-        log.info("Started job %s (attempt %s)", job_id, attempt)
-        self._report(job_id, StateReport(attempt=attempt, state="running"))
-
-    # -- outcomes and reports ---------------------------------------------------------------
-    def _collect_outcomes(self) -> None:
-        while not self._done.is_set():
-            try:
-                outcomes = [self.pool.outcomes.get(timeout=0.5)]
-            except queue.Empty:
-                outcomes = []
-            outcomes += self.pool.reap_dead()
-            for outcome in outcomes:
-                self._finish_job(outcome)
-
-    def _finish_job(self, outcome: Outcome) -> None:
-        with self._lock:
-            held = self._held.get(outcome.job_id)
-            if held is None or held.attempt != outcome.attempt:
-                return  # abandoned: it is not ours to report any more
-            del self._held[outcome.job_id]
-            self.pool.finished(outcome.job_id)
-        state = "success" if outcome.exit_code == 0 else "failed"
-        detail = outcome.error or (
-            None if state == "success" else f"task process exit code {outcome.exit_code}"
-        )
-        log.info("Job %s finished: %s%s", outcome.job_id, state, f" ({detail})" if detail else "")
-        self._report(
-            outcome.job_id,
-            StateReport(attempt=outcome.attempt, state=state, exit_code=outcome.exit_code, detail=detail),
-            session_id=held.session_id,
-        )
-        self._slot_freed.set()
-
-    def _report(self, job_id: int, report: StateReport, session_id: str | None = None) -> None:
-        self._reports.put(
-            (HeldJob(job_id=job_id, attempt=report.attempt), report, session_id or self._session_id)
-        )
-
-    def _deliver_reports(self) -> None:
-        while not (self._done.is_set() and self._reports.empty()):
-            try:
-                job, report, session_id = self._reports.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            try:
-                # Outcomes are never dropped for a mere outage: retry until delivered or refused.
-                self.client.report(
-                    session_id, job, report, keep_trying=lambda: not self._give_up_reports.is_set()
-                )
-                self._last_contact = time.monotonic()
-            except SessionGone:
-                log.warning("Report on job %s dropped: session %s is over", job.job_id, session_id)
-            except Stopped:
-                log.error(
-                    "Report on job %s undelivered at shutdown: %s %s", job.job_id, report.state, report.detail
-                )
-            except AgentApiError as err:
-                log.warning("Report on job %s refused (%s); stopping it", job.job_id, err)
-                with self._lock:
-                    self._abandon(job.job_id)
-            finally:
-                self._reports.task_done()
-
-    def _abandon(self, job_id: int) -> None:
-        """Stop a job that is no longer ours without reporting on it. Caller holds the lock."""
-        if self._held.pop(job_id, None) is not None:
-            self.pool.stop_job(job_id)
-            self.pool.finished(job_id)
-            self._slot_freed.set()
-
-    # -- heartbeat -------------------------------------------------------------------------
-    def _heartbeat_loop(self) -> None:
-        while not self._done.is_set():
-            self._heartbeat()
-            self._done.wait(self._heartbeat_interval)
-
-    def _heartbeat(self) -> None:
-        """Tell the orchestrator what runs here; stop whatever it says is no longer ours."""
-        session_id = self._session_id
-        with self._lock:
-            running = [HeldJob(job_id=i, attempt=h.attempt) for i, h in self._held.items()]
-        request = HeartbeatRequest(
-            running=running, free_slots=max(0, self.free_slots()), draining=self._stop.is_set()
-        )
+    def _claim_once(self) -> None:
+        free = min(self.ledger.free_slots(), self.pool.idle_count())
+        session = self._session
+        if free <= 0 or session is None:
+            self._slot_freed.wait(1.0)
+            self._slot_freed.clear()
+            return
         try:
-            reply = self.client.heartbeat(session_id, request)
+            jobs = self.client.claim(session.session_id, free, wait_seconds=session.claim_wait_seconds)
         except SessionGone:
-            if not self._stop.is_set():
-                self._start_new_session(session_id)
+            self.session_gone(session.session_id)
             return
         except Unauthorized as err:
-            self._fail(f"Agent token rejected ({err}); stopping.")
+            self.fail(f"Agent token rejected ({err}); no more claims.")
             return
-        except (AgentApiError, Stopped) as err:
-            log.warning("Heartbeat failed: %s", err)
+        except Stopped:
             return
-        self._last_contact = time.monotonic()
-        if reply.stop:
-            with self._lock:
-                for job_id in reply.stop:
-                    log.warning("Orchestrator says job %s is no longer ours; stopping it", job_id)
-                    self._abandon(job_id)
+        except AgentApiError as err:
+            log.error("Claim refused: %s", err)
+            self._stop.wait(session.heartbeat_interval)
+            return
+        self.contact()
+        for job in jobs:
+            self._start_job(job, session.session_id)
 
+    def _start_job(self, job: ClaimedJob, session_id: str) -> None:
+        key = JobKey(job.job_id, job.attempt)
+        self.ledger.add(Holding(key, job.kind, job.pool_slots, session_id))
+        if not self.pool.start(Assignment(job.job_id, job.attempt, job.workload, job.kind)):
+            # Cannot happen while claims ask for at most the idle runners; hand it back if it does.
+            self.ledger.release(key)
+            log.error("No idle runner for job %s attempt %s; handing it back", *key)
+            report = StateReport(attempt=job.attempt, state="returned", detail="no idle runner on the agent")
+            self.reporter.put(key, report, session_id)
+            return
+        log.info("Started %s job %s (attempt %s)", job.kind, job.job_id, job.attempt)
+        self.reporter.put(key, StateReport(attempt=job.attempt, state="running"), session_id)
+
+    # -- outcomes and stops ----------------------------------------------------------------
+    def _collect_outcomes(self) -> None:
+        for outcome in self.pool.collect(timeout=0.5):
+            self._finish_job(outcome)
+        self.heartbeat.check_partition()
+
+    def _finish_job(self, outcome: Outcome) -> None:
+        held = self.ledger.release(outcome.key)
+        if held is None:
+            return
+        self._slot_freed.set()
+        if held.abandoned:
+            log.info("Job %s attempt %s stopped; it is not ours to report", *outcome.key)
+            return
+        state, detail = outcome.state, outcome.detail
+        if held.stop_reason and state == "failed":
+            detail = f"{held.stop_reason} ({detail})" if detail else held.stop_reason
+        log.info("Job %s attempt %s finished: %s%s", *outcome.key, state, f" ({detail})" if detail else "")
+        report = StateReport(attempt=outcome.attempt, state=state, exit_code=outcome.exit_code, detail=detail)
+        self.reporter.put(outcome.key, report, held.session_id)
+        if state == "returned":
+            self.fail(
+                f"Cannot read the workload of job {outcome.job_id}; handed it back. This agent's Airflow "
+                f"does not match the orchestrator's: {(detail or '')[:200]}"
+            )
+
+    def abandon(self, key: JobKey, why: str) -> None:
+        """Stop a job that is no longer ours; it gets no report. Its slots stay taken until its runner
+        is dead and replaced."""
+        if self.ledger.abandon(key):
+            log.warning("Stopping job %s attempt %s: %s", *key, why)
+            self.pool.stop_job(*key)
+
+    def stop_own_jobs(self, reason: str) -> None:
+        """Stop every job still ours; each is reported failed with ``reason`` once its runner is dead."""
+        for key in self.ledger.mark_stopping(reason):
+            self.pool.stop_job(*key)
+
+    # -- health ----------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
         since = time.monotonic() - self._last_contact if self._last_contact else None
-        healthy = (
-            since is not None and since < 3 * self._heartbeat_interval + self._claim_wait and not self._fatal
-        )
+        session = self._session
+        window = 3 * session.heartbeat_interval + session.claim_wait_seconds if session else 0.0
+        dead = self.threads.dead()
+        healthy = since is not None and since < window and not self._fatal and not dead
         return healthy, {
             "agent": self.settings.name,
             "healthy": healthy,
             "draining": self._stop.is_set(),
-            "running_jobs": len(self._held),
-            "free_slots": self.free_slots(),
+            "running_jobs": self.ledger.count(),
+            "free_slots": self.ledger.free_slots(),
+            "dead_threads": dead,
+            "fatal": self._fatal,
             "seconds_since_orchestrator_contact": round(since, 1) if since is not None else None,
         }
 
     # -- shutdown --------------------------------------------------------------------------
     def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout
-        while self._held and time.monotonic() < deadline:
+        while self.ledger.count() and time.monotonic() < deadline:
             self._slot_freed.wait(1.0)
             self._slot_freed.clear()
-        with self._lock:
-            leftover = dict(self._held)
-        if leftover:
-            log.warning("Drain timeout: terminating %d running jobs", len(leftover))
-            for job_id in leftover:
-                self.pool.stop_job(job_id)
-        # Outcomes of terminated jobs arrive via the outcomes thread; give them a moment.
-        wait_until = time.monotonic() + 15
-        while self._held and time.monotonic() < wait_until:
+        if self.ledger.active():
+            reason = f"terminated at drain timeout after {self.settings.drain_timeout:.0f} s"
+            log.warning("Drain timeout: terminating %d running jobs", len(self.ledger.active()))
+            self.stop_own_jobs(reason)
+        # Terminated runners are SIGKILLed after the grace period and reaped by the outcomes thread.
+        wait_until = time.monotonic() + STOP_GRACE_SECONDS + REAP_MARGIN_SECONDS
+        while self.ledger.count() and time.monotonic() < wait_until:
             time.sleep(0.2)
         flush_deadline = time.monotonic() + REPORT_FLUSH_SECONDS
-        while self._reports.unfinished_tasks and time.monotonic() < flush_deadline:
+        while self.reporter.pending() and time.monotonic() < flush_deadline:
             time.sleep(0.1)
-        self._give_up_reports.set()
+        self.reporter.give_up.set()
         self._done.set()
         self.pool.shutdown()
-        if self._session_id and not self._fatal:
+        session = self._session
+        if session is not None:
             try:
-                self.client.deregister(self._session_id)
-            except (AgentApiError, Stopped) as err:
+                self.client.deregister(session.session_id)
+            except (AgentApiError, Unreachable) as err:
                 log.warning("Could not deregister: %s", err)
         self.client.close()
         log.info("Agent %s stopped", self.settings.name)

@@ -1,0 +1,111 @@
+"""What the agent holds: jobs occupying its runners, and finished jobs whose report is undelivered.
+
+Everything is keyed by (job_id, attempt): the orchestrator reuses a job row with a higher attempt for
+a reschedule or deferral resume, so a stale stop, refusal or outcome about an old attempt must never
+touch the new one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from airflow_remote_exec.agent.runner import JobKey
+from airflow_remote_exec.api.datamodels import HeldJob, JobKind
+
+# HeartbeatRequest.running accepts at most this many entries.
+MAX_HEARTBEAT_JOBS = 1024
+
+
+@dataclass(frozen=True)
+class Session:
+    """One registration: the orchestrator's timing for it, and when it began (monotonic)."""
+
+    session_id: str
+    heartbeat_interval: float
+    lost_after_missed_heartbeats: int
+    claim_wait_seconds: float
+    started: float
+
+
+@dataclass
+class Holding:
+    key: JobKey
+    kind: JobKind
+    pool_slots: int
+    session_id: str
+    abandoned: bool = False  # not ours any more: stop it and never report on it
+    stop_reason: str | None = None  # we stopped it ourselves: its failed report says why
+
+
+class Ledger:
+    """Thread-safe bookkeeping. A job keeps its slots until its runner is free again (finished, or
+    dead and replaced), even once abandoned, so a slot is never claimed twice."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.lock = threading.Lock()
+        self._held: dict[JobKey, Holding] = {}
+        self._unreported: dict[JobKey, str] = {}  # final report queued, not yet delivered: its session
+
+    def add(self, holding: Holding) -> None:
+        with self.lock:
+            self._held[holding.key] = holding
+
+    def release(self, key: JobKey) -> Holding | None:
+        """The runner of ``key`` is free: forget the job; returns what was held, if anything."""
+        with self.lock:
+            return self._held.pop(key, None)
+
+    def free_slots(self) -> int:
+        with self.lock:
+            return self.slots - sum(h.pool_slots for h in self._held.values())
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self._held)
+
+    def active(self) -> list[Holding]:
+        """Jobs still ours (not abandoned)."""
+        with self.lock:
+            return [h for h in self._held.values() if not h.abandoned]
+
+    def abandon(self, key: JobKey) -> bool:
+        """Mark ``key`` as no longer ours; True if it was held and not abandoned already."""
+        with self.lock:
+            holding = self._held.get(key)
+            if holding is None or holding.abandoned:
+                return False
+            holding.abandoned = True
+            return True
+
+    def abandon_all(self) -> list[JobKey]:
+        with self.lock:
+            keys = [k for k, h in self._held.items() if not h.abandoned]
+            for key in keys:
+                self._held[key].abandoned = True
+            return keys
+
+    def mark_stopping(self, reason: str) -> list[JobKey]:
+        """Give every job of ours that is not already being stopped a stop reason; returns their keys."""
+        with self.lock:
+            keys = [k for k, h in self._held.items() if not h.abandoned and h.stop_reason is None]
+            for key in keys:
+                self._held[key].stop_reason = reason
+            return keys
+
+    def awaiting_report(self, key: JobKey, session_id: str) -> None:
+        with self.lock:
+            self._unreported[key] = session_id
+
+    def reported(self, key: JobKey) -> None:
+        with self.lock:
+            self._unreported.pop(key, None)
+
+    def heartbeat_jobs(self, session_id: str) -> list[HeldJob]:
+        """Every job this session holds: running, or finished with its report not yet delivered, so the
+        orchestrator does not sweep a job as orphaned while an outage delays its outcome."""
+        with self.lock:
+            keys = [k for k, h in self._held.items() if not h.abandoned and h.session_id == session_id]
+            keys += [k for k, s in self._unreported.items() if s == session_id and k not in self._held]
+        return [HeldJob(job_id=k.job_id, attempt=k.attempt) for k in keys[:MAX_HEARTBEAT_JOBS]]

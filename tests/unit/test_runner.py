@@ -1,0 +1,160 @@
+"""Runner outcomes as LocalExecutor reports them, and runner processes that stop for real."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from airflow.executors.base_executor import BaseExecutor
+from airflow.executors.workloads import BundleInfo, ExecuteCallback, ExecuteTask
+from airflow.executors.workloads.callback import CallbackDTO, CallbackFetchMethod
+from airflow.sdk.api.client import ServerResponseError
+
+from airflow_remote_exec.agent import runner as runner_module
+from airflow_remote_exec.agent.runner import Assignment, Outcome, RunnerPool, run_assignment
+from airflow_remote_exec.api.datamodels import DETAIL_MAX_CHARS, StateReport
+from tests.factories import make_workload
+from tests.unit.runner_stubs import stubborn_runner
+
+SERVER = "http://orchestrator/execution/"
+
+
+def _task(job_id: int = 1, attempt: int = 1) -> Assignment:
+    return Assignment(job_id, attempt, make_workload().model_dump_json(), "task")
+
+
+@pytest.fixture
+def run_workload(monkeypatch):
+    """Replace the supervisor call; the test sets ``result`` (an exit code or an exception)."""
+    calls: list = []
+
+    class Fake:
+        result: int | BaseException = 0
+
+    def fake(workload, *, server=None, proctitle=None, **_):
+        calls.append(workload)
+        if isinstance(Fake.result, BaseException):
+            raise Fake.result
+        return Fake.result
+
+    monkeypatch.setattr(BaseExecutor, "run_workload", staticmethod(fake))
+    Fake.calls = calls
+    return Fake
+
+
+def _refusal(status: int) -> ServerResponseError:
+    request = httpx.Request("PATCH", "http://orchestrator/execution/task-instances/x/run")
+    response = httpx.Response(status, json={"detail": "nope"}, request=request)
+    return ServerResponseError("refused", request=request, response=response)
+
+
+@pytest.mark.parametrize("exit_code", [0, 1, -9])
+def test_returned_run_workload_is_success_whatever_the_exit_code(run_workload, exit_code):
+    run_workload.result = exit_code
+    outcome = run_assignment(_task(), SERVER)
+    assert (outcome.state, outcome.exit_code) == ("success", exit_code)
+    assert (outcome.detail is None) == (exit_code == 0)
+
+
+def test_raising_run_workload_is_failed(run_workload):
+    run_workload.result = RuntimeError("bundle not found")
+    outcome = run_assignment(_task(), SERVER)
+    assert outcome.state == "failed"
+    assert "RuntimeError: bundle not found" in outcome.detail
+
+
+@pytest.mark.parametrize("status", [404, 409, 410])
+def test_ti_run_refused_by_execution_api_is_not_started(run_workload, status):
+    run_workload.result = _refusal(status)
+    assert run_assignment(_task(), SERVER).state == "not_started"
+
+
+def test_other_execution_api_error_is_failed(run_workload):
+    run_workload.result = _refusal(500)
+    assert run_assignment(_task(), SERVER).state == "failed"
+
+
+def test_unreadable_workload_is_returned_without_running(run_workload):
+    outcome = run_assignment(Assignment(1, 1, '{"type": "ExecuteTask", "ti": {}}', "task"), SERVER)
+    assert outcome.state == "returned"
+    assert run_workload.calls == []
+
+
+def test_callback_job_runs_as_execute_callback(run_workload):
+    callback = ExecuteCallback(
+        callback=CallbackDTO(id=str(uuid.uuid4()), fetch_method=CallbackFetchMethod.IMPORT_PATH, data={}),
+        dag_rel_path=Path("dag.py"),
+        token="t",
+        log_path="cb.log",
+        bundle_info=BundleInfo(name="dags-folder"),
+    )
+    outcome = run_assignment(Assignment(3, 1, callback.model_dump_json(), "callback"), SERVER)
+    assert outcome.state == "success"
+    assert [type(w) for w in run_workload.calls] == [ExecuteCallback]
+    run_assignment(_task(), SERVER)
+    assert type(run_workload.calls[-1]) is ExecuteTask
+
+
+def test_error_message_over_1000_chars_is_cut_and_still_reportable(run_workload):
+    run_workload.result = ValueError("x" * 5000)
+    outcome = run_assignment(_task(), SERVER)
+    assert outcome.state == "failed"
+    assert len(outcome.detail) <= DETAIL_MAX_CHARS
+    assert StateReport(attempt=1, state="failed", detail="y" * 5000).detail.endswith("…")
+
+
+# -- real runner processes, with a stand-in for the supervisor ------------------------------------
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    monkeypatch.setattr(runner_module, "STOP_GRACE_SECONDS", 0.5)
+    pool = RunnerPool(1, SERVER, target=stubborn_runner, preload=[])
+    yield pool
+    pool.shutdown(timeout=1)
+
+
+def _collect_until(pool: RunnerPool, seconds: float) -> list[Outcome]:
+    deadline, outcomes = time.monotonic() + seconds, []
+    while not outcomes and time.monotonic() < deadline:
+        outcomes = pool.collect(timeout=0.1)
+    return outcomes
+
+
+def _wait_for(path: Path, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, "runner never started its assignment"
+        time.sleep(0.05)
+
+
+def test_stopped_runner_stays_busy_until_killed_and_replaced(pool, tmp_path):
+    ready = tmp_path / "ready"
+    assert pool.start(Assignment(5, 1, f"60:{ready}"))
+    _wait_for(ready)
+    old_pid = pool._runners[0].process.pid
+    assert pool.stop_job(5, 1)
+    assert pool.collect(timeout=0.1) == []  # SIGTERM ignored: still running, still busy
+    assert pool.idle_count() == 0
+    outcomes = _collect_until(pool, 10)
+    assert [(o.job_id, o.attempt, o.state) for o in outcomes] == [(5, 1, "failed")]
+    assert "signal 9" in outcomes[0].detail
+    assert pool.idle_count() == 1
+    assert pool._runners[0].process.pid != old_pid
+
+
+def test_stale_stop_for_old_attempt_leaves_new_attempt_running(pool):
+    assert pool.start(Assignment(7, 2, "0.5"))
+    assert not pool.stop_job(7, 1)
+    outcomes = _collect_until(pool, 10)
+    assert [(o.key, o.state) for o in outcomes] == [((7, 2), "success")]
+
+
+def test_finished_runner_is_reused_at_once(pool):
+    pid = pool._runners[0].process.pid
+    assert pool.start(Assignment(8, 1, "0"))
+    assert [o.state for o in _collect_until(pool, 10)] == ["success"]
+    assert pool.idle_count() == 1 and pool._runners[0].process.pid == pid

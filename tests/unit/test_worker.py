@@ -1,0 +1,393 @@
+"""The worker's bookkeeping against a fake orchestrator and a fake runner pool."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from airflow_remote_exec.agent import worker as worker_module
+from airflow_remote_exec.agent.client import (
+    AgentApiError,
+    Conflict,
+    SessionGone,
+    Unreachable,
+    VersionMismatch,
+)
+from airflow_remote_exec.agent.ledger import Session
+from airflow_remote_exec.agent.runner import Assignment, JobKey, Outcome
+from airflow_remote_exec.agent.threads import GuardedThreads
+from airflow_remote_exec.agent.worker import Worker, WorkerSettings
+from airflow_remote_exec.api.datamodels import (
+    ClaimedJob,
+    HeartbeatResponse,
+    HeldJob,
+    RegisterResponse,
+)
+
+
+class FakeClient:
+    """Records what the agent sends; each hook may be replaced by a test."""
+
+    def __init__(self):
+        self.registrations: list = []
+        self.heartbeats: list = []
+        self.reports: list[tuple[str, HeldJob, object]] = []
+        self.register_results: list = []
+        self.heartbeat_result: object = HeartbeatResponse(state="active")
+        self.report_error: dict[tuple[int, int], Exception] = {}
+        self.claims: list = []
+
+    def register(self, request):
+        self.registrations.append(request)
+        result = self.register_results.pop(0) if self.register_results else None
+        if isinstance(result, BaseException):
+            raise result
+        n = len(self.registrations)
+        return RegisterResponse(
+            session_id=f"s{n}", heartbeat_interval=10, lost_after_missed_heartbeats=3, claim_wait_seconds=20
+        )
+
+    def heartbeat(self, session_id, request, interval):
+        self.heartbeats.append((time.monotonic(), session_id, request, interval))
+        if callable(self.heartbeat_result):
+            return self.heartbeat_result()
+        if isinstance(self.heartbeat_result, BaseException):
+            raise self.heartbeat_result
+        return self.heartbeat_result
+
+    def claim(self, session_id, free_slots, wait_seconds):
+        result = self.claims.pop(0) if self.claims else []
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def report(self, session_id, job, report, keep_trying):
+        self.reports.append((session_id, job, report))
+        error = self.report_error.get((job.job_id, job.attempt))
+        if error:
+            raise error
+
+    def deregister(self, session_id):
+        pass
+
+    def close(self):
+        pass
+
+
+class FakePool:
+    """Runner slots without processes: a stopped job's runner dies when the test says so."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.started: list[Assignment] = []
+        self.stopped: list[tuple[int, int]] = []
+        self.busy: set[JobKey] = set()
+        self.released: list[Outcome] = []
+        self.kill_on_stop = False
+
+    def idle_count(self):
+        return self.size - len(self.busy)
+
+    def start(self, assignment):
+        if self.idle_count() <= 0:
+            return False
+        self.started.append(assignment)
+        self.busy.add(assignment.key)
+        return True
+
+    def stop_job(self, job_id, attempt):
+        if JobKey(job_id, attempt) not in self.busy:
+            return False
+        self.stopped.append((job_id, attempt))
+        if self.kill_on_stop:
+            self.die(JobKey(job_id, attempt))
+        return True
+
+    def die(self, key: JobKey, state="failed", detail="runner died (signal 9)"):
+        self.busy.discard(key)
+        self.released.append(Outcome(key.job_id, key.attempt, state, -9, detail))
+
+    def collect(self, timeout=0.5):
+        out, self.released = self.released, []
+        if not out:
+            time.sleep(min(timeout, 0.05))
+        return out
+
+    def shutdown(self, timeout=10):
+        pass
+
+
+SETTINGS = WorkerSettings(api_url="http://orchestrator", token="t", queues=["default"], slots=4, name="a1")
+
+
+@pytest.fixture(autouse=True)
+def _versions(monkeypatch):
+    monkeypatch.setattr(worker_module, "installed_versions", lambda: ("3.3.2", "1.3.2"))
+
+
+@pytest.fixture
+def client():
+    return FakeClient()
+
+
+@pytest.fixture
+def pool():
+    return FakePool(4)
+
+
+@pytest.fixture
+def worker(client, pool):
+    worker = Worker(SETTINGS, client=client, pool=pool)
+    worker._register()
+    yield worker
+    worker._done.set()
+    worker._stop.set()
+
+
+def _job(job_id: int, attempt: int = 1, kind: str = "task", pool_slots: int = 1) -> ClaimedJob:
+    return ClaimedJob(job_id=job_id, attempt=attempt, kind=kind, pool_slots=pool_slots, workload="{}")
+
+
+def _deliver_all(worker: Worker) -> None:
+    while worker.reporter.pending():
+        worker.reporter.step()
+
+
+def _finals(client: FakeClient) -> list[tuple[int, int, str]]:
+    return [(j.job_id, j.attempt, r.state) for _, j, r in client.reports if r.state != "running"]
+
+
+def _set_session(worker: Worker, **changes) -> Session:
+    fields = {**worker.session.__dict__, **changes}
+    worker._session = Session(**fields)
+    return worker._session
+
+
+# -- registration ------------------------------------------------------------------------------
+
+
+def test_register_sends_airflow_and_task_sdk_versions_pid_and_hostname(worker, client):
+    request = client.registrations[0]
+    assert (request.airflow_version, request.task_sdk_version) == ("3.3.2", "1.3.2")
+    assert request.pid > 0 and request.hostname
+    assert worker.session.lost_after_missed_heartbeats == 3
+
+
+def test_register_version_mismatch_exits_1_with_one_clear_line(client, pool, caplog, monkeypatch):
+    monkeypatch.setattr(worker_module.signal, "signal", lambda *a: None)
+    client.register_results = [VersionMismatch(426, "orchestrator runs Airflow 3.4")]
+    with caplog.at_level(logging.ERROR):
+        assert Worker(SETTINGS, client=client, pool=pool).run() == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "3.3.2" in errors[0] and "Airflow 3.4" in errors[0]
+
+
+def test_register_name_conflict_retries_with_backoff_and_says_use_own_name(client, pool, caplog, monkeypatch):
+    monkeypatch.setattr(worker_module, "NAME_TAKEN_BACKOFF_SECONDS", 0.01)
+    client.register_results = [Conflict(409, "held by host-b pid 7"), Conflict(409, "held by host-b pid 7")]
+    worker = Worker(SETTINGS, client=client, pool=pool)
+    with caplog.at_level(logging.WARNING):
+        worker._register()
+    assert len(client.registrations) == 3 and worker.session.session_id == "s3"
+    assert "--name" in caplog.text
+
+
+# -- outcomes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["success", "not_started", "failed"])
+def test_outcome_state_from_runner_is_reported_as_is(worker, client, pool, state):
+    worker._start_job(_job(1), "s1")
+    pool.die(JobKey(1, 1), state=state, detail="task process exit code 1")
+    worker._collect_outcomes()
+    _deliver_all(worker)
+    assert _finals(client) == [(1, 1, state)]
+
+
+def test_unreadable_workload_is_returned_and_agent_stops_fatally(worker, client, pool, caplog):
+    worker._start_job(_job(1), "s1")
+    pool.die(JobKey(1, 1), state="returned", detail="ValidationError: 1 validation error for ExecuteTask")
+    with caplog.at_level(logging.ERROR):
+        worker._collect_outcomes()
+    _deliver_all(worker)
+    assert _finals(client) == [(1, 1, "returned")]
+    assert worker._fatal and worker._stop.is_set()
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
+def test_callback_job_keeps_its_kind_in_the_assignment(worker, pool):
+    worker._start_job(_job(9, kind="callback"), "s1")
+    assert pool.started[-1].kind == "callback"
+
+
+def test_runner_error_over_1000_chars_does_not_kill_outcomes(worker, client, pool):
+    worker._start_job(_job(1), "s1")
+    pool.die(JobKey(1, 1), detail="x" * 5000)
+    worker._collect_outcomes()
+    _deliver_all(worker)
+    assert len(client.reports[-1][2].detail) <= 1000
+
+
+# -- keyed by (job_id, attempt) ----------------------------------------------------------------
+
+
+def test_stale_stop_for_old_attempt_leaves_new_attempt_running(worker, client, pool):
+    worker._start_job(_job(7, attempt=2), "s1")
+    client.heartbeat_result = HeartbeatResponse(state="active", stop=[HeldJob(job_id=7, attempt=1)])
+    worker.heartbeat.beat(worker.session)
+    assert pool.stopped == []
+    assert [h.key for h in worker.ledger.active()] == [(7, 2)]
+    client.heartbeat_result = HeartbeatResponse(state="active", stop=[HeldJob(job_id=7, attempt=2)])
+    worker.heartbeat.beat(worker.session)
+    assert pool.stopped == [(7, 2)]
+
+
+def test_stale_conflict_for_old_attempt_leaves_new_attempt_running(worker, client, pool):
+    client.report_error[(7, 1)] = Conflict(409, "stale attempt")
+    worker.reporter.put(JobKey(7, 1), worker_module.StateReport(attempt=1, state="success"), "s1")
+    worker._start_job(_job(7, attempt=2), "s1")
+    _deliver_all(worker)
+    assert pool.stopped == [] and [h.key for h in worker.ledger.active()] == [(7, 2)]
+
+
+def test_stale_outcome_for_old_attempt_is_ignored(worker, client, pool):
+    worker._start_job(_job(7, attempt=2), "s1")
+    worker._finish_job(Outcome(7, 1, "failed", 1, "old"))
+    _deliver_all(worker)
+    assert _finals(client) == [] and [h.key for h in worker.ledger.active()] == [(7, 2)]
+
+
+def test_abandoned_job_keeps_its_slots_until_its_runner_is_dead_and_gets_no_report(worker, client, pool):
+    worker._start_job(_job(1, pool_slots=3), "s1")
+    worker.abandon(JobKey(1, 1), "not ours")
+    assert pool.stopped == [(1, 1)] and worker.ledger.free_slots() == 1
+    pool.die(JobKey(1, 1))
+    worker._collect_outcomes()
+    _deliver_all(worker)
+    assert worker.ledger.free_slots() == 4 and _finals(client) == []
+
+
+# -- heartbeat ---------------------------------------------------------------------------------
+
+
+def test_heartbeat_runs_at_a_fixed_rate_from_each_request_start(worker, client):
+    _set_session(worker, heartbeat_interval=0.5)
+
+    def slow():
+        time.sleep(0.3)
+        return HeartbeatResponse(state="active")
+
+    client.heartbeat_result = slow
+    for _ in range(3):
+        worker.heartbeat.step()
+    starts = [beat[0] for beat in client.heartbeats]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(0.45 < gap < 0.65 for gap in gaps), gaps
+
+
+def test_heartbeat_lists_jobs_whose_final_report_is_undelivered(worker, client, pool):
+    worker._start_job(_job(1), "s1")
+    worker._start_job(_job(2, attempt=3), "s1")
+    pool.die(JobKey(2, 3), state="success", detail=None)
+    worker._collect_outcomes()  # job 2's report is queued, not delivered
+    worker.heartbeat.beat(worker.session)
+    running = client.heartbeats[-1][2].running
+    assert sorted((j.job_id, j.attempt) for j in running) == [(1, 1), (2, 3)]
+    _deliver_all(worker)
+    worker.heartbeat.beat(worker.session)
+    assert [(j.job_id, j.attempt) for j in client.heartbeats[-1][2].running] == [(1, 1)]
+
+
+def test_tasks_stopped_after_lost_after_minus_one_intervals_without_heartbeat(worker, client, pool):
+    session = _set_session(worker, heartbeat_interval=0.5, lost_after_missed_heartbeats=3)
+    worker._start_job(_job(1), "s1")
+    worker._start_job(_job(2), "s1")
+    client.heartbeat_result = Unreachable("ConnectTimeout")
+    worker.heartbeat.beat(session)
+    assert pool.stopped == []  # silent for less than 2 intervals
+    time.sleep(max(0.0, 1.0 - worker.heartbeat.silence(session)) + 0.05)
+    worker._collect_outcomes()  # the outcomes thread's wake-up checks the silence too
+    assert sorted(pool.stopped) == [(1, 1), (2, 1)]
+    for key in [JobKey(1, 1), JobKey(2, 1)]:
+        pool.die(key)
+    worker._collect_outcomes()
+    _deliver_all(worker)  # still attempted; the orchestrator may refuse them
+    reports = [r for _, _, r in client.reports if r.state != "running"]
+    assert [r.state for r in reports] == ["failed", "failed"]
+    assert all("no heartbeat accepted" in r.detail for r in reports)
+
+
+def test_session_gone_stops_jobs_and_registers_without_holding_the_ledger_lock(worker, client, pool):
+    worker._start_job(_job(1), "s1")
+    release = threading.Event()
+    registering = threading.Event()
+    original = client.register
+
+    def slow_register(request):
+        registering.set()
+        release.wait(5)
+        return original(request)
+
+    client.register = slow_register
+    client.heartbeat_result = SessionGone(410, "lost")
+    thread = threading.Thread(target=worker.heartbeat.beat, args=(worker.session,))
+    thread.start()
+    assert registering.wait(5)
+    assert worker.ledger.free_slots() == 3  # not blocked by the registration
+    assert worker.health()[1]["running_jobs"] == 1
+    release.set()
+    thread.join(5)
+    assert pool.stopped == [(1, 1)] and worker.session.session_id == "s2"
+
+
+def test_register_error_does_not_escape_the_claim_loop(worker, client):
+    client.claims = [SessionGone(410, "lost")]
+    client.register_results = [AgentApiError(403, "queue outside the token's scope")]
+    worker._claim_loop()  # returns: the refusal is fatal, not an exception
+    assert worker._fatal and "403" in worker._fatal
+
+
+# -- drain and threads -----------------------------------------------------------------------------
+
+
+def test_drain_timeout_terminates_jobs_and_reports_them_failed(client, pool, monkeypatch):
+    monkeypatch.setattr(worker_module, "REPORT_FLUSH_SECONDS", 2)
+    settings = WorkerSettings(**{**SETTINGS.__dict__, "drain_timeout": 0.3})
+    worker = Worker(settings, client=client, pool=pool)
+    worker._register()
+    pool.kill_on_stop = True
+    worker._start_job(_job(1), "s1")
+    worker._start_job(_job(2), "s1")
+    worker.abandon(JobKey(2, 1), "not ours")  # an abandoned job gets no report
+    worker.start_threads()
+    worker._stop.set()
+    worker._drain()
+    finals = [(j.job_id, r.state, r.detail) for _, j, r in client.reports if r.state != "running"]
+    assert len(finals) == 1 and finals[0][:2] == (1, "failed")
+    assert "terminated at drain timeout after 0 s" in finals[0][2]
+
+
+def test_loop_error_is_logged_and_the_loop_goes_on(caplog):
+    done, calls = threading.Event(), []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        done.set()
+
+    threads = GuardedThreads(done)
+    with caplog.at_level(logging.ERROR):
+        threads.start("reporter", step).join(5)
+    assert len(calls) == 2 and "boom" in caplog.text and "Traceback" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_turns_unhealthy_and_names_a_dead_thread(worker):
+    worker.threads.start("heartbeat", lambda: (_ for _ in ()).throw(SystemExit()))
+    time.sleep(0.2)
+    healthy, body = worker.health()
+    assert not healthy and body["dead_threads"] == ["heartbeat"]
