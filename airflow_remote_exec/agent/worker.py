@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 
 from airflow_remote_exec import __version__
 from airflow_remote_exec.agent.client import (
@@ -65,11 +66,9 @@ class WorkerSettings:
 @functools.cache
 def installed_versions() -> tuple[str, str]:
     """Airflow core and Task SDK versions: the orchestrator refuses an agent whose major.minor differ,
-    since the workloads it serialises must parse and run here exactly as there."""
-    import airflow
-    import airflow.sdk
-
-    return airflow.__version__, airflow.sdk.__version__
+    since the workloads it serialises must parse and run here exactly as there. Read from package
+    metadata: importing Airflow in the agent's own process would cost seconds at every start."""
+    return version("apache-airflow-core"), version("apache-airflow-task-sdk")
 
 
 class Worker:

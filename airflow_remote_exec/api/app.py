@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from airflow_remote_exec import __version__
 from airflow_remote_exec.api import agents, jobs
-from airflow_remote_exec.api.presence import ensure_presence
+from airflow_remote_exec.api.presence import ensure_presence, stop_presence
 
 URL_PREFIX = "/remote/v1"
 
@@ -18,7 +18,10 @@ URL_PREFIX = "/remote/v1"
 async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
     """Record presence from the moment the api-server serves, not from the first agent request."""
     ensure_presence()
-    yield
+    try:
+        yield
+    finally:
+        stop_presence()
 
 
 def create_app() -> FastAPI:

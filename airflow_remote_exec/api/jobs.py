@@ -113,9 +113,11 @@ async def claim(session_id: str, body: ClaimRequest, secret: SecretDep) -> Claim
         await job_wakeup.wait(remaining)
 
 
+# The agent reports "running" when a runner takes the job, before Airflow starts the try; so a
+# running job may still turn out not started, or unreadable.
 _NEXT_STATES = {
-    JobState.CLAIMED: {JobState.RUNNING, JobState.SUCCESS, JobState.FAILED, JobState.NOT_STARTED, "returned"},
-    JobState.RUNNING: {JobState.RUNNING, JobState.SUCCESS, JobState.FAILED},
+    state: {JobState.RUNNING, JobState.SUCCESS, JobState.FAILED, JobState.NOT_STARTED, "returned"}
+    for state in JobState.HELD
 }
 
 

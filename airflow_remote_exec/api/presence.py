@@ -25,18 +25,32 @@ log = logging.getLogger(__name__)
 PRESENCE_INTERVAL_SECONDS = 1.0
 
 _started_in_pid: int | None = None
+_thread: threading.Thread | None = None
+_stop = threading.Event()
 _lock = threading.Lock()
 
 
 def ensure_presence() -> None:
     """Start this process's presence thread once (also in a process forked after it started)."""
-    global _started_in_pid
+    global _started_in_pid, _thread
     if _started_in_pid == os.getpid():
         return
     with _lock:
         if _started_in_pid != os.getpid():
-            threading.Thread(target=_record_forever, name="remote-exec-presence", daemon=True).start()
+            _stop.clear()
+            _thread = threading.Thread(target=_record_forever, name="remote-exec-presence", daemon=True)
+            _thread.start()
             _started_in_pid = os.getpid()
+
+
+def stop_presence() -> None:
+    """Stop recording (the api-server is shutting down): its row then goes stale, as it should."""
+    global _started_in_pid
+    with _lock:
+        _stop.set()
+        if _thread is not None:
+            _thread.join(timeout=5)
+        _started_in_pid = None
 
 
 def record_presence(name: str, first: bool) -> None:
@@ -55,10 +69,10 @@ def record_presence(name: str, first: bool) -> None:
 def _record_forever() -> None:
     name = f"{socket.gethostname()}:{os.getpid()}"
     first = True
-    while True:
+    while not _stop.is_set():
         try:
             record_presence(name, first)
             first = False
         except Exception:
             log.warning("Could not record api-server presence; retrying", exc_info=True)
-        threading.Event().wait(PRESENCE_INTERVAL_SECONDS)
+        _stop.wait(PRESENCE_INTERVAL_SECONDS)
