@@ -1,8 +1,11 @@
 """Liveness towards the orchestrator, and fencing ourselves when it cannot hear us.
 
 The orchestrator declares an agent lost after ``lost_after_missed_heartbeats`` silent intervals and
-hands its tasks to other agents. An agent cut off from it stops its own tasks one interval before
-that, so a task never runs here while its retry runs elsewhere.
+hands its tasks to other agents, whose retry may start ``reroute_fence_seconds`` later. An agent cut
+off from it stops its own tasks half an interval before it would be declared lost, so a task never
+runs here while its retry runs elsewhere. When the agent API itself is down (connection refused, or
+a proxy's 502/503/504), nobody is declared lost, and the orchestrator gives every agent a whole
+window after it comes back: the agent keeps its tasks running, as the Task SDK itself does.
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ class HeartbeatHost(Protocol):
     def session_gone(self, session_id: str) -> None: ...
 
     def fail(self, message: str) -> None: ...
+
+
+def fence_after(session: Session) -> float:
+    """Seconds of silence after which the agent stops its own tasks.
+
+    Half an interval before the orchestrator may declare it lost: that tolerates an api-server stalled
+    for several intervals, and the orchestrator's ``reroute_fence_seconds`` (10 s by default) covers
+    the rest, with the 5 s grace a stopped task gets before SIGKILL, before a retry may start.
+    """
+    return (session.lost_after_missed_heartbeats - 0.5) * session.heartbeat_interval
 
 
 class Heartbeat:
@@ -89,21 +102,34 @@ class Heartbeat:
         except Unauthorized as err:
             host.fail(f"Agent token rejected ({err}); stopping.")
             return
-        except (AgentApiError, Unreachable) as err:
+        except Unreachable as err:
+            log.warning("Heartbeat failed: %s", err)
+            if err.api_down:  # not cut off: the silence cannot make us lost
+                self._heard_from(session, started)
+            else:
+                self.check_partition()
+            return
+        except AgentApiError as err:
             log.warning("Heartbeat failed: %s", err)
             self.check_partition()
             return
+        if self._heard_from(session, started):
+            log.info("Heartbeat accepted again")
+        host.contact()
+        for job in reply.stop:
+            host.abandon(JobKey(job.job_id, job.attempt), "the orchestrator says it is no longer ours")
+
+    def _heard_from(self, session: Session, started: float) -> bool:
+        """Restart the silence clock from ``started``: the orchestrator cannot count us silent before it.
+        Returns whether we had fenced ourselves meanwhile."""
         with self._lock:
             if self._ok_session == session.session_id:
                 self._last_ok = max(self._last_ok, started)
             else:
                 self._ok_session, self._last_ok = session.session_id, started
-            if self._fenced_session is not None:
-                log.info("Heartbeat accepted again")
+            was_fenced = self._fenced_session is not None
             self._fenced_session = None
-        host.contact()
-        for job in reply.stop:
-            host.abandon(JobKey(job.job_id, job.attempt), "the orchestrator says it is no longer ours")
+        return was_fenced
 
     def silence(self, session: Session, now: float | None = None) -> float:
         """Seconds since this session's latest accepted heartbeat started (or since it registered)."""
@@ -113,13 +139,13 @@ class Heartbeat:
         return now - since
 
     def check_partition(self) -> None:
-        """Stop our tasks once silent for (lost_after_missed_heartbeats - 1) intervals. Called after each
-        failed heartbeat and from the outcomes thread's frequent wake-ups, so a hung request cannot delay
-        it past the moment the orchestrator reroutes our tasks."""
+        """Stop our tasks once silent for ``fence_after`` seconds. Called after each failed heartbeat and
+        from the outcomes thread's frequent wake-ups, so a hung request cannot delay it past the moment
+        the orchestrator reroutes our tasks."""
         session = self._host.session
         if session is None:
             return
-        limit = (session.lost_after_missed_heartbeats - 1) * session.heartbeat_interval
+        limit = fence_after(session)
         silent = self.silence(session)
         with self._lock:
             if self._fenced_session == session.session_id or silent < limit:

@@ -301,14 +301,14 @@ def test_heartbeat_lists_jobs_whose_final_report_is_undelivered(worker, client, 
     assert [(j.job_id, j.attempt) for j in client.heartbeats[-1][2].running] == [(1, 1)]
 
 
-def test_tasks_stopped_after_lost_after_minus_one_intervals_without_heartbeat(worker, client, pool):
+def test_tasks_stopped_half_an_interval_before_the_agent_would_be_lost(worker, client, pool):
     session = _set_session(worker, heartbeat_interval=0.5, lost_after_missed_heartbeats=3)
     worker._start_job(_job(1), "s1")
     worker._start_job(_job(2), "s1")
     client.heartbeat_result = Unreachable("ConnectTimeout")
     worker.heartbeat.beat(session)
-    assert pool.stopped == []  # silent for less than 2 intervals
-    time.sleep(max(0.0, 1.0 - worker.heartbeat.silence(session)) + 0.05)
+    assert pool.stopped == []  # silent for less than 2.5 intervals
+    time.sleep(max(0.0, 1.25 - worker.heartbeat.silence(session)) + 0.05)
     worker._collect_outcomes()  # the outcomes thread's wake-up checks the silence too
     assert sorted(pool.stopped) == [(1, 1), (2, 1)]
     for key in [JobKey(1, 1), JobKey(2, 1)]:
@@ -318,6 +318,19 @@ def test_tasks_stopped_after_lost_after_minus_one_intervals_without_heartbeat(wo
     reports = [r for _, _, r in client.reports if r.state != "running"]
     assert [r.state for r in reports] == ["failed", "failed"]
     assert all("no heartbeat accepted" in r.detail for r in reports)
+
+
+def test_tasks_keep_running_while_the_agent_api_is_down(worker, client, pool):
+    """Connection refused: nobody is declared lost while the API is down, so tasks must not be stopped."""
+    session = _set_session(worker, heartbeat_interval=0.5, lost_after_missed_heartbeats=3)
+    worker._start_job(_job(1), "s1")
+    client.heartbeat_result = Unreachable("ConnectError: [Errno 111] Connection refused", api_down=True)
+    deadline = time.monotonic() + 2.0  # well past the 1.25 s fencing point
+    while time.monotonic() < deadline:
+        worker.heartbeat.beat(session)
+        worker._collect_outcomes()
+        time.sleep(0.1)
+    assert pool.stopped == []
 
 
 def test_session_gone_stops_jobs_and_registers_without_holding_the_ledger_lock(worker, client, pool):
