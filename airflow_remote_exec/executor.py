@@ -148,6 +148,7 @@ class RemoteExecutor(BaseExecutor):
             detail=None,
             pending_sync=False,
             queued_at=db_now(session),
+            queued_by_job_id=self.job_id,
             claimed_at=None,
             claim_request_id=None,
             started_at=None,
@@ -207,6 +208,7 @@ class RemoteExecutor(BaseExecutor):
                 RemoteJob.state,
                 RemoteJob.agent_name,
                 RemoteJob.detail,
+                RemoteJob.queued_by_job_id,
             )
             .where(RemoteJob.pending_sync.is_(True))
             .with_for_update(skip_locked=True)
@@ -215,6 +217,11 @@ class RemoteExecutor(BaseExecutor):
             key = _key_of(row)
             if key not in self.running:
                 continue  # queued by another scheduler; that one reports it
+            if self._queued_by_another_scheduler(row):
+                # Queued again by another scheduler (a deferral resume or reschedule of the same try):
+                # that one reports it, and this one must let go of the key or it leaks a slot.
+                self.running.discard(key)
+                continue
             if row.state == JobState.RUNNING:
                 self.running_state(key, row.agent_name)
             elif row.state == JobState.SUCCESS:
@@ -233,6 +240,9 @@ class RemoteExecutor(BaseExecutor):
                 .where(RemoteJob.id == row.id, RemoteJob.state == row.state)
                 .values(pending_sync=False)
             )
+
+    def _queued_by_another_scheduler(self, row) -> bool:
+        return None not in (row.queued_by_job_id, self.job_id) and row.queued_by_job_id != self.job_id
 
     def revoke_task(self, *, ti: TaskInstance) -> None:
         """Forget the job; an agent running it is told to stop at its next heartbeat."""
@@ -258,6 +268,7 @@ class RemoteExecutor(BaseExecutor):
         with create_session(scoped=False) as session:
             known = set(session.execute(select(*key_columns).where(in_keys)).all())
             # A job that finished while no scheduler was listening must be reported again.
+            session.execute(update(RemoteJob).where(in_keys).values(queued_by_job_id=self.job_id))
             session.execute(
                 update(RemoteJob)
                 .where(in_keys, RemoteJob.state.in_(JobState.FINISHED + (JobState.RUNNING,)))

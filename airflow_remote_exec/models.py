@@ -195,6 +195,8 @@ class RemoteJob(Base):
     detail: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     pending_sync: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     queued_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
+    # The scheduler job whose executor queued (or adopted) the row: only that one reports it.
+    queued_by_job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

@@ -64,30 +64,7 @@ class VersionMismatch(AgentApiError):
 
 
 class Unreachable(Exception):
-    """The orchestrator did not answer (transport error, timeout, 5xx) within the allowed tries.
-
-    ``api_down`` says the last try proved the agent API itself down (connection refused, or a proxy's
-    502/503/504) rather than this agent cut off from it: while it is down the orchestrator declares
-    no agent lost, so an agent need not fence itself.
-    """
-
-    def __init__(self, problem: str, api_down: bool = False):
-        super().__init__(problem)
-        self.api_down = api_down
-
-
-# A proxy in front of the api-servers answers these while none of them is up.
-_API_DOWN_STATUSES = frozenset({502, 503, 504})
-
-
-def _refused(err: BaseException) -> bool:
-    """Whether a transport error was a refused connection: the host answered, nothing listened."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, ConnectionRefusedError) or "Connection refused" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    """The orchestrator did not answer (transport error, timeout, 5xx) within the allowed tries."""
 
 
 class Stopped(Unreachable):
@@ -157,13 +134,11 @@ class AgentClient:
                 if response.status_code < 500 and response.status_code != 429:
                     break
                 problem = f"HTTP {response.status_code}: {_detail(response)}"
-                api_down = response.status_code in _API_DOWN_STATUSES
             except httpx.TransportError as err:
                 problem = f"{type(err).__name__}: {err}"
-                api_down = isinstance(err, httpx.ConnectError) and _refused(err)
             failures += 1
             if (max_tries is not None and failures >= max_tries) or not keep_trying():
-                raise (Stopped if self._stop.is_set() else Unreachable)(problem, api_down)
+                raise (Stopped if self._stop.is_set() else Unreachable)(problem)
             if not backoff:
                 log.info("Orchestrator unreachable (%s), try %d; retrying now", problem, failures)
                 continue

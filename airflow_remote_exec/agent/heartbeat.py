@@ -3,9 +3,12 @@
 The orchestrator declares an agent lost after ``lost_after_missed_heartbeats`` silent intervals and
 hands its tasks to other agents, whose retry may start ``reroute_fence_seconds`` later. An agent cut
 off from it stops its own tasks half an interval before it would be declared lost, so a task never
-runs here while its retry runs elsewhere. When the agent API itself is down (connection refused, or
-a proxy's 502/503/504), nobody is declared lost, and the orchestrator gives every agent a whole
-window after it comes back: the agent keeps its tasks running, as the Task SDK itself does.
+runs here while its retry runs elsewhere.
+
+The agent cannot tell being cut off from the agent API being down: a refused connection may be a
+firewall's REJECT, and a 503 may come from its own egress proxy while the API serves every other
+agent. So it fences on any silence; an api-server outage longer than ``fence_after`` stops the
+tasks running on agents, and Airflow retries them (run two api-servers to avoid that).
 """
 
 from __future__ import annotations
@@ -102,14 +105,7 @@ class Heartbeat:
         except Unauthorized as err:
             host.fail(f"Agent token rejected ({err}); stopping.")
             return
-        except Unreachable as err:
-            log.warning("Heartbeat failed: %s", err)
-            if err.api_down:  # not cut off: the silence cannot make us lost
-                self._heard_from(session, started)
-            else:
-                self.check_partition()
-            return
-        except AgentApiError as err:
+        except (AgentApiError, Unreachable) as err:
             log.warning("Heartbeat failed: %s", err)
             self.check_partition()
             return

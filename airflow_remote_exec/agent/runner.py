@@ -120,7 +120,7 @@ def run_assignment(assignment: Assignment, server: str) -> Outcome:
         )
     except ServerResponseError as err:
         status = err.response.status_code if err.response is not None else None
-        if status in _REFUSED_TO_START:
+        if status in _REFUSED_TO_START and assignment.kind == "task":
             return outcome("not_started", None, f"Airflow refused to start this try: {_describe(err)}")
         return outcome("failed", None, _describe(err))
     except BaseException as err:  # noqa: BLE001 - any failure is the workload's outcome, never the agent's

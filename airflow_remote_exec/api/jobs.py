@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 from airflow.utils.session import create_session
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Path, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -43,16 +44,18 @@ def _claimed(job, agent: RemoteAgent, attempt: int) -> ClaimedJob:
 
 
 def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str) -> list[ClaimedJob]:
-    """Jobs an earlier delivery of this very claim request took (its response was lost)."""
-    rows = session.execute(
-        select(
-            RemoteJob.id, RemoteJob.kind, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload
-        ).where(
-            RemoteJob.agent_name == agent.name,
-            RemoteJob.state == JobState.CLAIMED,
-            RemoteJob.claim_request_id == request_id,
-        )
-    ).all()
+    """Jobs an earlier delivery of this very claim request took (its response was lost).
+
+    They count as claimed now, so the heartbeat's grace for jobs in flight starts again.
+    """
+    of_this_claim = (
+        RemoteJob.agent_name == agent.name,
+        RemoteJob.state == JobState.CLAIMED,
+        RemoteJob.claim_request_id == request_id,
+    )
+    rows = session.execute(select(*_CLAIM_COLUMNS).where(*of_this_claim).with_for_update()).all()
+    if rows:
+        session.execute(update(RemoteJob).where(*of_this_claim).values(claimed_at=db_now(session)))
     return [_claimed(job, agent, job.attempt) for job in rows]
 
 
@@ -122,7 +125,9 @@ _NEXT_STATES = {
 
 
 @router.post("/{job_id}/state", status_code=status.HTTP_204_NO_CONTENT, summary="Report a job's state")
-def report_state(session_id: str, job_id: int, body: StateReport, secret: SecretDep) -> None:
+def report_state(
+    session_id: str, job_id: Annotated[int, Path(ge=1, le=2**63 - 1)], body: StateReport, secret: SecretDep
+) -> None:
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id)
         job = session.execute(
@@ -134,13 +139,13 @@ def report_state(session_id: str, job_id: int, body: StateReport, secret: Secret
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged)."
             )
+        if job.agent_name != agent.name:  # checked first: another agent's attempts are not ours to see
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"Job {job_id} is not held by agent {agent.name}.")
         if job.attempt != body.attempt:
             raise HTTPException(
                 status.HTTP_409_CONFLICT,
                 f"Stale report for job {job_id}: attempt {body.attempt} was superseded by {job.attempt}.",
             )
-        if job.agent_name != agent.name:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"Job {job_id} is not held by agent {agent.name}.")
         if job.state == body.state:
             return  # a retried report that already landed
         if body.state not in _NEXT_STATES.get(job.state, ()):

@@ -144,3 +144,29 @@ def test_presence_starts_a_new_stretch_on_restart_and_after_a_gap(session):
     assert after_gap > opened
     record_presence("api:1", first=True)  # a new process under the same name (container restart)
     assert started_at() > after_gap
+
+
+def test_re_sent_claim_restarts_the_in_flight_grace(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("late-retry"))
+    body = {"free_slots": 4, "wait_seconds": 0, "request_id": str(uuid.uuid4())}
+    client.post(f"/agents/{session_id}/jobs/claim", json=body, headers=headers(token))  # response lost
+    session.execute(update(RemoteJob).values(claimed_at=utcnow() - timedelta(seconds=60)))
+    session.commit()
+    client.post(f"/agents/{session_id}/jobs/claim", json=body, headers=headers(token))  # the retry lands late
+    beat = {"free_slots": 4, "running": []}  # built before the agent took the job in
+    client.post(f"/agents/{session_id}/heartbeat", json=beat, headers=headers(token))
+    assert _job(session, job_id).state == JobState.CLAIMED
+
+
+def test_report_on_another_agents_job_reveals_no_attempt(client, session, make_token, register):
+    token = make_token()
+    holder, prober = register(token, name="holder"), register(token, name="prober")
+    (job_id,) = _add(session, make_job("probed"))
+    _claim(client, token, holder)
+    statuses = {
+        _report(client, token, prober, job_id, attempt, "running").status_code for attempt in (0, 1, 2)
+    }
+    assert statuses == {403}
+    assert _report(client, token, prober, 2**70, 1, "running").status_code == 422

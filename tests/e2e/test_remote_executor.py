@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from dev.stack import Agent, Orchestrator, create_agent_token, queued_to_start_latencies, wait_until
+from tests.api.conftest import AGENT_VERSIONS
 from tests.conftest import make_orchestrator
 
 pytestmark = pytest.mark.e2e
@@ -96,9 +97,9 @@ def test_failing_task_ends_failed(stack):
     _, state, tis = _run(orch, "remote_fails")
     assert state == "failed"
     assert [(ti["task_id"], ti["state"]) for ti in tis] == [("boom", "failed")]
+    # As under LocalExecutor, the job succeeded (its supervisor returned); the task instance failed.
     (job,) = _jobs(orch, "remote_fails")
-    assert job["state"] == "failed"
-    assert "failed" in job["detail"]
+    assert (job["state"], job["agent_name"], job["attempt"]) == ("success", "agent-a", 1)
 
 
 def test_task_on_a_queue_no_agent_serves_stays_queued(stack):
@@ -128,6 +129,15 @@ def _task_pids(agent: Agent) -> list[int]:
     return pids
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead orphan waits for the test process, a subreaper, to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def test_crashed_task_process_is_failed(stack):
     orch, agents, _ = stack
     with orch.client() as client:
@@ -139,7 +149,8 @@ def test_crashed_task_process_is_failed(stack):
         assert client.wait_for_run("remote_sleeps", run_id, timeout=120) == "failed"
         (ti,) = client.task_instances("remote_sleeps", run_id)
     assert ti["state"] == "failed"
-    wait_until(lambda: _jobs(orch, "remote_sleeps")[0]["state"] == "failed", 30, what="job to be failed")
+    # The supervisor outlived its task and returned, so the job itself succeeded, with the exit code.
+    wait_until(lambda: _jobs(orch, "remote_sleeps")[0]["state"] == "success", 30, what="the job's report")
     (job,) = _jobs(orch, "remote_sleeps")
     assert job["exit_code"] != 0, job
 
@@ -173,7 +184,7 @@ def test_sigterm_drains_the_running_task(stack, tmp_path):
 def test_auth_failures_against_the_real_api_server(stack):
     orch, _, tokens = stack
     api = f"{orch.api_url}/remote/v1"
-    register = {"name": "intruder", "queues": ["default"], "slots": 1}
+    register = {"name": "intruder", "queues": ["default"], "slots": 1, **AGENT_VERSIONS}
 
     def post(path, token=None, json=None):
         headers = {**API_HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
@@ -206,3 +217,49 @@ def test_revoked_token_stops_its_agent(stack, tmp_path):
         assert "token rejected" in agent.log_tail()
     finally:
         agent.stop()
+
+
+def test_drain_timeout_terminates_the_task_and_reports_it_failed(stack, tmp_path):
+    orch, _, _ = stack
+    token = create_agent_token(orch, "tok-drain-timeout", ["drain-timeout"])
+    env = {"AIRFLOW_REMOTE_AGENT_DRAIN_TIMEOUT": "3"}
+    agent = Agent(orch.api_url, tmp_path / "impatient", DAGS, token, "impatient", ["drain-timeout"], 1, env)
+    agent.start()
+    try:
+        with orch.client() as client:
+            client.wait_for_dag("remote_drain_timeout")
+            run_id = client.trigger("remote_drain_timeout")
+            wait_until(lambda: _task_pids(agent), 90, what="the task process to start")
+            task_pids = _task_pids(agent)
+            agent.process.terminate()  # SIGTERM: drain for 3 s, then terminate the task
+            wait_until(lambda: not agent.process.alive, 60, what="the agent to give up draining and exit")
+            assert agent.process.returncode == 0, agent.log_tail()
+            assert not [pid for pid in task_pids if _running(pid)], "the task survived its agent"
+            assert client.wait_for_run("remote_drain_timeout", run_id, timeout=90) == "failed"
+    finally:
+        agent.stop()
+    (job,) = _jobs(orch, "remote_drain_timeout")
+    assert (job["state"], job["agent_name"], job["attempt"]) == ("failed", "impatient", 1)
+    assert "drain timeout" in job["detail"]
+
+
+def test_second_process_under_a_live_name_is_refused_and_the_first_keeps_its_task(stack, tmp_path):
+    orch, _, _ = stack
+    token = create_agent_token(orch, "tok-twin", ["twin"])
+    first = Agent(orch.api_url, tmp_path / "twin-1", DAGS, token, "twin", ["twin"], 1)
+    second = Agent(orch.api_url, tmp_path / "twin-2", DAGS, token, "twin", ["twin"], 1)
+    first.start()
+    try:
+        with orch.client() as client:
+            client.wait_for_dag("remote_twin")
+            run_id = client.trigger("remote_twin")
+            wait_until(lambda: _task_pids(first), 90, what="the task to start on the first agent")
+            second.process.start()
+            wait_until(lambda: "in use by a live agent" in second.log_tail(50), 60, what="the refusal")
+            assert second.process.alive and not (second.healthz() or {}).get("healthy")
+            assert client.wait_for_run("remote_twin", run_id, timeout=90) == "success"
+    finally:
+        second.stop()
+        first.stop()
+    (job,) = _jobs(orch, "remote_twin")
+    assert (job["state"], job["agent_name"], job["attempt"]) == ("success", "twin", 1)

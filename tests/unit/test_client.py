@@ -84,20 +84,3 @@ def test_register_refusals_raise_their_own_errors(status, error):
     )
     with pytest.raises(error):
         client.register(request)
-
-
-def test_refused_connection_and_proxy_errors_say_the_api_is_down_but_timeouts_do_not():
-    def refused(request):
-        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
-
-    def timeout(request):
-        raise httpx.ReadTimeout("timed out", request=request)
-
-    def bad_gateway(request):
-        return httpx.Response(502, json={"detail": "no upstream"})
-
-    for handler, api_down in ((refused, True), (bad_gateway, True), (timeout, False)):
-        client = AgentClient("http://orchestrator", "token", transport=httpx.MockTransport(handler))
-        with pytest.raises(Unreachable) as caught:
-            client.heartbeat("s1", HeartbeatRequest(free_slots=1), interval=1.0)
-        assert caught.value.api_down is api_down, handler.__name__

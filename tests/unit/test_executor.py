@@ -308,3 +308,24 @@ def test_no_agent_is_declared_lost_while_the_agent_api_is_down(executor, session
     agent = session.get(RemoteAgent, "quiet")
     session.refresh(agent)
     assert agent.state == AgentState.ACTIVE
+
+
+def test_a_key_queued_again_by_another_scheduler_leaves_the_first_without_an_event(session):
+    """A deferral resume queued by scheduler 2 must not leave scheduler 1 holding the key for ever."""
+    first, second = RemoteExecutor(parallelism=8), RemoteExecutor(parallelism=8)
+    first.job_id, second.job_id = 1, 2
+    for executor in (first, second):
+        executor._last_purge = time.monotonic()
+    workload = make_workload("resumed")
+    _queue(first, session, workload)
+    _queue(second, session, workload.model_copy())  # the same try, queued again after the trigger fired
+    job = _job(session, workload)
+    job.state, job.pending_sync, job.agent_name = JobState.SUCCESS, True, "agent-1"
+    session.commit()
+    first.sync()
+    assert first.get_event_buffer() == {}
+    assert workload.ti.key not in first.running
+    assert _job(session, workload).pending_sync is True  # left for the scheduler that queued it
+    second.sync()
+    assert second.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.SUCCESS
+    assert workload.ti.key not in second.running

@@ -158,3 +158,16 @@ def test_finished_runner_is_reused_at_once(pool):
     assert pool.start(Assignment(8, 1, "0"))
     assert [o.state for o in _collect_until(pool, 10)] == ["success"]
     assert pool.idle_count() == 1 and pool._runners[0].process.pid == pid
+
+
+def test_refused_callback_is_failed_not_dropped(run_workload):
+    """A callback has no try running elsewhere: a refusal must reach Airflow as a failure."""
+    callback = ExecuteCallback(
+        callback=CallbackDTO(id=str(uuid.uuid4()), fetch_method=CallbackFetchMethod.IMPORT_PATH, data={}),
+        dag_rel_path=Path("dag.py"),
+        token="t",
+        log_path="cb.log",
+        bundle_info=BundleInfo(name="dags-folder"),
+    )
+    run_workload.result = _refusal(409)
+    assert run_assignment(Assignment(3, 1, callback.model_dump_json(), "callback"), SERVER).state == "failed"

@@ -320,19 +320,6 @@ def test_tasks_stopped_half_an_interval_before_the_agent_would_be_lost(worker, c
     assert all("no heartbeat accepted" in r.detail for r in reports)
 
 
-def test_tasks_keep_running_while_the_agent_api_is_down(worker, client, pool):
-    """Connection refused: nobody is declared lost while the API is down, so tasks must not be stopped."""
-    session = _set_session(worker, heartbeat_interval=0.5, lost_after_missed_heartbeats=3)
-    worker._start_job(_job(1), "s1")
-    client.heartbeat_result = Unreachable("ConnectError: [Errno 111] Connection refused", api_down=True)
-    deadline = time.monotonic() + 2.0  # well past the 1.25 s fencing point
-    while time.monotonic() < deadline:
-        worker.heartbeat.beat(session)
-        worker._collect_outcomes()
-        time.sleep(0.1)
-    assert pool.stopped == []
-
-
 def test_session_gone_stops_jobs_and_registers_without_holding_the_ledger_lock(worker, client, pool):
     worker._start_job(_job(1), "s1")
     release = threading.Event()

@@ -1,4 +1,4 @@
-"""Callback jobs, idempotent claims, and the agent's process id.
+"""Callback jobs, idempotent claims, the queuing scheduler, and the agent's process id.
 
 Revision ID: 0003_callbacks_claim_ids
 Revises: 0002_liveness_fencing
@@ -20,6 +20,7 @@ def upgrade() -> None:
     with op.batch_alter_table("remote_job") as batch:
         batch.add_column(sa.Column("kind", sa.String(20), nullable=False, server_default="task"))
         batch.add_column(sa.Column("claim_request_id", sa.String(36), nullable=True))
+        batch.add_column(sa.Column("queued_by_job_id", sa.Integer, nullable=True))
     with op.batch_alter_table("remote_agent") as batch:
         batch.add_column(sa.Column("pid", sa.Integer, nullable=False, server_default="0"))
     op.create_index("idx_remote_agent_event_at", "remote_agent_event", ["at"])
@@ -30,5 +31,6 @@ def downgrade() -> None:
     with op.batch_alter_table("remote_agent") as batch:
         batch.drop_column("pid")
     with op.batch_alter_table("remote_job") as batch:
+        batch.drop_column("queued_by_job_id")
         batch.drop_column("claim_request_id")
         batch.drop_column("kind")

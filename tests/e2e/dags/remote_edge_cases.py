@@ -52,3 +52,26 @@ def remote_drain():
 
 
 remote_drain()
+
+
+@dag(dag_id="remote_drain_timeout", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_drain_timeout():
+    @task(queue="drain-timeout", retries=0)
+    def outlives_the_drain() -> None:
+        time.sleep(300)
+
+    outlives_the_drain()
+
+
+@dag(dag_id="remote_twin", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_twin():
+    @task(queue="twin", retries=0)
+    def held_by_the_first() -> int:
+        time.sleep(10)
+        return 10
+
+    held_by_the_first()
+
+
+remote_drain_timeout()
+remote_twin()
