@@ -7,7 +7,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ os.environ.update(
     }
 )
 
-from dev.stack import Orchestrator, Postgres  # noqa: E402
+from dev.stack import DEFAULT_COMPONENTS, Orchestrator, Postgres  # noqa: E402
 
 OrchestratorFactory = Callable[..., Orchestrator]
 
@@ -91,10 +91,16 @@ def make_orchestrator(
     executor: str,
     dags_folder: Path,
     extra_env: Mapping[str, str] | None = None,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
 ) -> Orchestrator:
     """Create, migrate and start an Orchestrator whose AIRFLOW_HOME is ``tmp_path``; stop it if that fails."""
     orch = Orchestrator(
-        home=tmp_path, db_url=db_url, dags_folder=dags_folder, executor=executor, extra_env=extra_env
+        home=tmp_path,
+        db_url=db_url,
+        dags_folder=dags_folder,
+        executor=executor,
+        extra_env=extra_env,
+        components=components,
     )
     orch.migrate()
     orch.start()  # stops whatever it started before re-raising
