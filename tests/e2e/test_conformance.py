@@ -420,12 +420,15 @@ WHERE r.dag_id = :dag_id AND r.run_id = :run_id
 
 
 def _revive_scheduler(stack: Stack, dag_id: str, run_id: str) -> None:
-    """Cleanup after a scheduler crash: fail this run's callbacks (so they cannot crash it again), restart."""
+    """Cleanup after a scheduler crash: settle this run's deadline (so it cannot crash it again), restart."""
     if stack.scheduler.alive:
         return
-    ids = [r["callback_id"] for r in _db_rows(stack, _DEADLINE_QUERY, dag_id=dag_id, run_id=run_id)]
-    for callback_id in ids:
-        _db_rows(stack, "UPDATE callback SET state = 'failed' WHERE id = :id RETURNING id", id=callback_id)
+    runs = "SELECT id FROM dag_run WHERE dag_id = :dag_id AND run_id = :run_id"
+    _db_rows(stack, f"UPDATE deadline SET missed = true WHERE dagrun_id IN ({runs}) RETURNING id",
+             dag_id=dag_id, run_id=run_id)  # fmt: skip
+    _db_rows(stack, "UPDATE callback SET state = 'failed' WHERE id IN "
+             f"(SELECT callback_id FROM deadline WHERE dagrun_id IN ({runs})) RETURNING id",
+             dag_id=dag_id, run_id=run_id)  # fmt: skip
     stack.orch.start_process("scheduler")
 
     def healthy() -> bool:
