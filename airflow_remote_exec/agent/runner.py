@@ -71,7 +71,7 @@ class Outcome(NamedTuple):
         return JobKey(self.job_id, self.attempt)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
 
     Applied to runners and, through ``os.register_at_fork``, to the supervisor's task processes:
@@ -131,8 +131,8 @@ def run_assignment(assignment: Assignment, server: str) -> Outcome:
 
 def _runner_main(inbox: SimpleQueue, outbox, server: str) -> None:
     """Loop of one runner process: run each assignment and post its outcome."""
-    _die_with_parent()
-    os.register_at_fork(after_in_child=_die_with_parent)
+    die_with_parent()
+    os.register_at_fork(after_in_child=die_with_parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when tasks stop
     while True:
         assignment = inbox.get()

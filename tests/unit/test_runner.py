@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -171,3 +173,41 @@ def test_refused_callback_is_failed_not_dropped(run_workload):
     )
     run_workload.result = _refusal(409)
     assert run_assignment(Assignment(3, 1, callback.model_dump_json(), "callback"), SERVER).state == "failed"
+
+
+_POOL_OWNER = """
+import sys, time
+from airflow_remote_exec.agent.runner import RunnerPool
+pool = RunnerPool(2, server="http://127.0.0.1:9/execution/")
+print("RUNNERS", *(r.process.pid for r in pool._runners), flush=True)
+time.sleep(600)
+"""
+
+
+def test_runners_die_when_the_agent_process_is_killed():
+    """The runners' parent is the forkserver, which must itself die with the agent (real processes)."""
+    owner = subprocess.Popen([sys.executable, "-c", _POOL_OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("RUNNERS"):  # Airflow may log to stdout first
+            line = owner.stdout.readline()
+            assert line, "the pool owner exited before starting its runners"
+        runner_pids = [int(pid) for pid in line.split()[1:]]
+        assert len(runner_pids) == 2
+        owner.kill()  # kill -9 of the agent alone, as when its container's main process is killed
+        owner.wait(10)
+        deadline = time.monotonic() + 30
+        while [pid for pid in runner_pids if _alive(pid)]:
+            assert time.monotonic() < deadline, "runners outlived the agent"
+            time.sleep(0.2)
+    finally:
+        owner.kill()
+        owner.wait(10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
