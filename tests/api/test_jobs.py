@@ -129,7 +129,7 @@ def test_long_poll_times_out_empty(client, make_token, register):
     session_id = register(token)
     started = time.monotonic()
     assert _claim(client, token, session_id, wait=0.5) == []
-    assert 0.4 < time.monotonic() - started < 3
+    assert 0.4 < time.monotonic() - started < 10
 
 
 def test_report_lifecycle_sets_pending_sync(client, session, make_token, register):

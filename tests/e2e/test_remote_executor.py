@@ -85,11 +85,11 @@ def test_wide_dag_runs_across_two_queues_and_two_agents(stack):
     for job in jobs:
         expected = "agent-b" if job["task_id"].startswith(("double", "check")) else "agent-a"
         assert job["agent_name"] == expected, f"{job['task_id']} ran on {job['agent_name']}"
-    # The scheduler records the agent on the task instance when it sees the task running.
-    assert {ti["external_executor_id"] for ti in tis} <= {"agent-a", "agent-b", None}
     latencies = [s * 1000 for s in queued_to_start_latencies(orch.db_url, "remote_wide", run_id)]
     median, worst = statistics.median(latencies), max(latencies)
     print(f"\nqueued->start over {len(latencies)} tasks: median {median:.0f} ms, max {worst:.0f} ms")
+    # Dispatch is a wake-up, not a poll: far below edge3's 5 s poll even on a loaded 2-core machine.
+    assert len(latencies) == 12 and median < 5000, latencies
 
 
 def test_failing_task_ends_failed(stack):
@@ -149,6 +149,8 @@ def test_crashed_task_process_is_failed(stack):
         assert client.wait_for_run("remote_sleeps", run_id, timeout=120) == "failed"
         (ti,) = client.task_instances("remote_sleeps", run_id)
     assert ti["state"] == "failed"
+    # The scheduler stored the agent that ran it, from the executor's running event.
+    assert ti["external_executor_id"] == "agent-a"
     # The supervisor outlived its task and returned, so the job itself succeeded, with the exit code.
     wait_until(lambda: _jobs(orch, "remote_sleeps")[0]["state"] == "success", 30, what="the job's report")
     (job,) = _jobs(orch, "remote_sleeps")
@@ -198,7 +200,9 @@ def test_auth_failures_against_the_real_api_server(stack):
     assert post("/agents", tokens["a"], {**register, "queues": ["etl"]}).status_code == 403
 
     session_id = post("/agents", tokens["a"], register).json()["session_id"]
-    held_by_agent_a = next(j for j in _jobs(orch, "remote_wide") if j["agent_name"] == "agent-a")
+    if not _jobs(orch, "remote_fails"):  # run alone, this test makes its own job of agent-a's
+        _run(orch, "remote_fails")
+    (held_by_agent_a,) = _jobs(orch, "remote_fails")
     report = {"attempt": held_by_agent_a["attempt"], "state": "success"}
     reply = post(f"/agents/{session_id}/jobs/{held_by_agent_a['id']}/state", tokens["a"], report)
     assert reply.status_code == 403, reply.text
