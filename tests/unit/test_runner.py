@@ -5,20 +5,18 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 from airflow.executors.base_executor import BaseExecutor
-from airflow.executors.workloads import BundleInfo, ExecuteCallback, ExecuteTask
-from airflow.executors.workloads.callback import CallbackDTO, CallbackFetchMethod
+from airflow.executors.workloads import ExecuteCallback, ExecuteTask
 from airflow.sdk.api.client import ServerResponseError
 
 from airflow_remote_exec.agent import runner as runner_module
 from airflow_remote_exec.agent.runner import Assignment, Outcome, RunnerPool, run_assignment
 from airflow_remote_exec.api.datamodels import DETAIL_MAX_CHARS, StateReport
-from tests.factories import make_workload
+from tests.factories import make_callback_workload, make_workload
 from tests.unit.runner_stubs import stubborn_runner
 
 SERVER = "http://orchestrator/execution/"
@@ -86,13 +84,7 @@ def test_unreadable_workload_is_returned_without_running(run_workload):
 
 
 def test_callback_job_runs_as_execute_callback(run_workload):
-    callback = ExecuteCallback(
-        callback=CallbackDTO(id=str(uuid.uuid4()), fetch_method=CallbackFetchMethod.IMPORT_PATH, data={}),
-        dag_rel_path=Path("dag.py"),
-        token="t",
-        log_path="cb.log",
-        bundle_info=BundleInfo(name="dags-folder"),
-    )
+    callback = make_callback_workload()
     outcome = run_assignment(Assignment(3, 1, callback.model_dump_json(), "callback"), SERVER)
     assert outcome.state == "success"
     assert [type(w) for w in run_workload.calls] == [ExecuteCallback]
@@ -164,13 +156,7 @@ def test_finished_runner_is_reused_at_once(pool):
 
 def test_refused_callback_is_failed_not_dropped(run_workload):
     """A callback has no try running elsewhere: a refusal must reach Airflow as a failure."""
-    callback = ExecuteCallback(
-        callback=CallbackDTO(id=str(uuid.uuid4()), fetch_method=CallbackFetchMethod.IMPORT_PATH, data={}),
-        dag_rel_path=Path("dag.py"),
-        token="t",
-        log_path="cb.log",
-        bundle_info=BundleInfo(name="dags-folder"),
-    )
+    callback = make_callback_workload()
     run_workload.result = _refusal(409)
     assert run_assignment(Assignment(3, 1, callback.model_dump_json(), "callback"), SERVER).state == "failed"
 
