@@ -9,6 +9,8 @@ own "agent alive" pipe to every process it forks, so it would never notice the a
 with the agent, it takes the runners (``PR_SET_PDEATHSIG``) and their tasks with it.
 """
 
+import os
+
 import airflow.dag_processing.dagbag  # noqa: F401 - every task parses its DAG file with it
 import airflow.providers.standard.decorators.python  # noqa: F401 - the @task machinery
 import airflow.providers.standard.operators.python  # noqa: F401
@@ -18,9 +20,11 @@ from airflow.executors.workloads import ExecuteCallback, ExecuteTask  # noqa: F4
 from airflow.sdk.execution_time import callback_supervisor, supervisor  # noqa: F401
 from airflow.sdk.execution_time.task_runner import get_listener_manager
 
-from airflow_remote_exec.agent.runner import die_with_parent
+from airflow_remote_exec.agent import runner
 
-die_with_parent()  # the forkserver, and so its runners and their tasks, never outlive the agent
+# The forkserver, and so its runners and their tasks, never outlive the agent.
+runner.die_with_parent(int(os.environ.get(runner.AGENT_PID_ENV, "0")))
+runner.FORKSERVER_PID = os.getpid()
 
 get_listener_manager()  # loads plugins and their listeners
 DagBundlesManager()  # parses [dag_processor] dag_bundle_config_list and imports the bundle classes

@@ -71,15 +71,25 @@ class Outcome(NamedTuple):
         return JobKey(self.job_id, self.attempt)
 
 
-def die_with_parent() -> None:
+# The pid of the runners' forkserver, recorded by ``preload`` in the forkserver and inherited by
+# every runner it forks, so a runner can tell whether its parent died before it asked to follow it.
+FORKSERVER_PID: int | None = None
+# Set by the agent for its forkserver: the agent's pid, for the same check one level up.
+AGENT_PID_ENV = "AIRFLOW_REMOTE_AGENT_PID"
+
+
+def die_with_parent(parent: int | None = None) -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
 
-    Applied to runners and, through ``os.register_at_fork``, to the supervisor's task processes:
-    when the agent dies, its tasks die with it instead of running on unsupervised while their
-    retries start on another agent.
+    Applied to the forkserver, to runners and, through ``os.register_at_fork``, to the supervisor's
+    task processes: when the agent dies, its tasks die with it instead of running on unsupervised
+    while their retries start on another agent. The kernel only acts on deaths after the call, so a
+    process whose ``parent`` is already gone exits at once.
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent and os.getppid() != parent:
+        os._exit(1)
 
 
 def _describe(err: BaseException) -> str:
@@ -131,7 +141,7 @@ def run_assignment(assignment: Assignment, server: str) -> Outcome:
 
 def _runner_main(inbox: SimpleQueue, outbox, server: str) -> None:
     """Loop of one runner process: run each assignment and post its outcome."""
-    die_with_parent()
+    die_with_parent(FORKSERVER_PID)
     os.register_at_fork(after_in_child=die_with_parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when tasks stop
     while True:
@@ -172,6 +182,7 @@ class RunnerPool:
         target: RunnerTarget = _runner_main,
         preload: list[str] | None = None,
     ):
+        os.environ[AGENT_PID_ENV] = str(os.getpid())  # read by the forkserver (see ``preload``)
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(PRELOAD if preload is None else preload)
         self._server = server
