@@ -540,29 +540,39 @@ def test_revoked_token_gets_401_and_its_agent_claims_nothing_more(chaos):
 
 def test_api_server_frozen_longer_than_lost_threshold_loses_no_agent_and_spends_no_try(chaos):
     """The agent API stalls for longer than the lost threshold (the process frozen, so it comes back
-    under the same presence name) while the scheduler queues work: afterwards every agent gets a
+    under the same presence name, as a restarted container does) while the scheduler queues work,
+    and the agents' next heartbeats come a few seconds after it is back: every agent must get a
     whole window to heartbeat again, so none is declared lost and the queued tasks run on try 1.
     (Tasks running through an outage this long are stopped by their agents, as the README says.)"""
+    agents_late_seconds = 5  # an agent's next heartbeat is up to an interval after the API is back
     began = time.time()
     api_server = chaos.orch.processes["api-server"]
     with chaos.orch.client() as client:
         client.wait_for_dag("chaos_wide")
         client.request("PATCH", "/dags/chaos_wide", json={"is_paused": False})
     run_id = f"frozen-api-{uuid.uuid4().hex[:8]}"
-    api_server.kill(signal.SIGSTOP)
-    frozen_at = time.monotonic()
+    for proxy in chaos.proxies.values():  # no agent request waits in the frozen server's backlog
+        proxy.block()
     try:
-        # The scheduler works on without the api-server: it queues the run's jobs meanwhile.
-        chaos.orch.airflow("dags", "trigger", "chaos_wide", "--run-id", run_id, "--conf", '{"seconds": 15}')
-        wait_until(
-            lambda: len([j for j in chaos.jobs("chaos_wide", run_id) if j["state"] == "queued"]) == 8,
-            LOST_AFTER,
-            what="the scheduler to queue the jobs while the api-server is frozen",
-        )
-        time.sleep(max(0.0, LOST_AFTER + 10 - (time.monotonic() - frozen_at)))
+        api_server.kill(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            # The scheduler works on without the api-server: it queues the run's jobs meanwhile.
+            conf = '{"seconds": 15}'
+            chaos.orch.airflow("dags", "trigger", "chaos_wide", "--run-id", run_id, "--conf", conf)
+            wait_until(
+                lambda: len([j for j in chaos.jobs("chaos_wide", run_id) if j["state"] == "queued"]) == 8,
+                LOST_AFTER,
+                what="the scheduler to queue the jobs while the api-server is frozen",
+            )
+            time.sleep(max(0.0, LOST_AFTER + 10 - (time.monotonic() - frozen_at)))
+        finally:
+            api_server.kill(signal.SIGCONT)
+        print(f"\napi-server frozen for {time.monotonic() - frozen_at:.1f} s; lost threshold {LOST_AFTER} s")
+        time.sleep(agents_late_seconds)
     finally:
-        api_server.kill(signal.SIGCONT)
-    print(f"\napi-server frozen for {time.monotonic() - frozen_at:.1f} s; lost threshold {LOST_AFTER} s")
+        for proxy in chaos.proxies.values():
+            proxy.unblock()
 
     tis = chaos.finish("chaos_wide", run_id, timeout=240)
     chaos.assert_no_doubled_execution("chaos_wide", run_id, tasks=8)
