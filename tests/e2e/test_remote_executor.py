@@ -144,13 +144,17 @@ def test_crashed_task_process_is_failed(stack):
         client.wait_for_dag("remote_sleeps")
         run_id = client.trigger("remote_sleeps")
         wait_until(lambda: _task_pids(agents["a"]), 60, what="the task process to start")
+        # The scheduler stores the agent that runs it, from the executor's running event.
+        wait_until(
+            lambda: client.task_instances("remote_sleeps", run_id)[0]["external_executor_id"] == "agent-a",
+            60,
+            what="the running event to name the agent",
+        )
         for pid in _task_pids(agents["a"]):
             os.kill(pid, signal.SIGKILL)
         assert client.wait_for_run("remote_sleeps", run_id, timeout=120) == "failed"
         (ti,) = client.task_instances("remote_sleeps", run_id)
     assert ti["state"] == "failed"
-    # The scheduler stored the agent that ran it, from the executor's running event.
-    assert ti["external_executor_id"] == "agent-a"
     # The supervisor outlived its task and returned, so the job itself succeeded, with the exit code.
     wait_until(lambda: _jobs(orch, "remote_sleeps")[0]["state"] == "success", 30, what="the job's report")
     (job,) = _jobs(orch, "remote_sleeps")

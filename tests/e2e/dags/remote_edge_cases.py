@@ -29,7 +29,7 @@ def remote_unserved():
 @dag(dag_id="remote_sleeps", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
 def remote_sleeps():
     @task(retries=0)
-    def nap(seconds: int = 8) -> int:
+    def nap(seconds: int = 60) -> int:  # killed by the test long before it ends
         time.sleep(seconds)
         return seconds
 
