@@ -541,6 +541,23 @@ def _engine(db_url: str):
         engine.dispose()
 
 
+def query(db_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    """Rows of one read-only query against a stack's metadata DB, as dicts."""
+    with _engine(db_url) as engine, engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(sa.text(sql), params)]
+
+
+def remote_jobs(db_url: str, dag_id: str, run_id: str | None = None) -> list[dict[str, Any]]:
+    """The ``remote_job`` rows of a DAG (or of one run), ordered by task, map index and try."""
+    where = "dag_id = :d" + (" AND run_id = :r" if run_id else "")
+    return query(
+        db_url,
+        f"SELECT * FROM remote_job WHERE {where} ORDER BY run_id, task_id, map_index, try_number",
+        d=dag_id,
+        r=run_id,
+    )
+
+
 def queued_to_start_latencies(db_url: str, dag_id: str, run_id: str) -> list[float]:
     """Seconds from ``queued_dttm`` to ``start_date`` for each task instance of a run (skips unset ones).
 
@@ -666,13 +683,21 @@ class Orchestrator:
             ]
         if name in ("scheduler", "dag-processor", "triggerer"):
             return [AIRFLOW_BIN, name]
+        if name.startswith("scheduler-"):  # a further scheduler of an HA pair: "scheduler-2"
+            return [AIRFLOW_BIN, "scheduler"]
         raise ValueError(f"unknown component {name!r}")
+
+    def _process_env(self, name: str) -> dict[str, str]:
+        if not name.startswith("scheduler-"):
+            return self.env
+        # Each scheduler serves task logs on its own port.
+        return {**self.env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
 
     def _launch(self, name: str) -> ManagedProcess:
         proc = self.processes.get(name)
         if proc is None:
             proc = ManagedProcess(
-                name, self._argv(name), self.env, self.logs_dir / f"{name}.log", cwd=self.home
+                name, self._argv(name), self._process_env(name), self.logs_dir / f"{name}.log", cwd=self.home
             )
             self.processes[name] = proc
         elif proc.alive:
@@ -826,7 +851,7 @@ class Agent:
         self.process = ManagedProcess(f"agent-{name}", argv, env, self.home / "agent.log", cwd=self.home)
 
     def start(self, timeout: float = 60) -> None:
-        """Start and wait until /healthz reports the agent registered and ready."""
+        """Start and wait until /healthz reports the agent registered and ready; stop it if it never is."""
         self.process.start()
 
         def ready() -> bool:
@@ -834,7 +859,11 @@ class Agent:
                 raise RuntimeError(f"agent {self.name} exited early:\n{self.process.log_tail(30)}")
             return (self.healthz() or {}).get("healthy") is True
 
-        wait_until(ready, timeout, what=f"agent {self.name} to be healthy")
+        try:
+            wait_until(ready, timeout, what=f"agent {self.name} to be healthy")
+        except BaseException:
+            self.process.stop()
+            raise
 
     def healthz(self) -> dict[str, Any] | None:
         try:

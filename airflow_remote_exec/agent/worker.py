@@ -21,7 +21,6 @@ from importlib.metadata import version
 
 from airflow_remote_exec import __version__
 from airflow_remote_exec.agent.client import (
-    MAX_BACKOFF_SECONDS,
     AgentApiError,
     AgentClient,
     Conflict,
@@ -46,9 +45,11 @@ REPORT_FLUSH_SECONDS = 60.0
 # After terminating jobs at the drain timeout, how long beyond the SIGTERM grace to wait for their
 # runners to be reaped: reaping runs every half second, so a few seconds is plenty.
 REAP_MARGIN_SECONDS = 5.0
-# First wait before registering again when another live agent holds our name; doubles up to
-# MAX_BACKOFF_SECONDS. The other agent may be our own predecessor whose heartbeat has yet to go stale.
-NAME_TAKEN_BACKOFF_SECONDS = 2.0
+# Wait before registering again when another live agent holds our name. The other agent is usually our
+# own killed predecessor, whose name frees two heartbeat intervals (20 s) after its last heartbeat: a
+# steady, short retry gets a restarted agent back within seconds of that, where a growing backoff
+# overshot it by up to half a minute.
+NAME_TAKEN_RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class WorkerSettings:
     health_host: str = "0.0.0.0"
     health_port: int | None = None
     drain_timeout: float = 300.0
+
+
+EXECUTOR_ENV = "AIRFLOW__CORE__EXECUTOR"
 
 
 @functools.cache
@@ -89,6 +93,7 @@ class Worker:
         self._session: Session | None = None
         self._last_contact = 0.0
         self._fatal: str | None = None
+        self._executors: str | None = None  # the orchestrator's [core] executor, from registration
 
     @property
     def session(self) -> Session | None:
@@ -108,6 +113,7 @@ class Worker:
             return 1
         except Stopped:
             return 0
+        self._use_orchestrator_executors()
         if self.pool is None:
             self.pool = RunnerPool(self.settings.slots, server=f"{self.settings.api_url}/execution/")
         if self.settings.health_port is not None:
@@ -165,7 +171,6 @@ class Worker:
             queues=self.settings.queues,
             slots=self.settings.slots,
         )
-        backoff = NAME_TAKEN_BACKOFF_SECONDS
         while True:
             started = time.monotonic()
             try:
@@ -177,11 +182,16 @@ class Worker:
                     "Retrying in %.0fs",
                     self.settings.name,
                     err.detail,
-                    backoff,
+                    NAME_TAKEN_RETRY_SECONDS,
                 )
-                if self._stop.wait(backoff):
+                if self._stop.wait(NAME_TAKEN_RETRY_SECONDS):
                     raise Stopped("stopped while waiting for the agent name") from err
-                backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+        if self._executors is not None and reply.executors != self._executors:
+            log.warning(
+                "The orchestrator's [core] executor is now %r; restart the agent to parse DAGs with it",
+                reply.executors,
+            )
+        self._executors = self._executors if self._executors is not None else reply.executors
         self._session = Session(
             session_id=reply.session_id,
             heartbeat_interval=float(reply.heartbeat_interval),
@@ -191,6 +201,13 @@ class Worker:
         )
         self.contact()
         log.info("Registered as %s (session %s)", self.settings.name, reply.session_id)
+
+    def _use_orchestrator_executors(self) -> None:
+        """Runners (started after this) parse DAG files with the orchestrator's executor list: a task
+        pinned to an executor by name fails to parse where that name is not configured."""
+        if self._executors and os.environ.get(EXECUTOR_ENV) != self._executors:
+            os.environ[EXECUTOR_ENV] = self._executors
+            log.info("Parsing DAGs with the orchestrator's executors: %s", self._executors)
 
     @staticmethod
     def _version_mismatch(err: VersionMismatch) -> str:

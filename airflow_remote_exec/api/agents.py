@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+from airflow.configuration import conf
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
 from sqlalchemy import select
@@ -74,6 +75,7 @@ def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
         heartbeat_interval=config.heartbeat_interval(),
         lost_after_missed_heartbeats=config.lost_after_missed_heartbeats(),
         claim_wait_seconds=config.claim_wait_seconds(),
+        executors=conf.get("core", "executor"),
     )
 
 

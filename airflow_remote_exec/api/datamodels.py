@@ -38,6 +38,12 @@ class RegisterResponse(BaseModel):
         "agent stops its own tasks one interval earlier, so a cut-off agent never overlaps a retry."
     )
     claim_wait_seconds: int
+    executors: str = Field(
+        default="",
+        description="The orchestrator's [core] executor setting. Tasks parse their DAG file on the agent, "
+        "and a task that names its executor (executor='RemoteExecutor') only parses where that name is "
+        "configured, so the agent's runners use this list.",
+    )
 
 
 class HeldJob(BaseModel):

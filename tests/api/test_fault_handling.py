@@ -27,6 +27,12 @@ def test_agent_on_another_airflow_minor_is_refused_426_naming_the_versions(clien
     assert "2.10.5" in reply.json()["detail"] and "install Airflow" in reply.json()["detail"]
 
 
+def test_registration_tells_the_agent_the_orchestrator_executors(client, make_token):
+    reply = _register(client, make_token())
+    assert reply.status_code == 200
+    assert reply.json()["executors"] == "airflow_remote_exec.executor.RemoteExecutor"
+
+
 def test_live_name_is_not_taken_by_another_process_but_is_by_its_own_restart(client, session, make_token):
     token = make_token()
     assert _register(client, token, hostname="host-a", pid=100).status_code == 200

@@ -583,6 +583,42 @@ def test_api_server_frozen_longer_than_lost_threshold_loses_no_agent_and_spends_
     assert {agent for _, _, _, agent, _ in outcomes} <= set(AGENTS)
 
 
+def test_outcomes_of_tasks_ending_while_the_orchestrator_is_unreachable_arrive_after_it(chaos):
+    """The agents lose the orchestrator for 12 s (less than the 25 s after which they stop their own
+    tasks) just as their tasks end: each outcome waits in its agent and is delivered once the
+    orchestrator answers again; nothing is lost, retried or declared lost."""
+    outage_seconds = 12
+    began = time.time()
+    release = f"release-{uuid.uuid4().hex}"
+    run_id = chaos.trigger("chaos_wide", seconds=400, release=release)
+    chaos.wait_working("chaos_wide", run_id, count=8)
+    for proxy in chaos.proxies.values():
+        proxy.block()
+    try:
+        blocked_at = time.monotonic()
+        (chaos.markers / release).touch()  # every task ends its work now, during the outage
+        wait_until(
+            lambda: (
+                sum(r["ended"] for rs in chaos.executions("chaos_wide", run_id).values() for r in rs) == 8
+            ),
+            outage_seconds - 2,
+            what="all eight tasks to end their work while the orchestrator is unreachable",
+        )
+        time.sleep(max(0.0, outage_seconds - (time.monotonic() - blocked_at)))
+        unreported = [j["state"] for j in chaos.jobs("chaos_wide", run_id)]
+        assert unreported == ["running"] * 8, f"an outcome got through the outage: {unreported}"
+    finally:
+        for proxy in chaos.proxies.values():
+            proxy.unblock()
+
+    tis = chaos.finish("chaos_wide", run_id, timeout=120)
+    chaos.assert_no_doubled_execution("chaos_wide", run_id, tasks=8)
+    assert not chaos.lost_events(began), chaos.lost_events(began)
+    assert [ti["try_number"] for ti in tis] == [1] * 8
+    outcomes = chaos.job_outcomes("chaos_wide", run_id)
+    assert [(t, n, s, a) for t, n, s, _, a in outcomes] == [(f"wide_{n}", 1, "success", 1) for n in range(8)]
+
+
 def test_scheduler_down_past_its_health_threshold_adopts_running_jobs(chaos):
     release = f"release-{uuid.uuid4().hex}"
     run_id = chaos.trigger("chaos_wide", seconds=400, release=release)

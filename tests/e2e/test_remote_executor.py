@@ -213,20 +213,6 @@ def test_auth_failures_against_the_real_api_server(stack):
     assert post(f"/agents/{session_id}/heartbeat", tokens["b"], {"free_slots": 1}).status_code == 403
 
 
-def test_revoked_token_stops_its_agent(stack, tmp_path):
-    orch, _, _ = stack
-    token = create_agent_token(orch, "tok-revoke", ["default"])
-    agent = Agent(orch.api_url, tmp_path / "revokee", DAGS, token, "revokee", ["default"], 1)
-    agent.start()
-    try:
-        orch.airflow("remote-exec", "tokens", "revoke", "tok-revoke")
-        wait_until(lambda: not agent.process.alive, 60, what="the agent to stop after revocation")
-        assert agent.process.returncode == 1
-        assert "token rejected" in agent.log_tail()
-    finally:
-        agent.stop()
-
-
 def test_drain_timeout_terminates_the_task_and_reports_it_failed(stack, tmp_path):
     orch, _, _ = stack
     token = create_agent_token(orch, "tok-drain-timeout", ["drain-timeout"])

@@ -39,6 +39,7 @@ class FakeClient:
         self.heartbeat_result: object = HeartbeatResponse(state="active")
         self.report_error: dict[tuple[int, int], Exception] = {}
         self.claims: list = []
+        self.executors = "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor"
 
     def register(self, request):
         self.registrations.append(request)
@@ -47,7 +48,11 @@ class FakeClient:
             raise result
         n = len(self.registrations)
         return RegisterResponse(
-            session_id=f"s{n}", heartbeat_interval=10, lost_after_missed_heartbeats=3, claim_wait_seconds=20
+            session_id=f"s{n}",
+            heartbeat_interval=10,
+            lost_after_missed_heartbeats=3,
+            claim_wait_seconds=20,
+            executors=self.executors,
         )
 
     def heartbeat(self, session_id, request, interval):
@@ -185,14 +190,29 @@ def test_register_version_mismatch_exits_1_with_one_clear_line(client, pool, cap
     assert len(errors) == 1 and "3.3.2" in errors[0] and "Airflow 3.4" in errors[0]
 
 
-def test_register_name_conflict_retries_with_backoff_and_says_use_own_name(client, pool, caplog, monkeypatch):
-    monkeypatch.setattr(worker_module, "NAME_TAKEN_BACKOFF_SECONDS", 0.01)
+def test_register_name_conflict_retries_and_says_use_own_name(client, pool, caplog, monkeypatch):
+    monkeypatch.setattr(worker_module, "NAME_TAKEN_RETRY_SECONDS", 0.01)
     client.register_results = [Conflict(409, "held by host-b pid 7"), Conflict(409, "held by host-b pid 7")]
     worker = Worker(SETTINGS, client=client, pool=pool)
     with caplog.at_level(logging.WARNING):
         worker._register()
     assert len(client.registrations) == 3 and worker.session.session_id == "s3"
     assert "--name" in caplog.text
+
+
+def test_runners_parse_dags_with_the_orchestrator_executors(client, pool, monkeypatch, caplog):
+    """A task pinned with executor="RemoteExecutor" only parses where that name is configured."""
+    monkeypatch.setenv(worker_module.EXECUTOR_ENV, "LocalExecutor")
+    worker = Worker(SETTINGS, client=client, pool=pool)
+    worker._register()
+    worker._use_orchestrator_executors()
+    assert worker_module.os.environ[worker_module.EXECUTOR_ENV] == client.executors
+    # A later session keeps what the running runners were started with, and says how to change it.
+    client.executors = "CeleryExecutor"
+    with caplog.at_level(logging.WARNING):
+        worker._register()
+    assert "restart the agent" in caplog.text and "CeleryExecutor" in caplog.text
+    assert worker_module.os.environ[worker_module.EXECUTOR_ENV] != "CeleryExecutor"
 
 
 # -- outcomes --------------------------------------------------------------------------------------
