@@ -510,6 +510,19 @@ class AirflowClient:
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}{suffix}/tries"
         return self.get(path)["task_instances"]
 
+    def wait_for_executor_ids(
+        self, dag_id: str, run_id: str, allowed: Collection[str], timeout: float
+    ) -> None:
+        """Wait until the executor has reported every task instance of a run as running on one of
+        ``allowed`` (its ``external_executor_id``)."""
+
+        def reported() -> bool:
+            return {ti["external_executor_id"] for ti in self.task_instances(dag_id, run_id)} <= set(allowed)
+
+        wait_until(
+            reported, timeout, interval=0.5, what=f"{dag_id} task instances to name their executor ids"
+        )
+
     def _external_executor_ids(self, dag_id: str, run_id: str) -> dict[tuple[str, int], str | None]:
         if not self.db_url:
             return {}
@@ -862,7 +875,8 @@ class Agent:
         try:
             wait_until(ready, timeout, what=f"agent {self.name} to be healthy")
         except BaseException:
-            self.process.stop()
+            with contextlib.suppress(Exception):  # the reason it never got healthy is what matters
+                self.process.stop()
             raise
 
     def healthz(self) -> dict[str, Any] | None:

@@ -6,8 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -33,8 +32,6 @@ os.environ.update(
 )
 
 from dev.stack import DEFAULT_COMPONENTS, Orchestrator, Postgres  # noqa: E402
-
-OrchestratorFactory = Callable[..., Orchestrator]
 
 
 @pytest.fixture(scope="session")
@@ -105,25 +102,3 @@ def make_orchestrator(
     orch.migrate()
     orch.start()  # stops whatever it started before re-raising
     return orch
-
-
-@pytest.fixture
-def orchestrator_factory(postgres: Postgres, tmp_path: Path) -> Iterator[OrchestratorFactory]:
-    """``factory(executor, dags_folder, extra_env=None)`` -> a started Orchestrator on its own database.
-
-    Every orchestrator gets a freshly created database on the shared server, so tests are independent;
-    all of them are stopped (and checked for leftover processes) at teardown.
-    """
-    started: list[Orchestrator] = []
-
-    def factory(executor: str, dags_folder: Path, extra_env: Mapping[str, str] | None = None) -> Orchestrator:
-        db_url = postgres.create_database(f"airflow_{uuid.uuid4().hex[:12]}")
-        orch = make_orchestrator(
-            tmp_path / f"airflow{len(started)}", db_url, executor, dags_folder, extra_env
-        )
-        started.append(orch)
-        return orch
-
-    yield factory
-    for orch in reversed(started):
-        orch.stop()

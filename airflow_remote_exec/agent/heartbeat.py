@@ -49,7 +49,7 @@ class HeartbeatHost(Protocol):
 
     def session_gone(self, session_id: str) -> None: ...
 
-    def fail(self, message: str) -> None: ...
+    def token_rejected(self, err: AgentApiError) -> None: ...
 
 
 def fence_after(session: Session) -> float:
@@ -103,7 +103,7 @@ class Heartbeat:
             host.session_gone(session.session_id)
             return
         except Unauthorized as err:
-            host.fail(f"Agent token rejected ({err}); stopping.")
+            host.token_rejected(err)
             return
         except (AgentApiError, Unreachable) as err:
             log.warning("Heartbeat failed: %s", err)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
+import re
 import signal
 import socket
 import threading
@@ -65,6 +67,8 @@ class WorkerSettings:
 
 
 EXECUTOR_ENV = "AIRFLOW__CORE__EXECUTOR"
+# Executor names, module paths and aliases ("alias:module.Class"), comma-separated.
+EXECUTOR_LIST = re.compile(r"[A-Za-z0-9_.:, ]{1,2000}")
 
 
 @functools.cache
@@ -152,10 +156,18 @@ class Worker:
 
     def fail(self, message: str) -> None:
         """Stop for good: drain what runs, then exit 1."""
-        log.error(message)
+        if self._fatal is None:
+            log.error(message)
         self._fatal = self._fatal or message
         self._stop.set()
         self._slot_freed.set()
+
+    def token_rejected(self, err: AgentApiError) -> None:
+        """Our token expired or was revoked: nothing we run can be reported any more, and the
+        orchestrator will declare us lost and retry it, so stop it all now rather than at the drain
+        timeout (or the self-fence), and exit."""
+        self.stop_own_jobs(f"the agent token was rejected ({err})")
+        self.fail(f"Agent token rejected ({err}); stopping the running jobs and exiting.")
 
     # -- sessions --------------------------------------------------------------------------
     def _register(self) -> None:
@@ -184,7 +196,7 @@ class Worker:
                     err.detail,
                     NAME_TAKEN_RETRY_SECONDS,
                 )
-                if self._stop.wait(NAME_TAKEN_RETRY_SECONDS):
+                if self._stop.wait(NAME_TAKEN_RETRY_SECONDS * random.uniform(0.8, 1.2)):
                     raise Stopped("stopped while waiting for the agent name") from err
         if self._executors is not None and reply.executors != self._executors:
             log.warning(
@@ -205,9 +217,16 @@ class Worker:
     def _use_orchestrator_executors(self) -> None:
         """Runners (started after this) parse DAG files with the orchestrator's executor list: a task
         pinned to an executor by name fails to parse where that name is not configured."""
-        if self._executors and os.environ.get(EXECUTOR_ENV) != self._executors:
-            os.environ[EXECUTOR_ENV] = self._executors
-            log.info("Parsing DAGs with the orchestrator's executors: %s", self._executors)
+        executors = self._executors
+        if not executors or os.environ.get(EXECUTOR_ENV) == executors:
+            return
+        if not EXECUTOR_LIST.fullmatch(executors):
+            log.error(
+                "Ignoring the orchestrator's [core] executor: not a list of executor names: %r", executors
+            )
+            return
+        os.environ[EXECUTOR_ENV] = executors
+        log.info("Parsing DAGs with the orchestrator's executors: %s", executors)
 
     @staticmethod
     def _version_mismatch(err: VersionMismatch) -> str:
@@ -261,7 +280,7 @@ class Worker:
             self.session_gone(session.session_id)
             return
         except Unauthorized as err:
-            self.fail(f"Agent token rejected ({err}); no more claims.")
+            self.token_rejected(err)
             return
         except Stopped:
             return

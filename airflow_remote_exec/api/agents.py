@@ -75,8 +75,14 @@ def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
         heartbeat_interval=config.heartbeat_interval(),
         lost_after_missed_heartbeats=config.lost_after_missed_heartbeats(),
         claim_wait_seconds=config.claim_wait_seconds(),
-        executors=conf.get("core", "executor"),
+        executors=global_executors(),
     )
+
+
+def global_executors() -> str:
+    """The ``[core] executor`` list every team shares. Teams' own sections (``;team=...``) stay on the
+    orchestrator: they would name other teams to every agent, and agents do not run multi-team."""
+    return conf.get("core", "executor").split(";")[0].strip("= ")
 
 
 def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, token_id: int, now) -> None:

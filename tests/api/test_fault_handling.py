@@ -33,6 +33,13 @@ def test_registration_tells_the_agent_the_orchestrator_executors(client, make_to
     assert reply.json()["executors"] == "airflow_remote_exec.executor.RemoteExecutor"
 
 
+def test_registration_never_names_teams_executors(client, make_token, monkeypatch):
+    teams = "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor;team_a=CeleryExecutor;team_b=x.Y"
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", teams)
+    reply = _register(client, make_token())
+    assert reply.json()["executors"] == "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor"
+
+
 def test_live_name_is_not_taken_by_another_process_but_is_by_its_own_restart(client, session, make_token):
     token = make_token()
     assert _register(client, token, hostname="host-a", pid=100).status_code == 200

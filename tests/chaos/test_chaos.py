@@ -583,30 +583,31 @@ def test_api_server_frozen_longer_than_lost_threshold_loses_no_agent_and_spends_
     assert {agent for _, _, _, agent, _ in outcomes} <= set(AGENTS)
 
 
-def test_outcomes_of_tasks_ending_while_the_orchestrator_is_unreachable_arrive_after_it(chaos):
-    """The agents lose the orchestrator for 12 s (less than the 25 s after which they stop their own
-    tasks) just as their tasks end: each outcome waits in its agent and is delivered once the
-    orchestrator answers again; nothing is lost, retried or declared lost."""
+def test_outcomes_of_tasks_ending_while_the_agent_api_is_unreachable_arrive_after_it(chaos):
+    """The agents lose the agent API for 12 s (less than the 25 s after which they stop their own
+    tasks) just as their tasks end. The tasks finish through the execution API, and each agent keeps
+    its outcome until it can report it; nothing is lost, retried or declared lost."""
     outage_seconds = 12
     began = time.time()
     release = f"release-{uuid.uuid4().hex}"
     run_id = chaos.trigger("chaos_wide", seconds=400, release=release)
     chaos.wait_working("chaos_wide", run_id, count=8)
     for proxy in chaos.proxies.values():
-        proxy.block()
+        proxy.block(path_contains="/remote/v1/")
     try:
         blocked_at = time.monotonic()
         (chaos.markers / release).touch()  # every task ends its work now, during the outage
-        wait_until(
-            lambda: (
-                sum(r["ended"] for rs in chaos.executions("chaos_wide", run_id).values() for r in rs) == 8
-            ),
-            outage_seconds - 2,
-            what="all eight tasks to end their work while the orchestrator is unreachable",
-        )
+        with chaos.orch.client() as client:
+            wait_until(
+                lambda: (
+                    [ti["state"] for ti in client.task_instances("chaos_wide", run_id)] == ["success"] * 8
+                ),
+                outage_seconds - 2,
+                what="all eight tasks to succeed while the agent API is unreachable",
+            )
+        held = [j["state"] for j in chaos.jobs("chaos_wide", run_id)]
+        assert held == ["running"] * 8, f"an outcome got through the outage: {held}"
         time.sleep(max(0.0, outage_seconds - (time.monotonic() - blocked_at)))
-        unreported = [j["state"] for j in chaos.jobs("chaos_wide", run_id)]
-        assert unreported == ["running"] * 8, f"an outcome got through the outage: {unreported}"
     finally:
         for proxy in chaos.proxies.values():
             proxy.unblock()
@@ -642,6 +643,9 @@ def test_scheduler_down_past_its_health_threshold_adopts_running_jobs(chaos):
     # Adopted by the new scheduler, not reset: every task instance is queued-by it now.
     with contextlib.suppress(TimeoutError):
         wait_until(lambda: old["id"] not in queued_by(), 150, interval=1, what="the new scheduler to adopt")
+    # ... and reported running again by it, so each task instance names its agent before it ends.
+    with contextlib.suppress(TimeoutError), chaos.orch.client() as client:
+        client.wait_for_executor_ids("chaos_wide", run_id, AGENTS, timeout=30)
     adopted_at = time.time()
     (chaos.markers / release).touch()
     [new] = chaos.query("SELECT max(id) AS id FROM job WHERE job_type='SchedulerJob'")

@@ -3,6 +3,7 @@ while two agents race for the same jobs. Every task must run once, claimed once.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -40,16 +41,18 @@ def test_two_agents_racing_on_sqlite_claim_each_job_once(tmp_path):
                 tis = client.task_instances("deploy_many", run_id)
                 assert [(ti["state"], ti["try_number"]) for ti in tis] == [("success", 1)] * 12
 
-        def synced() -> bool:
-            return not any(j["pending_sync"] for j in remote_jobs(db_url, "deploy_many"))
+        def synced() -> bool:  # an agent's report may land after the task instance's own state
+            jobs = remote_jobs(db_url, "deploy_many")
+            return all(j["state"] == "success" and not j["pending_sync"] for j in jobs)
 
-        wait_until(synced, 60, what="every outcome to be synced")
+        with contextlib.suppress(TimeoutError):  # the assertions below then show what is left
+            wait_until(synced, 60, what="every agent's report to arrive and be synced")
         jobs = remote_jobs(db_url, "deploy_many")
         assert len(jobs) == 12 * RUNS
         assert {(j["state"], j["attempt"]) for j in jobs} == {("success", 1)}, jobs
         per_agent = {name: sum(j["agent_name"] == name for j in jobs) for name in AGENTS}
         print(f"\njobs per agent: {per_agent}")
-        assert sum(per_agent.values()) == 12 * RUNS
+        assert sum(per_agent.values()) == 12 * RUNS and min(per_agent.values()) > 0, per_agent
     finally:
         try:
             for agent in agents:

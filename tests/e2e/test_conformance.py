@@ -2,8 +2,8 @@
 
 One set of DAGs (dags/conformance_dags.py) runs on two stacks that differ only in the executor: stock
 LocalExecutor, and RemoteExecutor with one agent (queue ``default``, 4 slots, default settings); both
-have a stock triggerer.  For each scenario the test first checks what LocalExecutor does, then runs
-the same scenario under RemoteExecutor and asserts the user sees the same thing: the same final task
+have a stock triggerer.  Each scenario runs on both stacks at once; the test checks what LocalExecutor
+did, then asserts the user sees the same thing under RemoteExecutor: the same final task
 states, the same try numbers (task instance and its list of tries) and comparable timings (Remote may
 be slower only within a generous margin).  Scenarios: clearing a running task, retries (plain and
 mapped), a deferrable sensor, a reschedule-mode sensor, a deadline alert's SyncCallback, and a task
@@ -18,6 +18,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -109,8 +110,18 @@ def remote(postgres, tmp_path_factory, dags_folder) -> Iterator[Stack]:
 
 
 def _remote(request: pytest.FixtureRequest) -> Stack:
-    """The Remote stack, started only once a test's Local half has passed (so that one always runs)."""
     return request.getfixturevalue("remote")
+
+
+def _side_by_side(
+    local: Stack, request: pytest.FixtureRequest, scenario: Callable[[Stack], dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one scenario on both stacks at once (the runs mostly wait on Airflow's own delays, so this
+    halves the wall time); return (Local's result, Remote's result), raising Local's error first."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="conformance") as pool:
+        on_local = pool.submit(scenario, local)
+        on_remote = pool.submit(scenario, _remote(request))
+        return on_local.result(), on_remote.result()
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -289,7 +300,7 @@ def _clear_running_task(stack: Stack) -> dict[str, Any]:
 
 
 def test_clear_running_task_restarts_without_spending_a_retry(local, request):
-    expected = _clear_running_task(local)
+    expected, actual = _side_by_side(local, request, _clear_running_task)
     _show(local, expected)
     assert expected["run"]["state"] == "success", expected
     assert expected["states_after_clear"][0] == "restarting", expected
@@ -299,7 +310,6 @@ def test_clear_running_task_restarts_without_spending_a_retry(local, request):
     assert expected["restart_seconds"] < 60, expected
 
     remote = _remote(request)
-    actual = _clear_running_task(remote)
     _show(remote, actual)
     assert actual["run"]["state"] == "success", actual
     _assert_same(expected["start_tries"], actual["start_tries"], "tries that started")
@@ -322,7 +332,7 @@ def _run_retry_dag(stack: Stack) -> dict[str, Any]:
 
 
 def test_failed_try_is_retried_with_the_same_states_and_tries(local, request):
-    expected = _run_retry_dag(local)
+    expected, actual = _side_by_side(local, request, _run_retry_dag)
     _show(local, expected)
     assert expected["run"]["state"] == "success", expected
     tries = {key: (ti["state"], ti["try_number"]) for key, ti in expected["outcome"].items()}
@@ -335,7 +345,6 @@ def test_failed_try_is_retried_with_the_same_states_and_tries(local, request):
     assert [s for _, s in expected["outcome"][("flaky", -1)]["tries"]] == ["failed", "success"], expected
 
     remote = _remote(request)
-    actual = _run_retry_dag(remote)
     _show(remote, actual)
     assert actual["run"]["state"] == "success", actual
     _assert_same(expected["outcome"], actual["outcome"], "task states, map indexes and tries")
@@ -356,7 +365,7 @@ def _run_deferral_dag(stack: Stack) -> dict[str, Any]:
 
 
 def test_deferred_sensor_resumes_in_the_same_try(local, request):
-    expected = _run_deferral_dag(local)
+    expected, actual = _side_by_side(local, request, _run_deferral_dag)
     _show(local, expected)
     assert expected["run"]["state"] == "success", expected
     assert "deferred" in expected["sensor_states"], expected
@@ -364,7 +373,6 @@ def test_deferred_sensor_resumes_in_the_same_try(local, request):
     assert expected["outcome"][("wait", -1)]["tries"] == [(1, "success")], expected
 
     remote = _remote(request)
-    actual = _run_deferral_dag(remote)
     _show(remote, actual)
     assert actual["run"]["state"] == "success", actual
     assert "deferred" in actual["sensor_states"], actual
@@ -392,7 +400,7 @@ def _run_reschedule_dag(stack: Stack) -> dict[str, Any]:
 
 
 def test_rescheduled_sensor_pokes_three_times_in_one_try(local, request):
-    expected = _run_reschedule_dag(local)
+    expected, actual = _side_by_side(local, request, _run_reschedule_dag)
     _show(local, expected)
     assert expected["run"]["state"] == "success", expected
     assert "up_for_reschedule" in expected["sensor_states"], expected
@@ -401,7 +409,6 @@ def test_rescheduled_sensor_pokes_three_times_in_one_try(local, request):
     assert (sensor["state"], sensor["try_number"]) == ("success", 1), expected
 
     remote = _remote(request)
-    actual = _run_reschedule_dag(remote)
     _show(remote, actual)
     assert actual["run"]["state"] == "success", actual
     assert "up_for_reschedule" in actual["sensor_states"], actual
@@ -467,7 +474,7 @@ def _run_deadline_dag(stack: Stack) -> dict[str, Any]:
 
 
 def test_missed_deadline_runs_its_callback_on_the_executor(local, request):
-    expected = _run_deadline_dag(local)
+    expected, actual = _side_by_side(local, request, _run_deadline_dag)
     _show(local, expected)
     assert expected["run"]["state"] == "success", expected
     assert expected["deadline"]["missed"] is True, expected
@@ -477,7 +484,6 @@ def test_missed_deadline_runs_its_callback_on_the_executor(local, request):
     assert 0 <= expected["callback_seconds"] < 60, expected
 
     remote = _remote(request)
-    actual = _run_deadline_dag(remote)
     _show(remote, actual)
     assert actual["run"]["state"] == "success", actual
     assert actual["deadline"]["callback_state"] == "success", actual
@@ -502,13 +508,12 @@ def _run_wide_dag(stack: Stack) -> dict[str, Any]:
 
 def test_task_wider_than_one_slot_runs(local, request):
     assert dags.WIDE_POOL_SLOTS > AGENT_SLOTS
-    expected = _run_wide_dag(local)
+    expected, actual = _side_by_side(local, request, _run_wide_dag)
     _show(local, expected)
     assert expected["run"]["state"] == "success", expected
     assert expected["outcome"][("wide", -1)]["try_number"] == 1, expected
 
     remote = _remote(request)
-    actual = _run_wide_dag(remote)
     _show(remote, actual)
     assert actual["run"]["state"] == "success", actual
     _assert_same(expected["outcome"], actual["outcome"], "task states and tries")

@@ -13,6 +13,7 @@ from airflow_remote_exec.agent.client import (
     AgentApiError,
     Conflict,
     SessionGone,
+    Unauthorized,
     Unreachable,
     VersionMismatch,
 )
@@ -212,7 +213,23 @@ def test_runners_parse_dags_with_the_orchestrator_executors(client, pool, monkey
     with caplog.at_level(logging.WARNING):
         worker._register()
     assert "restart the agent" in caplog.text and "CeleryExecutor" in caplog.text
-    assert worker_module.os.environ[worker_module.EXECUTOR_ENV] != "CeleryExecutor"
+    worker._use_orchestrator_executors()
+    assert (
+        worker_module.os.environ[worker_module.EXECUTOR_ENV]
+        == "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor"
+    )
+
+
+@pytest.mark.parametrize("bad", ["LocalExecutor\x00", "Local;rm -rf /", "x" * 3000])
+def test_an_orchestrator_executor_list_that_is_not_one_is_ignored(client, pool, monkeypatch, caplog, bad):
+    monkeypatch.setenv(worker_module.EXECUTOR_ENV, "LocalExecutor")
+    client.executors = bad
+    worker = Worker(SETTINGS, client=client, pool=pool)
+    worker._register()
+    with caplog.at_level(logging.ERROR):
+        worker._use_orchestrator_executors()
+    assert worker_module.os.environ[worker_module.EXECUTOR_ENV] == "LocalExecutor"
+    assert "Ignoring the orchestrator's [core] executor" in caplog.text
 
 
 # -- outcomes --------------------------------------------------------------------------------------
@@ -371,6 +388,17 @@ def test_register_error_does_not_escape_the_claim_loop(worker, client):
 
 
 # -- drain and threads -----------------------------------------------------------------------------
+
+
+def test_rejected_token_stops_running_jobs_at_once_and_stops_the_agent(worker, client, pool, caplog):
+    worker._start_job(_job(1), worker.session.session_id)
+    client.heartbeat_result = Unauthorized(401, "Agent token is unknown, expired or revoked.")
+    with caplog.at_level(logging.ERROR):
+        worker.heartbeat.beat(worker.session)
+        worker.heartbeat.beat(worker.session)
+    assert pool.stopped == [(1, 1)]  # not left running until the drain timeout
+    assert worker.draining() and not worker.health()[0]
+    assert caplog.text.count("Agent token rejected") == 1
 
 
 def test_drain_timeout_terminates_jobs_and_reports_them_failed(client, pool, monkeypatch):
