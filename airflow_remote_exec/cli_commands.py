@@ -7,6 +7,7 @@ import sys
 from airflow.cli.simple_table import AirflowConsole
 from airflow.utils import cli as cli_utils
 from airflow.utils.session import create_session
+from rich.markup import escape
 from sqlalchemy import select
 
 from airflow_remote_exec.cli import fail
@@ -52,7 +53,7 @@ def tokens_list(args) -> None:
             }
             for row in rows
         ]
-    AirflowConsole().print_as(data=data, output=args.output)
+    _print_rows(data, args.output)
 
 
 @cli_utils.action_cli
@@ -101,7 +102,7 @@ def agents_list(args) -> None:
             }
             for row in rows
         ]
-    AirflowConsole().print_as(data=data, output=args.output)
+    _print_rows(data, args.output)
 
 
 @cli_utils.action_cli
@@ -114,7 +115,7 @@ def agents_history(args) -> None:
             {"at": _iso(e.at), "agent": e.agent_name, "state": e.state, "reason": e.reason}
             for e in session.scalars(query)
         ]
-    AirflowConsole().print_as(data=data, output=args.output)
+    _print_rows(data, args.output)
 
 
 def _set_drain(name: str, drain: bool) -> None:
@@ -140,3 +141,11 @@ def agents_drain(args) -> None:
 def agents_resume(args) -> None:
     _set_drain(args.name, False)
     print(f"Agent {args.name!r} claims jobs again.")
+
+
+def _print_rows(data: list[dict], output: str) -> None:
+    """Print rows as Airflow's CLI does; in a table, text an agent sent is shown as is, never read as
+    rich markup (a hostname of ``[blink]...`` stays literal)."""
+    if output in ("table", "plain"):
+        data = [{k: escape(v) if isinstance(v, str) else v for k, v in row.items()} for row in data]
+    AirflowConsole().print_as(data=data, output=output)

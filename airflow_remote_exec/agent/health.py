@@ -10,11 +10,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
 
+# A probe that connects and then sends nothing (or reads nothing) cannot hold a thread for longer.
+SOCKET_TIMEOUT_SECONDS = 5.0
+
 
 def serve_health(host: str, port: int, status: Callable[[], tuple[bool, dict]]) -> ThreadingHTTPServer:
     """Serve ``GET /healthz`` in a daemon thread: 200 when ``status()`` says healthy, else 503."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = SOCKET_TIMEOUT_SECONDS
+
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
             if self.path.rstrip("/") != "/healthz":
                 self.send_error(404)

@@ -4,14 +4,21 @@ environment (``AIRFLOW_REMOTE_AGENT_<FLAG>``), which suits Kubernetes secrets an
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ipaddress
 import logging
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 ENV_PREFIX = "AIRFLOW_REMOTE_AGENT_"
+TOKEN_ENV = ENV_PREFIX + "TOKEN"
+PR_SET_DUMPABLE = 4
+
+log = logging.getLogger(__name__)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -56,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Address for /healthz (default: 0.0.0.0) [HEALTH_HOST]",
     )
     worker.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        default=_env("ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes"),
+        help="Accept an http:// --api-url on a non-loopback host: the token and every task's "
+        "credentials would cross the network in clear text [ALLOW_INSECURE_HTTP]",
+    )
+    worker.add_argument(
         "--drain-timeout",
         type=float,
         default=float(_env("DRAIN_TIMEOUT", "300")),
@@ -66,16 +80,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    token = os.environ.get(ENV_PREFIX + "TOKEN")
+    """The token, from the file or the environment; the environment variable is removed at once, so
+    no runner or task process inherits it."""
+    token = os.environ.pop(TOKEN_ENV, None)
     if args.token_file:
         path = Path(args.token_file)
         try:
             token = path.read_text().strip()
+            mode = path.stat().st_mode
         except OSError as err:
             parser.error(f"cannot read --token-file {path}: {err.strerror}")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "Token file %s is readable by group or others (mode %o); make it 0400 and run tasks as "
+                "another user (see the README's trust model)",
+                path,
+                stat.S_IMODE(mode),
+            )
     if not token:
-        parser.error(f"an agent token is required: --token-file FILE or {ENV_PREFIX}TOKEN")
+        parser.error(f"an agent token is required: --token-file FILE or {TOKEN_ENV}")
     return token
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hide_process_memory() -> None:
+    """Make this process non-dumpable: its /proc files (environment, memory) then belong to root, so
+    task code running as the same user cannot read the token out of the agent (Linux only)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_DUMPABLE) is not available here")
 
 
 def settings_from_args(argv: list[str] | None = None):
@@ -87,6 +129,12 @@ def settings_from_args(argv: list[str] | None = None):
     if url.scheme not in ("http", "https") or not url.netloc:
         parser.error(
             f"--api-url must be an http(s) URL such as https://airflow.example.com, got {args.api_url!r}"
+        )
+    if url.scheme == "http" and not _is_loopback(url.hostname or "") and not args.allow_insecure_http:
+        parser.error(
+            f"--api-url {args.api_url} is plain http:// to another host: the agent token and every "
+            "task's credentials would cross the network unencrypted. Use https://, or pass "
+            "--allow-insecure-http if the network is already encrypted (a service mesh, a VPN)."
         )
     if args.slots < 1:
         parser.error("--slots must be at least 1")
@@ -116,14 +164,15 @@ def _prefer_prompt_task_exit() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = settings_from_args(argv)
-    _prefer_prompt_task_exit()
     logging.basicConfig(
         level=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    settings = settings_from_args(argv)
+    _hide_process_memory()
+    _prefer_prompt_task_exit()
     from airflow_remote_exec.agent.worker import Worker
 
     sys.exit(Worker(settings).run())

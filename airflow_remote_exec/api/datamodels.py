@@ -11,6 +11,9 @@ API_VERSION_HEADER = "Remote-Exec-Api-Version"
 SUPPORTED_API_VERSIONS = frozenset({"1"})
 
 _NAME = r"^[A-Za-z0-9_.:\-]{1,250}$"
+# What an agent says about itself is shown to operators: only the characters these values can hold.
+_HOSTNAME = r"^[A-Za-z0-9_.:\-]{0,250}$"
+_VERSION = r"^[A-Za-z0-9_.+!\-]{0,50}$"
 _INT32 = 2**31 - 1  # every integer column is 32-bit: larger values are a 422, not a 500
 DETAIL_MAX_CHARS = 1000
 
@@ -19,13 +22,15 @@ JobKind = Literal["task", "callback"]
 
 class RegisterRequest(BaseModel):
     name: str = Field(pattern=_NAME, description="Agent name, unique among live agents.")
-    hostname: str = Field(default="", max_length=250)
+    hostname: str = Field(default="", pattern=_HOSTNAME)
     pid: int = Field(
         default=0, ge=0, le=_INT32, description="Process id: with hostname, tells a restart apart."
     )
-    version: str = Field(default="", max_length=50, description="airflow-remote-exec version of the agent.")
-    airflow_version: str = Field(max_length=50, description="Airflow core installed on the agent.")
-    task_sdk_version: str = Field(max_length=50, description="Airflow Task SDK installed on the agent.")
+    version: str = Field(
+        default="", pattern=_VERSION, description="airflow-remote-exec version of the agent."
+    )
+    airflow_version: str = Field(pattern=_VERSION, description="Airflow core installed on the agent.")
+    task_sdk_version: str = Field(pattern=_VERSION, description="Airflow Task SDK installed on the agent.")
     queues: list[str] = Field(min_length=1, max_length=100)
     slots: int = Field(ge=1, le=1024)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from airflow_remote_exec import reroute
@@ -38,6 +39,27 @@ def test_registration_never_names_teams_executors(client, make_token, monkeypatc
     monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", teams)
     reply = _register(client, make_token())
     assert reply.json()["executors"] == "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor"
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("hostname", "[blink]host[/blink]"),
+        ("hostname", "host\x1b[2J"),
+        ("version", "1.0 [red]x"),
+        ("airflow_version", "3.1\n"),
+    ],
+)
+def test_agent_text_that_operators_see_is_charset_checked(client, make_token, field, value):
+    reply = _register(client, make_token(), **{field: value})
+    assert reply.status_code == 422 and field in reply.text
+
+
+def test_agents_list_shows_agent_text_literally_in_a_table(session, capsys):
+    from airflow_remote_exec.cli_commands import _print_rows
+
+    _print_rows([{"name": "a1", "reason": "session s from [bold]host[/bold]"}], "table")
+    assert "[bold]host[/bold]" in capsys.readouterr().out
 
 
 def test_live_name_is_not_taken_by_another_process_but_is_by_its_own_restart(client, session, make_token):

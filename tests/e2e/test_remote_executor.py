@@ -213,6 +213,24 @@ def test_auth_failures_against_the_real_api_server(stack):
     assert post(f"/agents/{session_id}/heartbeat", tokens["b"], {"free_slots": 1}).status_code == 403
 
 
+def test_task_processes_do_not_inherit_the_agent_token(stack, tmp_path):
+    orch, _, _ = stack
+    token = create_agent_token(orch, "tok-probe", ["probe"])
+    assert token.startswith("rex_")
+    env = {"AIRFLOW_REMOTE_AGENT_TOKEN": token}  # as a Kubernetes secret in the environment would be
+    agent = Agent(orch.api_url, tmp_path / "prober", DAGS, token, "prober", ["probe"], 1, env)
+    try:
+        agent.start()
+        run_id, state, _ = _run(orch, "remote_token_probe")
+        assert state == "success"
+        with orch.client() as client:
+            path = f"/dags/remote_token_probe/dagRuns/{run_id}/taskInstances/look_for_the_token"
+            seen = client.get(f"{path}/xcomEntries/return_value")["value"]
+        assert seen == [], f"the task saw the agent token in {seen}"
+    finally:
+        agent.stop()
+
+
 def test_drain_timeout_terminates_the_task_and_reports_it_failed(stack, tmp_path):
     orch, _, _ = stack
     token = create_agent_token(orch, "tok-drain-timeout", ["drain-timeout"])

@@ -75,3 +75,18 @@ def remote_twin():
 
 remote_drain_timeout()
 remote_twin()
+
+
+@dag(dag_id="remote_token_probe", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_token_probe():
+    @task(queue="probe", retries=0)
+    def look_for_the_token() -> list[str]:
+        """The environment variables a task sees that hold an agent token (prefix ``rex_``)."""
+        import os
+
+        return sorted(name for name, value in os.environ.items() if value.startswith("rex_"))
+
+    look_for_the_token()
+
+
+remote_token_probe()

@@ -1,0 +1,91 @@
+"""``airflow-remote-agent`` command line: bad input is refused with one clear line, and the token
+never reaches the processes the agent starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_remote_exec.agent import health, main
+
+AGENT_BIN = Path(sys.executable).with_name("airflow-remote-agent")
+
+
+def _token_file(tmp_path: Path, mode: int = 0o400) -> str:
+    path = tmp_path / "token"
+    path.write_text("rex_secret\n")
+    path.chmod(mode)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080", "https://airflow.example.com"],
+)
+def test_https_or_loopback_urls_are_accepted(tmp_path, url):
+    settings = main.settings_from_args(["worker", "--api-url", url, "--token-file", _token_file(tmp_path)])
+    assert settings.api_url == url and settings.token == "rex_secret"
+
+
+def test_plain_http_to_another_host_is_refused_unless_allowed(tmp_path, capsys):
+    args = ["worker", "--api-url", "http://airflow.example.com", "--token-file", _token_file(tmp_path)]
+    with pytest.raises(SystemExit) as exited:
+        main.settings_from_args(args)
+    assert exited.value.code == 2
+    assert "https://" in capsys.readouterr().err
+    assert main.settings_from_args([*args, "--allow-insecure-http"]).api_url == "http://airflow.example.com"
+
+
+def test_plain_http_refusal_from_the_real_command(tmp_path):
+    """The installed entry point exits 2 with one line naming the fix, and no traceback."""
+    result = subprocess.run(
+        [
+            str(AGENT_BIN),
+            "worker",
+            "--api-url",
+            "http://10.1.2.3:8080",
+            "--token-file",
+            _token_file(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_REMOTE_AGENT_")},
+    )
+    assert result.returncode == 2, result
+    assert "--allow-insecure-http" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_token_from_the_environment_is_removed_from_it(monkeypatch):
+    monkeypatch.setenv(main.TOKEN_ENV, "rex_from_env")
+    settings = main.settings_from_args(["worker", "--api-url", "https://airflow.example.com"])
+    assert settings.token == "rex_from_env"
+    assert main.TOKEN_ENV not in os.environ  # so no runner or task process inherits it
+
+
+def test_token_file_readable_by_others_is_warned_about(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        main.settings_from_args(
+            ["worker", "--api-url", "https://a.example.com", "--token-file", _token_file(tmp_path, 0o644)]
+        )
+    assert "make it 0400" in caplog.text
+
+
+def test_healthz_drops_a_client_that_sends_nothing(monkeypatch):
+    monkeypatch.setattr(health, "SOCKET_TIMEOUT_SECONDS", 0.3)
+    server = health.serve_health("127.0.0.1", 0, lambda: (True, {}))
+    try:
+        with socket.create_connection(server.server_address, timeout=10) as silent:
+            began = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the server, not by our own 10 s timeout
+            assert time.monotonic() - began < 5
+    finally:
+        server.shutdown()
+        server.server_close()
