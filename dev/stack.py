@@ -555,8 +555,8 @@ def _engine(db_url: str):
 
 
 def query(db_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
-    """Rows of one read-only query against a stack's metadata DB, as dicts."""
-    with _engine(db_url) as engine, engine.connect() as conn:
+    """Rows of one statement against a stack's metadata DB, as dicts; committed (it may write)."""
+    with _engine(db_url) as engine, engine.begin() as conn:
         return [dict(row._mapping) for row in conn.execute(sa.text(sql), params)]
 
 
@@ -701,10 +701,13 @@ class Orchestrator:
         raise ValueError(f"unknown component {name!r}")
 
     def _process_env(self, name: str) -> dict[str, str]:
-        if not name.startswith("scheduler-"):
-            return self.env
-        # Each scheduler serves task logs on its own port.
-        return {**self.env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
+        env = dict(self.env)
+        if self.db_url.startswith("postgresql"):  # a test can tell each component's connections apart
+            separator = "&" if "?" in self.db_url else "?"
+            env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"{self.db_url}{separator}application_name={name}"
+        if name.startswith("scheduler-"):  # each scheduler serves task logs on its own port
+            env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
+        return env
 
     def _launch(self, name: str) -> ManagedProcess:
         proc = self.processes.get(name)

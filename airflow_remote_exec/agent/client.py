@@ -74,6 +74,19 @@ class Stopped(Unreachable):
 _ERRORS = {401: Unauthorized, 409: Conflict, 410: SessionGone, 426: VersionMismatch}
 
 
+def _foreign_401(response: httpx.Response) -> bool:
+    """A 401 that is not the agent API's own verdict on our token (an ingress or SSO proxy in the
+    way, say): no reason to stop, so it is retried like an unreachable orchestrator."""
+    if response.status_code != 401:
+        return False
+    ours = response.headers.get("WWW-Authenticate", "").lower().startswith("bearer")
+    try:
+        ours = ours and isinstance(response.json().get("detail"), str)
+    except (ValueError, AttributeError):
+        ours = False
+    return not ours
+
+
 def _detail(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -131,7 +144,7 @@ class AgentClient:
                 response = self._http.request(
                     method, path, json=payload, timeout=timeout or httpx.USE_CLIENT_DEFAULT
                 )
-                if response.status_code < 500 and response.status_code != 429:
+                if response.status_code < 500 and response.status_code != 429 and not _foreign_401(response):
                     break
                 problem = f"HTTP {response.status_code}: {_detail(response)}"
             except httpx.TransportError as err:

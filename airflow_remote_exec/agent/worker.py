@@ -68,7 +68,7 @@ class WorkerSettings:
 
 EXECUTOR_ENV = "AIRFLOW__CORE__EXECUTOR"
 # Executor names, module paths and aliases ("alias:module.Class"), comma-separated.
-EXECUTOR_LIST = re.compile(r"[A-Za-z0-9_.:, ]{1,2000}")
+EXECUTOR_LIST = re.compile(r"[A-Za-z0-9_.:,\-]{1,2000}")
 
 
 @functools.cache
@@ -156,7 +156,7 @@ class Worker:
 
     def fail(self, message: str) -> None:
         """Stop for good: drain what runs, then exit 1."""
-        if self._fatal is None:
+        if message != self._fatal:
             log.error(message)
         self._fatal = self._fatal or message
         self._stop.set()

@@ -82,7 +82,8 @@ def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
 def global_executors() -> str:
     """The ``[core] executor`` list every team shares. Teams' own sections (``;team=...``) stay on the
     orchestrator: they would name other teams to every agent, and agents do not run multi-team."""
-    return conf.get("core", "executor").split(";")[0].strip("= ")
+    shared = conf.get("core", "executor").split(";")[0].strip().lstrip("=")
+    return ",".join(name.strip() for name in shared.split(",") if name.strip())
 
 
 def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, token_id: int, now) -> None:

@@ -35,7 +35,7 @@ def test_registration_tells_the_agent_the_orchestrator_executors(client, make_to
 
 
 def test_registration_never_names_teams_executors(client, make_token, monkeypatch):
-    teams = "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor;team_a=CeleryExecutor;team_b=x.Y"
+    teams = "LocalExecutor,\n  airflow_remote_exec.executor.RemoteExecutor;team_a=CeleryExecutor;team_b=x.Y"
     monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", teams)
     reply = _register(client, make_token())
     assert reply.json()["executors"] == "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor"

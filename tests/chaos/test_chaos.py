@@ -584,10 +584,10 @@ def test_api_server_frozen_longer_than_lost_threshold_loses_no_agent_and_spends_
 
 
 def test_outcomes_of_tasks_ending_while_the_agent_api_is_unreachable_arrive_after_it(chaos):
-    """The agents lose the agent API for 12 s (less than the 25 s after which they stop their own
+    """The agents lose the agent API for 15 s (less than the 25 s after which they stop their own
     tasks) just as their tasks end. The tasks finish through the execution API, and each agent keeps
     its outcome until it can report it; nothing is lost, retried or declared lost."""
-    outage_seconds = 12
+    outage_seconds = 15
     began = time.time()
     release = f"release-{uuid.uuid4().hex}"
     run_id = chaos.trigger("chaos_wide", seconds=400, release=release)

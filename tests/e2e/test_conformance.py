@@ -118,9 +118,10 @@ def _side_by_side(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one scenario on both stacks at once (the runs mostly wait on Airflow's own delays, so this
     halves the wall time); return (Local's result, Remote's result), raising Local's error first."""
+    remote = _remote(request)  # started (the first time) before either scenario runs
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="conformance") as pool:
         on_local = pool.submit(scenario, local)
-        on_remote = pool.submit(scenario, _remote(request))
+        on_remote = pool.submit(scenario, remote)
         return on_local.result(), on_remote.result()
 
 

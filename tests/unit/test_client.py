@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from airflow_remote_exec.agent.client import AgentClient, Conflict, Unreachable, VersionMismatch
+from airflow_remote_exec.agent.client import AgentClient, Conflict, Unauthorized, Unreachable, VersionMismatch
 from airflow_remote_exec.api.datamodels import HeartbeatRequest, RegisterRequest
 
 
@@ -84,3 +84,20 @@ def test_register_refusals_raise_their_own_errors(status, error):
     )
     with pytest.raises(error):
         client.register(request)
+
+
+def test_only_the_agent_apis_own_401_rejects_the_token():
+    """A 401 from something in the way (an ingress or SSO proxy) is retried like an outage: stopping
+    every task on it would turn a proxy's hiccup into failed tries."""
+
+    def ours(request):
+        return httpx.Response(401, json={"detail": "Agent token is unknown, expired or revoked."},
+                              headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    def proxy(request):
+        return httpx.Response(401, text="<html>401 Authorization Required</html>")
+
+    with pytest.raises(Unauthorized):
+        _heartbeat(_client(ours))
+    with pytest.raises(Unreachable):
+        _heartbeat(_client(proxy))

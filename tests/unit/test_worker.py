@@ -401,6 +401,14 @@ def test_rejected_token_stops_running_jobs_at_once_and_stops_the_agent(worker, c
     assert caplog.text.count("Agent token rejected") == 1
 
 
+def test_a_later_different_fatal_error_is_logged_too(worker, caplog):
+    with caplog.at_level(logging.ERROR):
+        worker.fail("Cannot read the workload")
+        worker.fail("Cannot read the workload")
+        worker.fail("Agent token rejected")
+    assert caplog.text.count("Cannot read the workload") == 1 and "Agent token rejected" in caplog.text
+
+
 def test_drain_timeout_terminates_jobs_and_reports_them_failed(client, pool, monkeypatch):
     monkeypatch.setattr(worker_module, "REPORT_FLUSH_SECONDS", 2)
     settings = WorkerSettings(**{**SETTINGS.__dict__, "drain_timeout": 0.3})
