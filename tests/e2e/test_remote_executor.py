@@ -144,11 +144,16 @@ def test_crashed_task_process_is_failed(stack):
         client.wait_for_dag("remote_sleeps")
         run_id = client.trigger("remote_sleeps")
         wait_until(lambda: _task_pids(agents["a"]), 60, what="the task process to start")
-        # The scheduler stores the agent that runs it, from the executor's running event.
+        # The agent's running report has reached the orchestrator before the task is killed. (Not the
+        # task instance's external_executor_id: the scheduler drops a running event whose task
+        # instance row is locked at that moment, as it is while the task starts.)
         wait_until(
-            lambda: client.task_instances("remote_sleeps", run_id)[0]["external_executor_id"] == "agent-a",
+            lambda: (
+                [(j["state"], j["agent_name"]) for j in _jobs(orch, "remote_sleeps")]
+                == [("running", "agent-a")]
+            ),
             60,
-            what="the running event to name the agent",
+            what="agent-a's running report",
         )
         for pid in _task_pids(agents["a"]):
             os.kill(pid, signal.SIGKILL)
