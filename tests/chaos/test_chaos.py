@@ -310,6 +310,18 @@ def _assert_registered_again(chaos: Chaos, name: str, old_session: str, since: f
     assert "registered" in states[states.index("lost") :], f"{name} did not register after lost: {states}"
 
 
+def _assert_wide_run_spent_no_try(chaos: Chaos, run_id: str, since: float, timeout: float) -> None:
+    """chaos_wide succeeded with each task run once, at try 1 and attempt 1 on one of the suite's
+    agents, and no agent was declared lost at or after ``since``."""
+    tis = chaos.finish("chaos_wide", run_id, timeout=timeout)
+    chaos.assert_no_doubled_execution("chaos_wide", run_id, tasks=8)
+    assert not chaos.lost_events(since), chaos.lost_events(since)
+    assert [ti["try_number"] for ti in tis] == [1] * 8
+    outcomes = chaos.job_outcomes("chaos_wide", run_id)
+    assert [(t, n, s, a) for t, n, s, _, a in outcomes] == [(f"wide_{n}", 1, "success", 1) for n in range(8)]
+    assert {agent for _, _, _, agent, _ in outcomes} <= set(AGENTS)
+
+
 # ------------------------------------------------------------------------------------------- agents
 
 
@@ -574,13 +586,7 @@ def test_api_server_frozen_longer_than_lost_threshold_loses_no_agent_and_spends_
         for proxy in chaos.proxies.values():
             proxy.unblock()
 
-    tis = chaos.finish("chaos_wide", run_id, timeout=240)
-    chaos.assert_no_doubled_execution("chaos_wide", run_id, tasks=8)
-    assert not chaos.lost_events(began), chaos.lost_events(began)
-    assert [ti["try_number"] for ti in tis] == [1] * 8
-    outcomes = chaos.job_outcomes("chaos_wide", run_id)
-    assert [(t, n, s, a) for t, n, s, _, a in outcomes] == [(f"wide_{n}", 1, "success", 1) for n in range(8)]
-    assert {agent for _, _, _, agent, _ in outcomes} <= set(AGENTS)
+    _assert_wide_run_spent_no_try(chaos, run_id, began, timeout=240)
 
 
 def test_outcomes_of_tasks_ending_while_the_agent_api_is_unreachable_arrive_after_it(chaos):
@@ -612,12 +618,7 @@ def test_outcomes_of_tasks_ending_while_the_agent_api_is_unreachable_arrive_afte
         for proxy in chaos.proxies.values():
             proxy.unblock()
 
-    tis = chaos.finish("chaos_wide", run_id, timeout=120)
-    chaos.assert_no_doubled_execution("chaos_wide", run_id, tasks=8)
-    assert not chaos.lost_events(began), chaos.lost_events(began)
-    assert [ti["try_number"] for ti in tis] == [1] * 8
-    outcomes = chaos.job_outcomes("chaos_wide", run_id)
-    assert [(t, n, s, a) for t, n, s, _, a in outcomes] == [(f"wide_{n}", 1, "success", 1) for n in range(8)]
+    _assert_wide_run_spent_no_try(chaos, run_id, began, timeout=120)
 
 
 def test_scheduler_down_past_its_health_threshold_adopts_running_jobs(chaos):

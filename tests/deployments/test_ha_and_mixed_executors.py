@@ -112,6 +112,17 @@ class Deployment:
             wait_until(synced, timeout, interval=0.5, what=f"{dag_id} outcomes to be synced")
         return self.jobs(dag_id, run_id)
 
+    def start_long_task(self) -> tuple[str, dict]:
+        """Trigger deploy_retry_once (a long first try, a short retry); return its run and its running job."""
+        run_id = self.trigger("deploy_retry_once", seconds=300, retry_seconds=1)
+        wait_until(
+            lambda: [j["state"] for j in self.jobs("deploy_retry_once", run_id)] == ["running"],
+            90,
+            what="the task to run",
+        )
+        [job] = self.jobs("deploy_retry_once", run_id)
+        return run_id, job
+
     def scheduler_job_ids(self) -> set[int]:
         rows = self.query("SELECT id FROM job WHERE job_type = 'SchedulerJob' AND state = 'running'")
         return {row["id"] for row in rows}
@@ -272,13 +283,7 @@ def test_surviving_scheduler_adopts_the_running_jobs_of_a_killed_one(deployment)
 
 
 def test_dead_agent_is_declared_lost_once_by_two_schedulers_and_its_task_retried_once(deployment):
-    run_id = deployment.trigger("deploy_retry_once", seconds=300, retry_seconds=1)
-    wait_until(
-        lambda: [j["state"] for j in deployment.jobs("deploy_retry_once", run_id)] == ["running"],
-        90,
-        what="the task to run",
-    )
-    [job] = deployment.jobs("deploy_retry_once", run_id)
+    run_id, job = deployment.start_long_task()
     victim = job["agent_name"]
     killed_at = time.time()
     agent = deployment.agents[victim].process
@@ -300,13 +305,7 @@ def test_dead_agent_is_declared_lost_once_by_two_schedulers_and_its_task_retried
 
 
 def test_agent_restarted_under_its_name_while_its_job_runs_starts_a_clean_session(deployment):
-    run_id = deployment.trigger("deploy_retry_once", seconds=300, retry_seconds=1)
-    wait_until(
-        lambda: [j["state"] for j in deployment.jobs("deploy_retry_once", run_id)] == ["running"],
-        90,
-        what="the task to run",
-    )
-    [job] = deployment.jobs("deploy_retry_once", run_id)
+    run_id, job = deployment.start_long_task()
     name = job["agent_name"]
     [old] = deployment.query("SELECT session_id FROM remote_agent WHERE name = :n", n=name)
     deployment.agents[name].process.kill(signal.SIGKILL, tree=False)
