@@ -9,6 +9,7 @@ and deadline-alert callbacks (``ExecuteCallback``) travel the same way.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -16,9 +17,11 @@ from airflow.configuration import conf
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.models.callback import CallbackKey
+from airflow.models.taskinstance import TaskInstance
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.db import DBLocks, create_global_lock
 from airflow.utils.session import create_session
+from airflow.utils.state import TaskInstanceState
 from sqlalchemy import and_, delete, select, tuple_, update
 
 from airflow_remote_exec.clock import db_now
@@ -33,11 +36,11 @@ from airflow_remote_exec.reroute import (
 )
 
 if TYPE_CHECKING:
-    from airflow.models.taskinstance import TaskInstance
     from sqlalchemy.orm import Session
 
 PURGE_EVERY_SECONDS = 30.0
 LIVENESS_EVERY_SECONDS = 1.0
+RUNNING_RECHECK_EVERY_SECONDS = 10.0
 
 
 def _key_of(job) -> TaskInstanceKey | CallbackKey:
@@ -74,6 +77,7 @@ class RemoteExecutor(BaseExecutor):
         super().__init__(*args, **kwargs)
         self._last_purge = 0.0
         self._last_liveness_check = 0.0
+        self._last_running_recheck = 0.0
 
     def start(self) -> None:
         """Create the remote_* tables if ``airflow db migrate`` has not yet done so."""
@@ -191,7 +195,46 @@ class RemoteExecutor(BaseExecutor):
                 purge_old_rows(session)
                 session.flush()
                 self._last_purge = time.monotonic()
+            if time.monotonic() - self._last_running_recheck > RUNNING_RECHECK_EVERY_SECONDS:
+                self._report_running_again_where_not_recorded(session)
+                self._last_running_recheck = time.monotonic()
             self._report_changed_jobs(session)
+
+    def _report_running_again_where_not_recorded(self, session: Session) -> None:
+        """Re-send "running" for tasks whose instance still names no agent.
+
+        The scheduler applies executor events only to task instances it can lock at once
+        (``skip_locked``), so a running event that meets a locked row is dropped for good.
+        """
+        running_jobs = session.execute(
+            select(
+                RemoteJob.kind,
+                RemoteJob.ti_id,
+                RemoteJob.dag_id,
+                RemoteJob.task_id,
+                RemoteJob.run_id,
+                RemoteJob.map_index,
+                RemoteJob.try_number,
+                RemoteJob.agent_name,
+            ).where(
+                RemoteJob.kind == JobKind.TASK,
+                RemoteJob.state == JobState.RUNNING,
+                RemoteJob.pending_sync.is_(False),
+            )
+        ).all()
+        ours = {row.ti_id: row for row in running_jobs if _key_of(row) in self.running}
+        if not ours:
+            return
+        unrecorded = session.scalars(
+            select(TaskInstance.id).where(
+                TaskInstance.id.in_([uuid.UUID(ti_id) for ti_id in ours]),
+                TaskInstance.state == TaskInstanceState.RUNNING,
+                TaskInstance.external_executor_id.is_(None),
+            )
+        ).all()
+        for ti_id in unrecorded:
+            row = ours[str(ti_id)]
+            self.running_state(_key_of(row), row.agent_name)
 
     def _report_changed_jobs(self, session: Session) -> None:
         """Turn rows agents have reported on into executor events, each exactly once."""

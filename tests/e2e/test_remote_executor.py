@@ -13,7 +13,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from dev.stack import Agent, Orchestrator, create_agent_token, queued_to_start_latencies, wait_until
+from dev.stack import (
+    Agent,
+    Orchestrator,
+    create_agent_token,
+    query,
+    queued_to_start_latencies,
+    wait_until,
+)
 from tests.api.conftest import AGENT_VERSIONS
 from tests.conftest import make_orchestrator
 
@@ -164,6 +171,36 @@ def test_crashed_task_process_is_failed(stack):
     wait_until(lambda: _jobs(orch, "remote_sleeps")[0]["state"] == "success", 30, what="the job's report")
     (job,) = _jobs(orch, "remote_sleeps")
     assert job["exit_code"] != 0, job
+
+
+def test_task_instance_whose_running_event_was_dropped_is_told_its_agent_again(stack):
+    """The scheduler drops a running event when the task instance row is locked at that moment.
+
+    The state such a drop leaves (a running task instance naming no agent) is made here directly.
+    """
+    orch, agents, _ = stack
+    with orch.client() as client:
+        client.wait_for_dag("remote_sleeps")
+        run_id = client.trigger("remote_sleeps")
+
+        def external_executor_id():
+            (ti,) = client.task_instances("remote_sleeps", run_id)
+            return ti["state"], ti["external_executor_id"]
+
+        wait_until(lambda: external_executor_id() == ("running", "agent-a"), 60, what="the first report")
+        cleared = query(
+            orch.db_url,
+            "UPDATE task_instance SET external_executor_id = NULL"
+            " WHERE dag_id = :d AND run_id = :r RETURNING id",
+            d="remote_sleeps",
+            r=run_id,
+        )
+        assert len(cleared) == 1
+        assert external_executor_id() == ("running", None)
+        wait_until(lambda: external_executor_id() == ("running", "agent-a"), 40, what="the report again")
+        for pid in _task_pids(agents["a"]):
+            os.kill(pid, signal.SIGKILL)
+        assert client.wait_for_run("remote_sleeps", run_id, timeout=120) == "failed"
 
 
 def test_sigterm_drains_the_running_task(stack, tmp_path):
