@@ -40,26 +40,38 @@ class Holding:
 
 class Ledger:
     """Thread-safe bookkeeping. A job keeps its slots until its runner is free again (finished, or
-    dead and replaced), even once abandoned, so a slot is never claimed twice."""
+    dead and replaced), even once abandoned, so a slot is never claimed twice. A finished job of ours
+    keeps them until its final report is delivered too: the orchestrator counts the job against our
+    slots until then, so a claim sent earlier would be refused the slot anyway."""
 
     def __init__(self, slots: int):
         self.slots = slots
         self.lock = threading.Lock()
+        self.slot_freed = threading.Event()
         self._held: dict[JobKey, Holding] = {}
-        self._unreported: dict[JobKey, str] = {}  # final report queued, not yet delivered: its session
+        # Final report queued, not yet delivered: its session and the slots it still takes.
+        self._unreported: dict[JobKey, tuple[str, int]] = {}
 
     def add(self, holding: Holding) -> None:
         with self.lock:
             self._held[holding.key] = holding
 
     def release(self, key: JobKey) -> Holding | None:
-        """The runner of ``key`` is free: forget the job; returns what was held, if anything."""
+        """The runner of ``key`` is free: returns what was held, if anything. A job of ours now awaits
+        its final report, which the caller queues; an abandoned one frees its slots at once."""
         with self.lock:
-            return self._held.pop(key, None)
+            holding = self._held.pop(key, None)
+            if holding is not None and not holding.abandoned:
+                self._unreported[key] = (holding.session_id, holding.pool_slots)
+        if holding is not None and holding.abandoned:
+            self.slot_freed.set()
+        return holding
 
     def free_slots(self) -> int:
         with self.lock:
-            return self.slots - sum(h.pool_slots for h in self._held.values())
+            taken = sum(h.pool_slots for h in self._held.values())
+            taken += sum(slots for key, (_, slots) in self._unreported.items() if key not in self._held)
+            return self.slots - taken
 
     def count(self) -> int:
         with self.lock:
@@ -95,17 +107,19 @@ class Ledger:
             return keys
 
     def awaiting_report(self, key: JobKey, session_id: str) -> None:
+        """A final report on ``key`` is queued (``release`` already recorded a job that was held)."""
         with self.lock:
-            self._unreported[key] = session_id
+            self._unreported.setdefault(key, (session_id, 0))
 
     def reported(self, key: JobKey) -> None:
         with self.lock:
             self._unreported.pop(key, None)
+        self.slot_freed.set()
 
     def heartbeat_jobs(self, session_id: str) -> list[HeldJob]:
         """Every job this session holds: running, or finished with its report not yet delivered, so the
         orchestrator does not sweep a job as orphaned while an outage delays its outcome."""
         with self.lock:
             keys = [k for k, h in self._held.items() if not h.abandoned and h.session_id == session_id]
-            keys += [k for k, s in self._unreported.items() if s == session_id and k not in self._held]
+            keys += [k for k, (s, _) in self._unreported.items() if s == session_id and k not in self._held]
         return [HeldJob(job_id=k.job_id, attempt=k.attempt) for k in keys[:MAX_HEARTBEAT_JOBS]]

@@ -93,7 +93,6 @@ class Worker:
         self.heartbeat = Heartbeat(self, self._done)
         self.threads = GuardedThreads(self._done)
         self._register_lock = threading.Lock()  # one registration at a time; never held with ledger.lock
-        self._slot_freed = threading.Event()
         self._session: Session | None = None
         self._last_contact = 0.0
         self._fatal: str | None = None
@@ -146,7 +145,7 @@ class Worker:
                 self.ledger.count(),
             )
         self._stop.set()
-        self._slot_freed.set()
+        self.ledger.slot_freed.set()
 
     def draining(self) -> bool:
         return self._stop.is_set()
@@ -160,7 +159,7 @@ class Worker:
             log.error(message)
         self._fatal = self._fatal or message
         self._stop.set()
-        self._slot_freed.set()
+        self.ledger.slot_freed.set()
 
     def token_rejected(self, err: AgentApiError) -> None:
         """Our token expired or was revoked: nothing we run can be reported any more, and the
@@ -268,11 +267,11 @@ class Worker:
                 self._stop.wait(1.0)
 
     def _claim_once(self) -> None:
+        self.ledger.slot_freed.clear()  # before counting, so a slot freed after the count wakes the wait
         free = min(self.ledger.free_slots(), self.pool.idle_count())
         session = self._session
         if free <= 0 or session is None:
-            self._slot_freed.wait(1.0)
-            self._slot_freed.clear()
+            self.ledger.slot_freed.wait(1.0)
             return
         try:
             jobs = self.client.claim(session.session_id, free, wait_seconds=session.claim_wait_seconds)
@@ -315,7 +314,7 @@ class Worker:
         held = self.ledger.release(outcome.key)
         if held is None:
             return
-        self._slot_freed.set()
+        self.ledger.slot_freed.set()
         if held.abandoned:
             log.info("Job %s attempt %s stopped; it is not ours to report", *outcome.key)
             return
@@ -365,8 +364,8 @@ class Worker:
     def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout
         while self.ledger.count() and time.monotonic() < deadline:
-            self._slot_freed.wait(1.0)
-            self._slot_freed.clear()
+            self.ledger.slot_freed.wait(1.0)
+            self.ledger.slot_freed.clear()
         if self.ledger.active():
             reason = f"terminated at drain timeout after {self.settings.drain_timeout:.0f} s"
             log.warning("Drain timeout: terminating %d running jobs", len(self.ledger.active()))

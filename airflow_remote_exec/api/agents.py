@@ -9,6 +9,7 @@ from airflow.configuration import conf
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
 from airflow_remote_exec.api.auth import SecretDep, authenticate, authorize_agent
@@ -21,8 +22,9 @@ from airflow_remote_exec.api.datamodels import (
 )
 from airflow_remote_exec.api.versions import version_mismatch
 from airflow_remote_exec.clock import db_now
-from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob
+from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob, RemoteToken
 from airflow_remote_exec.reroute import release_agent_jobs, release_jobs, silence_window
+from airflow_remote_exec.tokens import token_is_live
 
 router = APIRouter(prefix="/agents", tags=["agents"])
 
@@ -52,8 +54,9 @@ def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
             agent = RemoteAgent(name=body.name, registered_at=now, state="", drain_requested=False)
             session.add(agent)
         else:
+            _refuse_a_name_of_another_token(session, agent, token.id)
             if agent.state in AgentState.LIVE:
-                _refuse_taking_a_live_name(agent, body, token.id, now)
+                _refuse_taking_a_live_name(agent, body, now)
             # The previous session of this name is over: whatever it held is released.
             release_agent_jobs(session, body.name, f"agent {body.name} restarted", now)
         agent.session_id = str(uuid.uuid4())
@@ -86,12 +89,21 @@ def global_executors() -> str:
     return ",".join(name.strip() for name in shared.split(",") if name.strip())
 
 
-def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, token_id: int, now) -> None:
-    """A live name may be taken over only by its own process restarting, or once its holder is silent."""
-    if agent.token_id != token_id:
+def _refuse_a_name_of_another_token(session: Session, agent: RemoteAgent, token_id: int) -> None:
+    """A name belongs to the token that registered it while that token is valid: another token can
+    neither take it nor learn whether its agent is alive (the answer is the same either way)."""
+    if agent.token_id == token_id:
+        return
+    owner = session.get(RemoteToken, agent.token_id)
+    if owner is not None and token_is_live(owner):
         raise HTTPException(
-            status.HTTP_403_FORBIDDEN, f"Agent name {body.name!r} is in use by a live agent of another token."
+            status.HTTP_403_FORBIDDEN,
+            f"Agent name {agent.name!r} belongs to another token; give this agent another --name.",
         )
+
+
+def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, now) -> None:
+    """A live name may be taken over only by its own process restarting, or once its holder is silent."""
     same_process = (agent.hostname, agent.pid) == (body.hostname, body.pid)
     silent_for = now - agent.last_heartbeat_at
     held_for = timedelta(seconds=NAME_HELD_FOR_INTERVALS * config.heartbeat_interval())
@@ -109,7 +121,7 @@ def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, token_
 def heartbeat(session_id: str, body: HeartbeatRequest, secret: SecretDep) -> HeartbeatResponse:
     held = {(job.job_id, job.attempt) for job in body.running}
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock="update")
+        agent = authorize_agent(session, secret, session_id, lock=True)
         now = db_now(session)
         agent.last_heartbeat_at = now
         if body.draining:
@@ -137,7 +149,7 @@ def heartbeat(session_id: str, body: HeartbeatRequest, secret: SecretDep) -> Hea
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Deregister on shutdown")
 def deregister(session_id: str, secret: SecretDep) -> None:
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock="update")
+        agent = authorize_agent(session, secret, session_id, lock=True)
         now = db_now(session)
         release_agent_jobs(session, agent.name, f"agent {agent.name} shut down", now)
         agent.set_state(session, AgentState.GONE, "deregistered on shutdown", now=now)

@@ -2,12 +2,13 @@
 the session is over and the agent must register again).
 
 Header checks are ``async`` dependencies (no thread hop). The database checks are plain functions
-the route calls inside its own session, so a request costs one session and one query for auth.
+the route calls inside its own session, so a request costs one session and one query for auth, and
+no database work happens for a caller without a valid token beyond the look-up of that token.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, status
 from sqlalchemy import select
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 from airflow_remote_exec.api.datamodels import API_VERSION_HEADER, SUPPORTED_API_VERSIONS
 from airflow_remote_exec.api.presence import ensure_presence
 from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken
-from airflow_remote_exec.tokens import find_valid_token, token_is_live, token_matches
+from airflow_remote_exec.tokens import find_valid_token, hash_token, token_is_live, token_matches
 
 
 def _unauthorized(detail: str = "Agent token is unknown, expired or revoked.") -> HTTPException:
@@ -54,21 +55,21 @@ def authenticate(session: Session, secret: str) -> RemoteToken:
     return token
 
 
-def authorize_agent(
-    session: Session, secret: str, session_id: str, lock: Literal["update", "share"] | None = None
-) -> RemoteAgent:
+def authorize_agent(session: Session, secret: str, session_id: str, lock: bool = False) -> RemoteAgent:
     """The agent of ``session_id`` if ``secret`` is its live token: one query on the usual path.
 
-    ``lock`` row-locks the agent for the rest of the transaction: "update" to change it, "share" to
-    keep it from being declared lost meanwhile (a claim must never land on a lost agent).
+    The token's hash is part of that query, so a caller without the token never reads or locks the
+    agent's row. ``lock`` row-locks the agent for the rest of the transaction: no other claim,
+    heartbeat or loss verdict on it meanwhile (a claim must never land on a lost agent, nor two
+    claims count the same free slots).
     """
     query = (
         select(RemoteAgent, RemoteToken)
         .join(RemoteToken, RemoteToken.id == RemoteAgent.token_id)
-        .where(RemoteAgent.session_id == session_id)
+        .where(RemoteAgent.session_id == session_id, RemoteToken.token_hash == hash_token(secret))
     )
     if lock:
-        query = query.with_for_update(of=RemoteAgent, read=lock == "share")
+        query = query.with_for_update(of=RemoteAgent)
     row = session.execute(query).first()
     if row is not None and token_matches(row.RemoteToken, secret) and token_is_live(row.RemoteToken):
         agent = row.RemoteAgent
@@ -76,6 +77,6 @@ def authorize_agent(
             raise HTTPException(status.HTTP_410_GONE, f"Agent session is {agent.state}; register again.")
         return agent
     authenticate(session, secret)  # 401 before anything else for a bad token
-    if row is None:
+    if session.scalar(select(RemoteAgent.name).where(RemoteAgent.session_id == session_id)) is None:
         raise HTTPException(status.HTTP_410_GONE, "Unknown agent session; register again.")
     raise HTTPException(status.HTTP_403_FORBIDDEN, "This agent session belongs to another token.")

@@ -21,7 +21,11 @@ JobKind = Literal["task", "callback"]
 
 
 class RegisterRequest(BaseModel):
-    name: str = Field(pattern=_NAME, description="Agent name, unique among live agents.")
+    name: str = Field(
+        pattern=_NAME,
+        description="Agent name, unique among live agents; it belongs to the token that registered it "
+        "until that token is revoked or expires.",
+    )
     hostname: str = Field(default="", pattern=_HOSTNAME)
     pid: int = Field(
         default=0, ge=0, le=_INT32, description="Process id: with hostname, tells a restart apart."

@@ -8,7 +8,7 @@ from typing import Annotated
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, Path, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
@@ -31,6 +31,17 @@ def _slots_taken(pool_slots: int, agent: RemoteAgent) -> int:
     """Agent slots a job takes. ``pool_slots`` weighs a task in an Airflow pool and says nothing about
     CPUs, so a task wider than the agent takes the whole agent rather than never running."""
     return min(pool_slots, agent.slots)
+
+
+def _slots_held(session: Session, agent: RemoteAgent) -> int:
+    """Slots the jobs this agent holds take, as the orchestrator sees them: claimed or running, with
+    no final report yet. The agent's own count cannot be trusted to leave them out."""
+    taken = case((RemoteJob.pool_slots > agent.slots, agent.slots), else_=RemoteJob.pool_slots)
+    return session.scalar(
+        select(func.coalesce(func.sum(taken), 0)).where(
+            RemoteJob.agent_name == agent.name, RemoteJob.state.in_(JobState.HELD)
+        )
+    )
 
 
 def _claimed(job, agent: RemoteAgent, attempt: int) -> ClaimedJob:
@@ -60,14 +71,17 @@ def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str) -> lis
 
 
 def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = "") -> list[ClaimedJob]:
-    """Take queued jobs of the agent's queues, highest priority first, up to ``free_slots``."""
+    """Take queued jobs of the agent's queues, highest priority first, up to ``free_slots`` and never
+    beyond the agent's slots minus the jobs it already holds."""
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock="share")
+        agent = authorize_agent(session, secret, session_id, lock=True)
         if request_id and (again := _jobs_of_claim(session, agent, request_id)):
             return again
         if agent.state not in (AgentState.REGISTERED, AgentState.ACTIVE):
             return []  # draining: no new work
-        free_slots = min(free_slots, agent.slots)
+        free_slots = min(free_slots, agent.slots - _slots_held(session, agent))
+        if free_slots <= 0:
+            return []
         now = db_now(session)
         candidates = session.execute(
             select(*_CLAIM_COLUMNS)

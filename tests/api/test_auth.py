@@ -62,10 +62,23 @@ def test_session_of_another_token_is_403(client, make_token, register):
     assert reply.status_code == 403
 
 
-def test_name_held_by_live_agent_of_another_token_is_403(client, make_token, register):
-    register(make_token("first"), name="shared")
-    reply = client.post("/agents", json={**REGISTER, "name": "shared"}, headers=headers(make_token("second")))
-    assert reply.status_code == 403
+def test_name_of_another_tokens_agent_is_403_alive_or_not_until_that_token_is_revoked(
+    client, make_token, register, session
+):
+    first, second = make_token("first"), make_token("second")
+    session_id = register(first, name="shared")
+
+    def take():
+        return client.post("/agents", json={**REGISTER, "name": "shared"}, headers=headers(second))
+
+    alive = take()
+    assert alive.status_code == 403 and "belongs to another token" in alive.json()["detail"]
+    assert client.delete(f"/agents/{session_id}", headers=headers(first)).status_code == 204
+    gone = take()
+    assert (gone.status_code, gone.json()) == (alive.status_code, alive.json())  # nothing to probe
+    session.execute(update(RemoteToken).where(RemoteToken.name == "first").values(revoked_at=utcnow()))
+    session.commit()
+    assert take().status_code == 200
 
 
 def test_unknown_or_lost_session_is_410(client, make_token, register, session):

@@ -60,7 +60,7 @@ def test_claim_takes_only_the_agents_queues_highest_priority_first(client, sessi
 
 def test_claim_respects_free_slots_and_pool_slots(client, session, make_token, register):
     token = make_token()
-    session_id = register(token, slots=4)
+    session_id = register(token, slots=5)
     big, small1, small2 = _add(
         session,
         make_job("big", pool_slots=3, priority_weight=5),
@@ -72,6 +72,20 @@ def test_claim_respects_free_slots_and_pool_slots(client, session, make_token, r
     assert _job(session, big).state == JobState.QUEUED
     jobs = _claim(client, token, session_id, free_slots=3)
     assert [j["job_id"] for j in jobs] == [big]
+
+
+def test_claim_never_exceeds_the_agents_slots_minus_the_jobs_it_holds(client, session, make_token, register):
+    """An agent that says it has free slots while it holds jobs gets only what its slots leave."""
+    token = make_token()
+    session_id = register(token, slots=2)
+    job_ids = _add(session, *(make_job(f"held{n}") for n in range(3)), make_job("wide", pool_slots=8))
+    first = _claim(client, token, session_id, free_slots=2)
+    assert [j["job_id"] for j in first] == job_ids[:2]
+    assert _claim(client, token, session_id, free_slots=2) == []
+    assert _report(client, token, session_id, job_ids[0], 1, "success").status_code == 204
+    again = _claim(client, token, session_id, free_slots=2)
+    assert [j["job_id"] for j in again] == [job_ids[2]]
+    assert _job(session, job_ids[3]).state == JobState.QUEUED  # the wide job needs the whole agent
 
 
 def test_concurrent_claimers_never_take_the_same_job(client, session, make_token, register):

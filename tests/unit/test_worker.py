@@ -307,6 +307,32 @@ def test_abandoned_job_keeps_its_slots_until_its_runner_is_dead_and_gets_no_repo
     assert worker.ledger.free_slots() == 4 and _finals(client) == []
 
 
+def test_finished_job_keeps_its_slots_until_its_report_is_delivered(worker, client, pool):
+    """The orchestrator counts a job against the agent's slots until its final report lands."""
+    worker._start_job(_job(1, pool_slots=3), "s1")
+    _deliver_all(worker)  # the running report
+    pool.die(JobKey(1, 1), state="success", detail="")
+    worker._collect_outcomes()
+    assert worker.ledger.free_slots() == 1
+    assert [j.job_id for j in worker.ledger.heartbeat_jobs("s1")] == [1]
+    worker.ledger.slot_freed.clear()
+    _deliver_all(worker)
+    assert _finals(client) == [(1, 1, "success")]
+    assert worker.ledger.free_slots() == 4 and worker.ledger.slot_freed.is_set()
+
+
+def test_claim_after_a_delivered_report_asks_for_the_freed_slots(worker, client, pool):
+    worker._start_job(_job(1, pool_slots=2), "s1")
+    pool.die(JobKey(1, 1), state="success", detail="")
+    worker._collect_outcomes()
+    asked = []
+    client.claim = lambda session_id, free_slots, wait_seconds: asked.append(free_slots) or []
+    worker._claim_once()
+    _deliver_all(worker)
+    worker._claim_once()
+    assert asked == [2, 4]
+
+
 # -- heartbeat ---------------------------------------------------------------------------------
 
 
