@@ -255,6 +255,54 @@ def test_auth_failures_against_the_real_api_server(stack):
     assert post(f"/agents/{session_id}/heartbeat", tokens["b"], {"free_slots": 1}).status_code == 403
 
 
+def test_a_token_can_neither_take_nor_probe_another_tokens_names_nor_claim_beyond_its_slots(stack, tmp_path):
+    orch, _, tokens = stack
+    api = f"{orch.api_url}/remote/v1"
+    hostile = create_agent_token(orch, "tok-hostile", ["hostile"])
+
+    def call(method, path, token, json=None):
+        headers = {**API_HEADERS, "Authorization": f"Bearer {token}"}
+        return httpx.request(method, f"{api}{path}", json=json, headers=headers, timeout=30)
+
+    def register(token, name, slots=1, queue="hostile"):
+        body = {"name": name, "queues": [queue], "slots": slots, **AGENT_VERSIONS}
+        return call("POST", "/agents", token, body)
+
+    # agent-a is alive; a deregistered agent of the same token is not: the answer is the same.
+    taken = create_agent_token(orch, "tok-taken", ["hostile"])
+    gone = register(taken, "was-here").json()["session_id"]
+    assert call("DELETE", f"/agents/{gone}", taken).status_code == 204
+    alive, dead = register(hostile, "agent-a"), register(hostile, "was-here")
+    assert (alive.status_code, dead.status_code) == (403, 403), (alive.text, dead.text)
+    assert alive.json()["detail"].replace("agent-a", "X") == dead.json()["detail"].replace("was-here", "X")
+    assert "another token" in alive.json()["detail"]
+    other = register(tokens["b"], "agent-a", queue="etl")  # within tok-b's scope: refused for the name
+    assert other.status_code == 403 and "another token" in other.json()["detail"]
+
+    session_id = register(hostile, "greedy", slots=1).json()["session_id"]
+    with orch.client() as client:
+        client.wait_for_dag("remote_hostile")
+        run_id = client.trigger("remote_hostile")
+        wait_until(lambda: len(_jobs(orch, "remote_hostile")) == 3, 90, what="three queued jobs")
+
+        def claim():
+            reply = call("POST", f"/agents/{session_id}/jobs/claim", hostile, {"free_slots": 3})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["jobs"]
+
+        assert len(claim()) == 1
+        assert claim() == []  # it still holds one job in its only slot, whatever it says
+        # Hand the job back by deregistering; a real agent of the token runs all three.
+        assert call("DELETE", f"/agents/{session_id}", hostile).status_code == 204
+        agent = Agent(orch.api_url, tmp_path / "honest", DAGS, hostile, "honest", ["hostile"], 1)
+        try:
+            agent.start()
+            assert client.wait_for_run("remote_hostile", run_id, timeout=120) == "success"
+        finally:
+            agent.stop()
+    assert {(j["state"], j["agent_name"]) for j in _jobs(orch, "remote_hostile")} == {("success", "honest")}
+
+
 def test_task_processes_do_not_inherit_the_agent_token(stack, tmp_path):
     orch, _, _ = stack
     token = create_agent_token(orch, "tok-probe", ["probe"])

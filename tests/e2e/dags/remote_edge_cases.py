@@ -90,3 +90,15 @@ def remote_token_probe():
 
 
 remote_token_probe()
+
+
+@dag(dag_id="remote_hostile", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_hostile():
+    @task(queue="hostile", retries=0)
+    def one_slot_each(n: int) -> int:
+        return n
+
+    one_slot_each.expand(n=[1, 2, 3])
+
+
+remote_hostile()
