@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, Path, status
@@ -70,18 +70,24 @@ def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str) -> lis
     return [_claimed(job, agent, job.attempt) for job in rows]
 
 
-def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = "") -> list[ClaimedJob]:
+class ClaimResult(NamedTuple):
+    jobs: list[ClaimedJob]
+    queues: frozenset[str]  # the agent's: a claim that took nothing waits for jobs of these
+
+
+def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = "") -> ClaimResult:
     """Take queued jobs of the agent's queues, highest priority first, up to ``free_slots`` and never
     beyond the agent's slots minus the jobs it already holds."""
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)
+        queues = frozenset(agent.queue_list)
         if request_id and (again := _jobs_of_claim(session, agent, request_id)):
-            return again
+            return ClaimResult(again, queues)
         if agent.state not in (AgentState.REGISTERED, AgentState.ACTIVE):
-            return []  # draining: no new work
+            return ClaimResult([], queues)  # draining: no new work
         free_slots = min(free_slots, agent.slots - _slots_held(session, agent))
         if free_slots <= 0:
-            return []
+            return ClaimResult([], queues)
         now = db_now(session)
         candidates = session.execute(
             select(*_CLAIM_COLUMNS)
@@ -116,18 +122,31 @@ def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = 
                 claimed.append(_claimed(job, agent, job.attempt + 1))
             if free_slots <= 0:
                 break
-    return claimed
+    return ClaimResult(claimed, queues)
 
 
 @router.post("/claim", response_model=ClaimResponse, summary="Claim queued jobs, waiting for some if none")
 async def claim(session_id: str, body: ClaimRequest, secret: SecretDep) -> ClaimResponse:
+    """Claim at once, or wait to be woken for jobs of the agent's queues. One claim per session is
+    open at a time: a newer one makes this one return empty."""
     deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
-    while True:
-        jobs = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
-        remaining = deadline - time.monotonic()
-        if jobs or remaining <= 0:
-            return ClaimResponse(jobs=jobs)
-        await job_wakeup.wait(remaining)
+    open_claim = job_wakeup.open(session_id)
+    woken = False
+    try:
+        while True:
+            result = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
+            if result.jobs and woken:
+                # Woken for one job, it may have taken another waiter's: let the rest be counted again.
+                job_wakeup.jobs_may_be_queued()
+            remaining = deadline - time.monotonic()
+            if result.jobs or remaining <= 0 or job_wakeup.superseded(open_claim):
+                return ClaimResponse(jobs=result.jobs)
+            await job_wakeup.wait(open_claim, result.queues, remaining)
+            if job_wakeup.superseded(open_claim) or time.monotonic() >= deadline:
+                return ClaimResponse(jobs=[])  # not woken in time: no job for this agent appeared
+            woken = True
+    finally:
+        job_wakeup.close(open_claim)
 
 
 # The agent reports "running" when a runner takes the job, before Airflow starts the try; so a

@@ -1,8 +1,12 @@
-"""Wake long-polling claims as soon as a job is queued.
+"""Wake long-polling claims when jobs of their queues become claimable: only those, and no more of
+them than there are jobs.
 
-On Postgres one background thread per api-server process ``LISTEN``s on the channel the executor
-notifies; every waiting claim is woken and retries its claim. Elsewhere waiters simply re-check
-every ``[remote_exec] wakeup_poll_interval`` seconds.
+Each api-server process keeps its waiting claims here, at most one per agent session (a newer claim
+of the session supersedes the older, which returns empty). When jobs may have been queued, one
+query per process counts the claimable jobs of the waiters' queues, and one waiter per job is woken
+to claim, oldest waiter first. The signal comes from Postgres ``NOTIFY`` (one ``LISTEN`` thread per
+process), with a safety recheck every few seconds in case a notification was lost; databases
+without ``LISTEN`` (SQLite) are rechecked every ``[remote_exec] wakeup_poll_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -11,60 +15,163 @@ import asyncio
 import logging
 import select
 import threading
+from dataclasses import dataclass
 
 from airflow import settings
+from airflow.utils.session import create_session
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, or_
+from sqlalchemy import select as sql_select
 
 from airflow_remote_exec import config
+from airflow_remote_exec.clock import db_now
+from airflow_remote_exec.models import JobState, RemoteJob
 from airflow_remote_exec.notify import CHANNEL, supports_listen
 
 log = logging.getLogger(__name__)
 
-# With LISTEN a waiter still re-checks now and then, in case a notification was lost while the
-# listening connection was being re-established.
+# With LISTEN, waiters are still rechecked now and then, in case a notification was lost while the
+# listening connection was being re-established (or a fenced job's ``not_before`` has passed).
 SAFETY_RECHECK_SECONDS = 5.0
+
+
+def claimable_job_counts(queues: set[str]) -> dict[str, int]:
+    """Queued jobs per queue that a claim could take now."""
+    with create_session(scoped=False) as session:
+        now = db_now(session)
+        rows = session.execute(
+            sql_select(RemoteJob.queue, func.count())
+            .where(
+                RemoteJob.state == JobState.QUEUED,
+                RemoteJob.queue.in_(sorted(queues)),
+                or_(RemoteJob.not_before.is_(None), RemoteJob.not_before <= now),
+            )
+            .group_by(RemoteJob.queue)
+        ).all()
+    return {queue: count for queue, count in rows}
+
+
+@dataclass(eq=False)
+class OpenClaim:
+    """One claim request of an agent session, from arrival to response."""
+
+    session_id: str
+    queues: frozenset[str] = frozenset()
+    future: asyncio.Future | None = None  # set while the claim waits
 
 
 class JobWakeup:
     def __init__(self) -> None:
-        self._waiters: set[asyncio.Future] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open: dict[str, OpenClaim] = {}  # session id -> its newest claim
+        self._waiting: dict[str, OpenClaim] = {}  # session id -> its waiting claim, oldest first
         self._lock = threading.Lock()
+        self._listener: threading.Thread | None = None
         self._listening = False
-        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._recheck: asyncio.Task | None = None
+        self._counting = False
+        self._count_again = False
 
-    def _ensure_listener(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            self._loop = asyncio.get_running_loop()
-            if settings.engine is not None and supports_listen(settings.engine.dialect.name):
-                self._thread = threading.Thread(
-                    target=self._listen_forever, name="remote-exec-listen", daemon=True
-                )
-                self._thread.start()
-            else:
-                self._thread = threading.current_thread()  # marks "set up"; nothing to run
+    # -- claims ------------------------------------------------------------------------------
+    def open(self, session_id: str) -> OpenClaim:
+        """A new claim of ``session_id``; an older one of the same session stops waiting."""
+        claim = OpenClaim(session_id)
+        self._open[session_id] = claim
+        self._release(self._waiting.pop(session_id, None))
+        return claim
 
+    def close(self, claim: OpenClaim) -> None:
+        if self._open.get(claim.session_id) is claim:
+            del self._open[claim.session_id]
+
+    def superseded(self, claim: OpenClaim) -> bool:
+        return self._open.get(claim.session_id) is not claim
+
+    async def wait(self, claim: OpenClaim, queues: frozenset[str], timeout: float) -> None:
+        """Return when a job of ``queues`` may be claimable, when the claim is superseded, or after
+        ``timeout`` seconds."""
+        if self.superseded(claim):
+            return
+        self._start()
+        claim.queues = queues
+        claim.future = asyncio.get_running_loop().create_future()
+        self._waiting.pop(claim.session_id, None)
+        self._waiting[claim.session_id] = claim  # to the end: waiters are woken oldest first
+        try:
+            await asyncio.wait_for(claim.future, timeout=timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if self._waiting.get(claim.session_id) is claim:
+                del self._waiting[claim.session_id]
+            claim.future = None
+
+    @staticmethod
+    def _release(claim: OpenClaim | None) -> None:
+        if claim is not None and claim.future is not None and not claim.future.done():
+            claim.future.set_result(None)
+
+    # -- waking ------------------------------------------------------------------------------
+    def jobs_may_be_queued(self) -> None:
+        """Count the claimable jobs of the waiters' queues and wake that many waiters (one query,
+        however many waiters); a signal that arrives meanwhile triggers one more count."""
+        if self._counting:
+            self._count_again = True
+            return
+        if self._waiting:
+            self._counting = True
+            asyncio.get_running_loop().create_task(self._count_and_wake())
+
+    async def _count_and_wake(self) -> None:
+        try:
+            while True:
+                self._count_again = False
+                queues = set().union(*(claim.queues for claim in self._waiting.values()))
+                if queues:
+                    self._wake(await run_in_threadpool(claimable_job_counts, queues))
+                if not self._count_again:
+                    return
+        except Exception:
+            log.warning("Could not count claimable jobs; waiting claims end at their timeout", exc_info=True)
+        finally:
+            self._counting = False
+
+    def _wake(self, counts: dict[str, int]) -> None:
+        for claim in list(self._waiting.values()):
+            queue = next((q for q in sorted(claim.queues) if counts.get(q, 0) > 0), None)
+            if queue is not None:
+                counts[queue] -= 1
+                self._release(claim)
+
+    # -- signals -----------------------------------------------------------------------------
     @property
     def recheck_interval(self) -> float:
         return SAFETY_RECHECK_SECONDS if self._listening else config.wakeup_poll_interval()
 
-    async def wait(self, timeout: float) -> None:
-        """Return when a job may have been queued, or after ``timeout`` seconds."""
-        self._ensure_listener()
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.add(future)
-        try:
-            await asyncio.wait_for(future, timeout=min(timeout, self.recheck_interval))
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self._waiters.discard(future)
+    def _start(self) -> None:
+        """Start the recheck task on this event loop and, on Postgres, the ``LISTEN`` thread."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        if self._recheck is None or self._recheck.done() or self._recheck.get_loop() is not loop:
+            self._counting = False  # a count task of an earlier loop is gone with it
+            self._recheck = loop.create_task(self._recheck_forever())
+        engine = settings.engine
+        with self._lock:
+            if self._listener is None and engine is not None and supports_listen(engine.dialect.name):
+                self._listener = threading.Thread(
+                    target=self._listen_forever, name="remote-exec-listen", daemon=True
+                )
+                self._listener.start()
 
-    def _wake_all(self) -> None:
-        for future in list(self._waiters):
-            if not future.done():
-                future.set_result(None)
+    async def _recheck_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.recheck_interval)
+            self.jobs_may_be_queued()
+
+    def _signal_from_thread(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.jobs_may_be_queued)
 
     def _listen_forever(self) -> None:
         while True:
@@ -83,7 +190,7 @@ class JobWakeup:
             with conn.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")
             self._listening = True
-            self._loop.call_soon_threadsafe(self._wake_all)  # catch up on anything missed meanwhile
+            self._signal_from_thread()  # catch up on anything missed meanwhile
             while True:
                 readable, _, _ = select.select([conn], [], [], 30.0)
                 if not readable:
@@ -93,7 +200,7 @@ class JobWakeup:
                 conn.poll()
                 if conn.notifies:
                     conn.notifies.clear()
-                    self._loop.call_soon_threadsafe(self._wake_all)
+                    self._signal_from_thread()
         finally:
             raw.invalidate()
 

@@ -7,7 +7,9 @@ import time
 
 from sqlalchemy import select
 
+from airflow_remote_exec.api import jobs as jobs_api
 from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob
+from dev.stack import wait_until
 from tests.api.conftest import headers
 from tests.factories import make_job
 
@@ -144,6 +146,57 @@ def test_long_poll_times_out_empty(client, make_token, register):
     started = time.monotonic()
     assert _claim(client, token, session_id, wait=0.5) == []
     assert 0.4 < time.monotonic() - started < 10
+
+
+def test_a_newer_claim_of_the_session_makes_the_waiting_one_return_empty(client, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    first: dict = {}
+
+    def wait_long():
+        started = time.monotonic()
+        first["jobs"] = _claim(client, token, session_id, wait=20)
+        first["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=wait_long)
+    thread.start()
+    time.sleep(1.0)
+    assert _claim(client, token, session_id, wait=0.5) == []
+    thread.join(30)
+    assert first["jobs"] == [] and first["seconds"] < 10, first
+
+
+def test_a_queued_job_wakes_one_waiter_of_its_queue_and_no_other(
+    client, session, make_token, register, monkeypatch
+):
+    """Four claims wait: three on "default", one on "gpu". One default job wakes exactly one claim."""
+    token = make_token(queues=("default", "gpu"))
+    sessions = {name: register(token, name=name) for name in ("d1", "d2", "d3")}
+    sessions["g1"] = register(token, name="g1", queues=("gpu",))
+    calls: list[str] = []
+    real_claim_jobs = jobs_api.claim_jobs
+
+    def counted(secret, session_id, *args):
+        calls.append(session_id)
+        return real_claim_jobs(secret, session_id, *args)
+
+    monkeypatch.setattr(jobs_api, "claim_jobs", counted)
+    results: dict[str, list] = {}
+    threads = [
+        threading.Thread(target=lambda n=n, s=s: results.__setitem__(n, _claim(client, token, s, wait=4)))
+        for n, s in sessions.items()
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(calls) == 4, 10, what="every claim to try once and wait")
+    (job_id,) = _add(session, make_job("wake-one"))
+    for thread in threads:
+        thread.join(30)
+    winners = [name for name, jobs in results.items() if jobs]
+    assert winners and winners[0] in ("d1", "d2", "d3") and len(winners) == 1, results
+    assert results[winners[0]][0]["job_id"] == job_id
+    assert len(calls) == 5, f"one claim woken for one job, not {len(calls) - 4}: {calls}"
+    assert calls.count(sessions["g1"]) == 1  # the gpu claim was never woken
 
 
 def test_report_lifecycle_sets_pending_sync(client, session, make_token, register):
