@@ -19,6 +19,7 @@ from airflow_remote_exec.api.datamodels import (
     HeldJob,
     RegisterRequest,
     RegisterResponse,
+    error_responses,
 )
 from airflow_remote_exec.api.versions import version_mismatch
 from airflow_remote_exec.clock import db_now
@@ -26,7 +27,7 @@ from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, Remote
 from airflow_remote_exec.reroute import release_agent_jobs, release_jobs, silence_window
 from airflow_remote_exec.tokens import token_is_live
 
-router = APIRouter(prefix="/agents", tags=["agents"])
+router = APIRouter(prefix="/agents", tags=["agents"], responses=error_responses(400, 401, 403))
 
 # A live agent whose name is taken by a registration from another process keeps it while its
 # heartbeats are this fresh: two intervals tell a running agent from a dead one, and a dead
@@ -34,7 +35,12 @@ router = APIRouter(prefix="/agents", tags=["agents"])
 NAME_HELD_FOR_INTERVALS = 2
 
 
-@router.post("", response_model=RegisterResponse, summary="Register an agent and open a new session")
+@router.post(
+    "",
+    response_model=RegisterResponse,
+    summary="Register an agent and open a new session",
+    responses=error_responses(409, 426),
+)
 def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
     mismatch = version_mismatch(body.airflow_version, body.task_sdk_version)
     if mismatch:
@@ -117,7 +123,12 @@ def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, now) -
         )
 
 
-@router.post("/{session_id}/heartbeat", response_model=HeartbeatResponse, summary="Report liveness")
+@router.post(
+    "/{session_id}/heartbeat",
+    response_model=HeartbeatResponse,
+    summary="Report liveness",
+    responses=error_responses(404, 410),
+)
 def heartbeat(session_id: str, body: HeartbeatRequest, secret: SecretDep) -> HeartbeatResponse:
     held = {(job.job_id, job.attempt) for job in body.running}
     with create_session(scoped=False) as session:
@@ -146,7 +157,12 @@ def heartbeat(session_id: str, body: HeartbeatRequest, secret: SecretDep) -> Hea
     return HeartbeatResponse(state=state, stop=stop)
 
 
-@router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Deregister on shutdown")
+@router.delete(
+    "/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Deregister on shutdown",
+    responses=error_responses(404, 410),
+)
 def deregister(session_id: str, secret: SecretDep) -> None:
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 API_VERSION = "1"
 API_VERSION_HEADER = "Remote-Exec-Api-Version"
@@ -20,7 +20,13 @@ DETAIL_MAX_CHARS = 1000
 JobKind = Literal["task", "callback"]
 
 
-class RegisterRequest(BaseModel):
+class AgentRequest(BaseModel):
+    """A body an agent sends: types are strict (``false`` is not ``0``), so a wrong type is a 422."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class RegisterRequest(AgentRequest):
     name: str = Field(
         pattern=_NAME,
         description="Agent name, unique among live agents; it belongs to the token that registered it "
@@ -55,12 +61,12 @@ class RegisterResponse(BaseModel):
     )
 
 
-class HeldJob(BaseModel):
+class HeldJob(AgentRequest):
     job_id: int = Field(ge=1, le=2**63 - 1)
     attempt: int = Field(ge=0, le=_INT32)
 
 
-class HeartbeatRequest(BaseModel):
+class HeartbeatRequest(AgentRequest):
     running: list[HeldJob] = Field(
         default_factory=list,
         max_length=1024,
@@ -77,7 +83,7 @@ class HeartbeatResponse(BaseModel):
     )
 
 
-class ClaimRequest(BaseModel):
+class ClaimRequest(AgentRequest):
     free_slots: int = Field(ge=1, le=1024)
     wait_seconds: float = Field(default=0, ge=0, le=60)
     request_id: str = Field(
@@ -104,7 +110,7 @@ class ClaimResponse(BaseModel):
 ReportedState = Literal["running", "success", "failed", "not_started", "returned"]
 
 
-class StateReport(BaseModel):
+class StateReport(AgentRequest):
     """``success``: the supervisor returned (the task instance's own state says how the task ended);
     ``failed``: the workload could not run to completion (the runner died or raised);
     ``not_started``: Airflow refused to start this try (it runs elsewhere or is no longer queued);
@@ -122,3 +128,23 @@ class StateReport(BaseModel):
         return (
             value if value is None or len(value) <= DETAIL_MAX_CHARS else value[: DETAIL_MAX_CHARS - 1] + "…"
         )
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What was wrong, in words an operator can act on.")
+
+
+_ERROR_MEANINGS = {
+    400: "Missing or unsupported API version header, or a body that is not JSON.",
+    401: "Missing, unknown, expired or revoked agent token.",
+    403: "Outside the token's scope: a queue, an agent name, a session or a job of another agent.",
+    404: "No such job (revoked or purged), or no such route.",
+    409: "A stale attempt, an impossible state change, or a name in use by a live agent process.",
+    410: "The agent session is over: register again.",
+    426: "The agent's Airflow or Task SDK differs from the orchestrator's.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the errors a route can answer, so clients and fuzzers know them all."""
+    return {code: {"model": ErrorResponse, "description": _ERROR_MEANINGS[code]} for code in codes}

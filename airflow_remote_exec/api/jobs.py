@@ -13,13 +13,21 @@ from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
 from airflow_remote_exec.api.auth import SecretDep, authorize_agent
-from airflow_remote_exec.api.datamodels import ClaimedJob, ClaimRequest, ClaimResponse, StateReport
+from airflow_remote_exec.api.datamodels import (
+    ClaimedJob,
+    ClaimRequest,
+    ClaimResponse,
+    StateReport,
+    error_responses,
+)
 from airflow_remote_exec.api.wakeup import job_wakeup
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob
 from airflow_remote_exec.notify import notify_jobs_queued
 
-router = APIRouter(prefix="/agents/{session_id}/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/agents/{session_id}/jobs", tags=["jobs"], responses=error_responses(400, 401, 403, 404, 410)
+)
 
 _CLAIM_COLUMNS = (RemoteJob.id, RemoteJob.kind, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload)
 
@@ -157,7 +165,12 @@ _NEXT_STATES = {
 }
 
 
-@router.post("/{job_id}/state", status_code=status.HTTP_204_NO_CONTENT, summary="Report a job's state")
+@router.post(
+    "/{job_id}/state",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Report a job's state",
+    responses=error_responses(409),
+)
 def report_state(
     session_id: str, job_id: Annotated[int, Path(ge=1, le=2**63 - 1)], body: StateReport, secret: SecretDep
 ) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import statistics
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from dev.stack import (
+    VENV_BIN,
     Agent,
     Orchestrator,
     create_agent_token,
@@ -365,3 +368,24 @@ def test_second_process_under_a_live_name_is_refused_and_the_first_keeps_its_tas
         first.stop()
     (job,) = _jobs(orch, "remote_twin")
     assert (job["state"], job["agent_name"], job["attempt"]) == ("success", "twin", 1)
+
+
+def test_fuzzing_the_agent_api_gets_no_server_error_and_no_answer_outside_its_schema(stack, tmp_path):
+    """schemathesis against the real api-server's /remote/v1 OpenAPI, with a valid and a bogus token:
+    every check but "a schema-valid request is accepted" (an unknown session is rightly refused)."""
+    orch, _, _ = stack
+    token = create_agent_token(orch, "tok-fuzz", ["fuzz"])  # a queue nothing is ever queued on
+    api = f"{orch.api_url}/remote/v1"
+    for name, secret in (("valid", token), ("bogus", "rex_not-a-real-token")):
+        command = [
+            str(VENV_BIN / "schemathesis"), "run", f"{api}/openapi.json", "--url", api,
+            "-H", f"Authorization: Bearer {secret}", "-H", "Remote-Exec-Api-Version: 1",
+            "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+            "--max-examples", "40", "--seed", "20261127", "--request-timeout", "90",
+            "--report-dir", str(tmp_path / name),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{name} token:\n{output[-6000:]}"
+        generated = re.search(r"(\d+) generated", output)
+        assert generated and int(generated.group(1)) >= 100, output[-2000:]
