@@ -22,7 +22,7 @@ from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.db import DBLocks, create_global_lock
 from airflow.utils.session import create_session
 from airflow.utils.state import TaskInstanceState
-from sqlalchemy import and_, delete, select, tuple_, update
+from sqlalchemy import and_, delete, select, true, tuple_, update
 
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.db import RemoteDBManager
@@ -41,6 +41,18 @@ if TYPE_CHECKING:
 PURGE_EVERY_SECONDS = 30.0
 LIVENESS_EVERY_SECONDS = 1.0
 RUNNING_RECHECK_EVERY_SECONDS = 10.0
+
+
+# The columns ``_key_of`` reads.
+_KEY_COLUMNS = (
+    RemoteJob.kind,
+    RemoteJob.ti_id,
+    RemoteJob.dag_id,
+    RemoteJob.task_id,
+    RemoteJob.run_id,
+    RemoteJob.map_index,
+    RemoteJob.try_number,
+)
 
 
 def _key_of(job) -> TaskInstanceKey | CallbackKey:
@@ -207,19 +219,11 @@ class RemoteExecutor(BaseExecutor):
         (``skip_locked``), so a running event that meets a locked row is dropped for good.
         """
         running_jobs = session.execute(
-            select(
-                RemoteJob.kind,
-                RemoteJob.ti_id,
-                RemoteJob.dag_id,
-                RemoteJob.task_id,
-                RemoteJob.run_id,
-                RemoteJob.map_index,
-                RemoteJob.try_number,
-                RemoteJob.agent_name,
-            ).where(
+            select(*_KEY_COLUMNS, RemoteJob.agent_name).where(
                 RemoteJob.kind == JobKind.TASK,
                 RemoteJob.state == JobState.RUNNING,
                 RemoteJob.pending_sync.is_(False),
+                RemoteJob.queued_by_job_id == self.job_id if self.job_id is not None else true(),
             )
         ).all()
         ours = {row.ti_id: row for row in running_jobs if _key_of(row) in self.running}
@@ -241,13 +245,7 @@ class RemoteExecutor(BaseExecutor):
         rows = session.execute(
             select(
                 RemoteJob.id,
-                RemoteJob.kind,
-                RemoteJob.ti_id,
-                RemoteJob.dag_id,
-                RemoteJob.task_id,
-                RemoteJob.run_id,
-                RemoteJob.map_index,
-                RemoteJob.try_number,
+                *_KEY_COLUMNS,
                 RemoteJob.state,
                 RemoteJob.agent_name,
                 RemoteJob.detail,
