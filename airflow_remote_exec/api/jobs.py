@@ -138,21 +138,21 @@ async def claim(session_id: str, body: ClaimRequest, secret: SecretDep) -> Claim
     """Claim at once, or wait to be woken for jobs of the agent's queues. One claim per session is
     open at a time: a newer one makes this one return empty."""
     deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
+    # The first attempt authorizes the caller before it may touch the session's open claim.
+    result = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
     open_claim = job_wakeup.open(session_id)
-    woken = False
     try:
         while True:
-            result = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
-            if result.jobs and woken:
-                # Woken for one job, it may have taken another waiter's: let the rest be counted again.
-                job_wakeup.jobs_may_be_queued()
             remaining = deadline - time.monotonic()
             if result.jobs or remaining <= 0 or job_wakeup.superseded(open_claim):
                 return ClaimResponse(jobs=result.jobs)
             await job_wakeup.wait(open_claim, result.queues, remaining)
             if job_wakeup.superseded(open_claim) or time.monotonic() >= deadline:
                 return ClaimResponse(jobs=[])  # not woken in time: no job for this agent appeared
-            woken = True
+            result = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
+            if result.jobs:
+                # Woken for one job, it may have taken another waiter's: let the rest be counted again.
+                job_wakeup.jobs_may_be_queued()
     finally:
         job_wakeup.close(open_claim)
 

@@ -166,6 +166,25 @@ def test_a_newer_claim_of_the_session_makes_the_waiting_one_return_empty(client,
     assert first["jobs"] == [] and first["seconds"] < 10, first
 
 
+def test_a_claim_refused_for_its_token_does_not_end_the_sessions_waiting_claim(
+    client, session, make_token, register
+):
+    token, other = make_token("mine"), make_token("other")
+    session_id = register(token)
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(jobs=_claim(client, token, session_id, wait=20)))
+    thread.start()
+    time.sleep(1.0)
+    for intruder in (other, "rex_not-a-token"):
+        reply = client.post(
+            f"/agents/{session_id}/jobs/claim", json={"free_slots": 1}, headers=headers(intruder)
+        )
+        assert reply.status_code in (401, 403), reply.text
+    (job_id,) = _add(session, make_job("still-waiting"))
+    thread.join(30)
+    assert [j["job_id"] for j in first["jobs"]] == [job_id]
+
+
 def test_a_queued_job_wakes_one_waiter_of_its_queue_and_no_other(
     client, session, make_token, register, monkeypatch
 ):
