@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
-from airflow_remote_exec.api.auth import SecretDep, authenticate, authorize_agent
+from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authenticate, authorize_agent
 from airflow_remote_exec.api.datamodels import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -129,7 +129,7 @@ def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, now) -
     summary="Report liveness",
     responses=error_responses(404, 410),
 )
-def heartbeat(session_id: str, body: HeartbeatRequest, secret: SecretDep) -> HeartbeatResponse:
+def heartbeat(session_id: SessionIdPath, body: HeartbeatRequest, secret: SecretDep) -> HeartbeatResponse:
     held = {(job.job_id, job.attempt) for job in body.running}
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)
@@ -163,7 +163,7 @@ def heartbeat(session_id: str, body: HeartbeatRequest, secret: SecretDep) -> Hea
     summary="Deregister on shutdown",
     responses=error_responses(404, 410),
 )
-def deregister(session_id: str, secret: SecretDep) -> None:
+def deregister(session_id: SessionIdPath, secret: SecretDep) -> None:
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)
         now = db_now(session)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, status
+from fastapi import Depends, Header, HTTPException, Path, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -45,6 +45,8 @@ async def bearer_secret(
 
 
 SecretDep = Annotated[str, Depends(bearer_secret)]
+# Session ids are UUIDs: anything else (a NUL byte, a newline) is a 422, never a database error.
+SessionIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9-]{1,36}$")]
 
 
 def authenticate(session: Session, secret: str) -> RemoteToken:

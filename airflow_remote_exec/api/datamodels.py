@@ -88,7 +88,7 @@ class ClaimRequest(AgentRequest):
     wait_seconds: float = Field(default=0, ge=0, le=60)
     request_id: str = Field(
         default="",
-        max_length=36,
+        pattern=r"^[A-Za-z0-9-]{0,36}$",
         description="Idempotency key: a claim re-sent after its response was lost returns the same jobs.",
     )
 
@@ -124,10 +124,12 @@ class StateReport(AgentRequest):
     @field_validator("detail")
     @classmethod
     def _truncate(cls, value: str | None) -> str | None:
-        """A long error message is cut, never a reason to refuse the report."""
-        return (
-            value if value is None or len(value) <= DETAIL_MAX_CHARS else value[: DETAIL_MAX_CHARS - 1] + "…"
-        )
+        """A long error message is cut, and NUL bytes (which Postgres cannot store) dropped: never a
+        reason to refuse the report, which the agent would otherwise send again and again."""
+        if value is None:
+            return None
+        value = value.replace("\x00", "")
+        return value if len(value) <= DETAIL_MAX_CHARS else value[: DETAIL_MAX_CHARS - 1] + "…"
 
 
 class ErrorResponse(BaseModel):

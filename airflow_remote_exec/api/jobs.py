@@ -6,13 +6,13 @@ import time
 from typing import Annotated, NamedTuple
 
 from airflow.utils.session import create_session
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, HTTPException, Path, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
-from airflow_remote_exec.api.auth import SecretDep, authorize_agent
+from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authorize_agent
 from airflow_remote_exec.api.datamodels import (
     ClaimedJob,
     ClaimRequest,
@@ -80,7 +80,9 @@ def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str) -> lis
 
 class ClaimResult(NamedTuple):
     jobs: list[ClaimedJob]
-    queues: frozenset[str]  # the agent's: a claim that took nothing waits for jobs of these
+    # The agent's queues, for a claim that took nothing to wait on; none when it cannot take anything
+    # now (draining, or its slots all held), so that it is never woken for a job another agent could run.
+    wait_on: frozenset[str]
 
 
 def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = "") -> ClaimResult:
@@ -92,10 +94,10 @@ def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = 
         if request_id and (again := _jobs_of_claim(session, agent, request_id)):
             return ClaimResult(again, queues)
         if agent.state not in (AgentState.REGISTERED, AgentState.ACTIVE):
-            return ClaimResult([], queues)  # draining: no new work
+            return ClaimResult([], frozenset())  # draining: no new work
         free_slots = min(free_slots, agent.slots - _slots_held(session, agent))
         if free_slots <= 0:
-            return ClaimResult([], queues)
+            return ClaimResult([], frozenset())
         now = db_now(session)
         candidates = session.execute(
             select(*_CLAIM_COLUMNS)
@@ -134,7 +136,9 @@ def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = 
 
 
 @router.post("/claim", response_model=ClaimResponse, summary="Claim queued jobs, waiting for some if none")
-async def claim(session_id: str, body: ClaimRequest, secret: SecretDep) -> ClaimResponse:
+async def claim(
+    session_id: SessionIdPath, body: ClaimRequest, secret: SecretDep, request: Request
+) -> ClaimResponse:
     """Claim at once, or wait to be woken for jobs of the agent's queues. One claim per session is
     open at a time: a newer one makes this one return empty."""
     deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
@@ -146,14 +150,17 @@ async def claim(session_id: str, body: ClaimRequest, secret: SecretDep) -> Claim
             remaining = deadline - time.monotonic()
             if result.jobs or remaining <= 0 or job_wakeup.superseded(open_claim):
                 return ClaimResponse(jobs=result.jobs)
-            await job_wakeup.wait(open_claim, result.queues, remaining)
-            if job_wakeup.superseded(open_claim) or time.monotonic() >= deadline:
-                return ClaimResponse(jobs=[])  # not woken in time: no job for this agent appeared
+            await job_wakeup.wait(open_claim, result.wait_on, remaining)
+            if (
+                job_wakeup.superseded(open_claim)
+                or time.monotonic() >= deadline
+                or await request.is_disconnected()  # jobs claimed now would go nowhere
+            ):
+                return ClaimResponse(jobs=[])
             result = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
-            if result.jobs:
-                # Woken for one job, it may have taken another waiter's: let the rest be counted again.
-                job_wakeup.jobs_may_be_queued()
+            job_wakeup.tried(open_claim, took_jobs=bool(result.jobs))
     finally:
+        job_wakeup.tried(open_claim, took_jobs=False)  # a wake-up it did not use goes to another waiter
         job_wakeup.close(open_claim)
 
 
@@ -172,7 +179,10 @@ _NEXT_STATES = {
     responses=error_responses(409),
 )
 def report_state(
-    session_id: str, job_id: Annotated[int, Path(ge=1, le=2**63 - 1)], body: StateReport, secret: SecretDep
+    session_id: SessionIdPath,
+    job_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    body: StateReport,
+    secret: SecretDep,
 ) -> None:
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id)

@@ -58,18 +58,21 @@ class OpenClaim:
     session_id: str
     queues: frozenset[str] = frozenset()
     future: asyncio.Future | None = None  # set while the claim waits
+    woken_by: int | None = None  # the signal it was woken for a job by, until it has tried to claim
+    fruitless_at: int = -1  # the last signal it was woken by and then took nothing
 
 
 class JobWakeup:
     def __init__(self) -> None:
         self._open: dict[str, OpenClaim] = {}  # session id -> its newest claim
         self._waiting: dict[str, OpenClaim] = {}  # session id -> its waiting claim, oldest first
+        self._signal = 0  # grows with every NOTIFY and every recheck
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._listening = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recheck: asyncio.Task | None = None
-        self._counting = False
+        self._count_task: asyncio.Task | None = None
         self._count_again = False
 
     # -- claims ------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ class JobWakeup:
 
     async def wait(self, claim: OpenClaim, queues: frozenset[str], timeout: float) -> None:
         """Return when a job of ``queues`` may be claimable, when the claim is superseded, or after
-        ``timeout`` seconds."""
+        ``timeout`` seconds. A claim that cannot take anything now waits with no queues."""
         if self.superseded(claim):
             return
         self._start()
@@ -106,6 +109,18 @@ class JobWakeup:
                 del self._waiting[claim.session_id]
             claim.future = None
 
+    def tried(self, claim: OpenClaim, took_jobs: bool) -> None:
+        """After the claim attempt a wake-up led to, or instead of it (superseded, timed out, the
+        client gone, the attempt raised): count again, so a job it did not take wakes another waiter
+        and one it took that was counted for another waiter does not leave that one asleep. A claim
+        that took nothing is not woken again before the next signal."""
+        if claim.woken_by is None:
+            return
+        if not took_jobs:
+            claim.fruitless_at = claim.woken_by
+        claim.woken_by = None
+        self.jobs_may_be_queued()
+
     @staticmethod
     def _release(claim: OpenClaim | None) -> None:
         if claim is not None and claim.future is not None and not claim.future.done():
@@ -114,13 +129,17 @@ class JobWakeup:
     # -- waking ------------------------------------------------------------------------------
     def jobs_may_be_queued(self) -> None:
         """Count the claimable jobs of the waiters' queues and wake that many waiters (one query,
-        however many waiters); a signal that arrives meanwhile triggers one more count."""
-        if self._counting:
+        however many waiters); a call that arrives meanwhile triggers one more count."""
+        if self._count_task is not None and not self._count_task.done():
             self._count_again = True
             return
         if self._waiting:
-            self._counting = True
-            asyncio.get_running_loop().create_task(self._count_and_wake())
+            self._count_task = asyncio.get_running_loop().create_task(self._count_and_wake())
+
+    def _new_signal(self) -> None:
+        """Jobs may have been queued (a NOTIFY, a recheck): every waiter may be woken again."""
+        self._signal += 1
+        self.jobs_may_be_queued()
 
     async def _count_and_wake(self) -> None:
         try:
@@ -133,14 +152,15 @@ class JobWakeup:
                     return
         except Exception:
             log.warning("Could not count claimable jobs; waiting claims end at their timeout", exc_info=True)
-        finally:
-            self._counting = False
 
     def _wake(self, counts: dict[str, int]) -> None:
         for claim in list(self._waiting.values()):
+            if claim.future is None or claim.future.done() or claim.fruitless_at == self._signal:
+                continue
             queue = next((q for q in sorted(claim.queues) if counts.get(q, 0) > 0), None)
             if queue is not None:
                 counts[queue] -= 1
+                claim.woken_by = self._signal
                 self._release(claim)
 
     # -- signals -----------------------------------------------------------------------------
@@ -153,7 +173,7 @@ class JobWakeup:
         loop = asyncio.get_running_loop()
         self._loop = loop
         if self._recheck is None or self._recheck.done() or self._recheck.get_loop() is not loop:
-            self._counting = False  # a count task of an earlier loop is gone with it
+            self._count_task = None  # a count task of an earlier loop is gone with it
             self._recheck = loop.create_task(self._recheck_forever())
         engine = settings.engine
         with self._lock:
@@ -166,12 +186,12 @@ class JobWakeup:
     async def _recheck_forever(self) -> None:
         while True:
             await asyncio.sleep(self.recheck_interval)
-            self.jobs_may_be_queued()
+            self._new_signal()
 
     def _signal_from_thread(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.jobs_may_be_queued)
+            loop.call_soon_threadsafe(self._new_signal)
 
     def _listen_forever(self) -> None:
         while True:
@@ -193,11 +213,11 @@ class JobWakeup:
             self._signal_from_thread()  # catch up on anything missed meanwhile
             while True:
                 readable, _, _ = select.select([conn], [], [], 30.0)
-                if not readable:
+                if readable:
+                    conn.poll()
+                else:
                     with conn.cursor() as cursor:
-                        cursor.execute("SELECT 1")  # detect a dead connection
-                    continue
-                conn.poll()
+                        cursor.execute("SELECT 1")  # detect a dead connection (and read what came)
                 if conn.notifies:
                     conn.notifies.clear()
                     self._signal_from_thread()

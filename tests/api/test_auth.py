@@ -6,8 +6,9 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken, utcnow
+from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteJob, RemoteToken, utcnow
 from tests.api.conftest import AGENT_VERSIONS, headers
+from tests.factories import make_job
 
 REGISTER = {"name": "agent-1", "queues": ["default"], "slots": 2, **AGENT_VERSIONS}
 
@@ -98,6 +99,35 @@ def test_invalid_payloads_are_422(client, make_token):
     token = make_token()
     for body in ({**REGISTER, "slots": 0}, {**REGISTER, "queues": []}, {**REGISTER, "name": "bad name"}, {}):
         assert client.post("/agents", json=body, headers=headers(token)).status_code == 422
+    # Strict types: a JSON false is not 0, and 0 is not false.
+    assert client.post("/agents", json={**REGISTER, "pid": False}, headers=headers(token)).status_code == 422
+    heartbeat = {"free_slots": 1, "draining": 0}
+    assert client.post("/agents/s/heartbeat", json=heartbeat, headers=headers(token)).status_code == 422
+    # What Postgres could not store never reaches it: a NUL or newline in a session id or request id.
+    for session_id in ("a%00b", "a%0Ab"):
+        reply = client.post(f"/agents/{session_id}/heartbeat", json={"free_slots": 1}, headers=headers(token))
+        assert reply.status_code == 422, reply.text
+    claim = {"free_slots": 1, "request_id": "a\u0000b"}
+    assert client.post("/agents/s/jobs/claim", json=claim, headers=headers(token)).status_code == 422
+
+
+def test_a_nul_byte_in_a_reports_detail_is_dropped_not_refused(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _claimed_job(client, session, token, session_id)
+    report = {"attempt": 1, "state": "failed", "detail": "exit\u0000code 1"}
+    reply = client.post(f"/agents/{session_id}/jobs/{job_id}/state", json=report, headers=headers(token))
+    assert reply.status_code == 204, reply.text
+    session.expire_all()
+    assert session.get(RemoteJob, job_id).detail == "exitcode 1"
+
+
+def _claimed_job(client, session, token, session_id) -> list[int]:
+    job = make_job("nul")
+    session.add(job)
+    session.commit()
+    reply = client.post(f"/agents/{session_id}/jobs/claim", json={"free_slots": 1}, headers=headers(token))
+    return [j["job_id"] for j in reply.json()["jobs"]]
 
 
 def test_openapi_schema_lists_the_agent_routes(client):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, update
 
+from airflow_remote_exec import config
 from airflow_remote_exec.api import jobs as jobs_api
+from airflow_remote_exec.api.wakeup import job_wakeup
 from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob
 from dev.stack import wait_until
 from tests.api.conftest import headers
@@ -41,6 +44,19 @@ def _report(client, token, session_id, job_id, attempt, state, **extra):
 def _job(session, job_id) -> RemoteJob:
     session.expire_all()
     return session.get(RemoteJob, job_id)
+
+
+def _count_claim_attempts(monkeypatch) -> list[str]:
+    """The session id of every claim attempt the API makes from now on, in order."""
+    calls: list[str] = []
+    real_claim_jobs = jobs_api.claim_jobs
+
+    def counted(secret, session_id, *args):
+        calls.append(session_id)
+        return real_claim_jobs(secret, session_id, *args)
+
+    monkeypatch.setattr(jobs_api, "claim_jobs", counted)
+    return calls
 
 
 def test_claim_takes_only_the_agents_queues_highest_priority_first(client, session, make_token, register):
@@ -192,14 +208,7 @@ def test_a_queued_job_wakes_one_waiter_of_its_queue_and_no_other(
     token = make_token(queues=("default", "gpu"))
     sessions = {name: register(token, name=name) for name in ("d1", "d2", "d3")}
     sessions["g1"] = register(token, name="g1", queues=("gpu",))
-    calls: list[str] = []
-    real_claim_jobs = jobs_api.claim_jobs
-
-    def counted(secret, session_id, *args):
-        calls.append(session_id)
-        return real_claim_jobs(secret, session_id, *args)
-
-    monkeypatch.setattr(jobs_api, "claim_jobs", counted)
+    calls = _count_claim_attempts(monkeypatch)
     results: dict[str, list] = {}
     threads = [
         threading.Thread(target=lambda n=n, s=s: results.__setitem__(n, _claim(client, token, s, wait=4)))
@@ -216,6 +225,52 @@ def test_a_queued_job_wakes_one_waiter_of_its_queue_and_no_other(
     assert results[winners[0]][0]["job_id"] == job_id
     assert len(calls) == 5, f"one claim woken for one job, not {len(calls) - 4}: {calls}"
     assert calls.count(sessions["g1"]) == 1  # the gpu claim was never woken
+
+
+@pytest.mark.parametrize("blocker", ["draining", "too_few_free_slots", "ended_session"])
+def test_a_waiting_claim_that_cannot_take_the_job_does_not_keep_it_from_another(
+    client, session, make_token, register, monkeypatch, blocker
+):
+    """The older of two waiting claims cannot take the new job: the younger one gets it at once, not at
+    the next recheck (5 s here, as with LISTEN on Postgres)."""
+    monkeypatch.setattr(config, "wakeup_poll_interval", lambda: 5.0)
+    token = make_token()
+    older, younger = register(token, name="older"), register(token, name="younger")
+    if blocker == "draining":
+        session.execute(
+            update(RemoteAgent).where(RemoteAgent.name == "older").values(state=AgentState.DRAINING)
+        )
+        session.commit()
+    calls = _count_claim_attempts(monkeypatch)
+    results: dict[str, tuple[int, float]] = {}
+
+    def claim(name: str, session_id: str, free_slots: int) -> None:
+        reply = client.post(
+            f"/agents/{session_id}/jobs/claim",
+            json={"free_slots": free_slots, "wait_seconds": 15},
+            headers=headers(token),
+        )
+        results[name] = (reply.status_code, reply.json(), time.monotonic())
+
+    first = threading.Thread(target=claim, args=("older", older, 1 if blocker == "too_few_free_slots" else 4))
+    first.start()
+    wait_until(lambda: len(calls) == 1, 10, what="the older claim to wait")
+    if blocker == "ended_session":
+        register(token, name="older")  # the same process registers again: the waiting claim's session ends
+    second = threading.Thread(target=claim, args=("younger", younger, 4))
+    second.start()
+    wait_until(lambda: len(calls) == 2, 10, what="the younger claim to wait")
+    time.sleep(0.2)
+    (job_id,) = _add(session, make_job("needs-two", pool_slots=2))
+    queued = time.monotonic()
+    job_wakeup._signal_from_thread()  # what the LISTEN thread does on a NOTIFY
+    second.join(30)
+    first.join(30)
+    status, body, answered = results["younger"]
+    assert (status, [j["job_id"] for j in body["jobs"]]) == (200, [job_id])
+    assert answered - queued < 2.0, (
+        f"the younger claim got the job {answered - queued:.1f} s after it was queued"
+    )
 
 
 def test_report_lifecycle_sets_pending_sync(client, session, make_token, register):
