@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 URL_PREFIX = "/remote/v1"
 MAX_BACKOFF_SECONDS = 30.0
+STOP_CHECK_SECONDS = 0.2  # how soon a backoff notices that the agent stops
 # Connect/read/write limit for ordinary calls: the API answers in milliseconds when healthy, and a
 # call stuck longer than this is better retried on a fresh connection.
 DEFAULT_TIMEOUT_SECONDS = 15.0
@@ -107,6 +108,10 @@ class AgentClient:
     ):
         self.api_url = api_url.rstrip("/")
         self._stop = stop or threading.Event()
+        # Counts answers from the agent API: a retry waiting out its backoff goes at once when another
+        # request gets through (the orchestrator is back), so outcomes are not held back after an outage.
+        self._answers = 0
+        self._answered = threading.Condition()
         self._http = httpx.Client(
             base_url=self.api_url + URL_PREFIX,
             headers={"Authorization": f"Bearer {token}", API_VERSION_HEADER: API_VERSION},
@@ -135,7 +140,7 @@ class AgentClient:
         growing delay. The same payload is re-sent each time, so a retried request must be idempotent.
         """
         # Requests bound to the agent's life stop retrying, and stop sleeping, once it stops.
-        sleep = self._stop.wait if keep_trying is None else time.sleep
+        bound_to_life = keep_trying is None
         keep_trying = keep_trying or (lambda: not self._stop.is_set())
         payload = body.model_dump(mode="json") if body is not None else None
         delay_base, failures = 0.5, 0
@@ -145,6 +150,7 @@ class AgentClient:
                     method, path, json=payload, timeout=timeout or httpx.USE_CLIENT_DEFAULT
                 )
                 if response.status_code < 500 and response.status_code != 429 and not _foreign_401(response):
+                    self._note_answer()
                     break
                 problem = f"HTTP {response.status_code}: {_detail(response)}"
             except httpx.TransportError as err:
@@ -157,7 +163,7 @@ class AgentClient:
                 continue
             delay = min(MAX_BACKOFF_SECONDS, delay_base) * random.uniform(0.8, 1.2)
             log.warning("Orchestrator unreachable (%s), try %d; retrying in %.1fs", problem, failures, delay)
-            sleep(delay)
+            self._pause(delay, bound_to_life)
             delay_base *= 2
         if failures:
             log.info("Orchestrator reachable again after %d failed tries", failures)
@@ -165,6 +171,23 @@ class AgentClient:
             return response.json() if response.content else None
         error = _ERRORS.get(response.status_code, AgentApiError)
         raise error(response.status_code, _detail(response))
+
+    def _note_answer(self) -> None:
+        with self._answered:
+            self._answers += 1
+            self._answered.notify_all()
+
+    def _pause(self, seconds: float, bound_to_life: bool) -> None:
+        """Wait before a retry: ``seconds``, or less if another request gets an answer meanwhile, or
+        (for a request bound to the agent's life) the agent stops."""
+        deadline = time.monotonic() + seconds
+        with self._answered:
+            seen = self._answers
+            while self._answers == seen and not (bound_to_life and self._stop.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._answered.wait(min(left, STOP_CHECK_SECONDS))
 
     def register(self, request: RegisterRequest) -> RegisterResponse:
         """Register once; retries only while unreachable. 409 and 426 are the caller's to handle."""

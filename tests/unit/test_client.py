@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
 import pytest
 
 from airflow_remote_exec.agent.client import AgentClient, Conflict, Unauthorized, Unreachable, VersionMismatch
-from airflow_remote_exec.api.datamodels import HeartbeatRequest, RegisterRequest
+from airflow_remote_exec.api.datamodels import HeartbeatRequest, HeldJob, RegisterRequest, StateReport
 
 
 def _client(handler) -> AgentClient:
@@ -101,3 +102,38 @@ def test_only_the_agent_apis_own_401_rejects_the_token():
         _heartbeat(_client(ours))
     with pytest.raises(Unreachable):
         _heartbeat(_client(proxy))
+
+
+def test_a_report_in_backoff_goes_at_once_when_another_request_gets_through():
+    """After an outage, outcomes (and with them the slots they hold) are delivered as soon as the agent
+    API answers anything, not at the end of a backoff that has grown meanwhile."""
+    up = threading.Event()
+    report_tries: list[float] = []
+
+    def handler(request):
+        if request.url.path.endswith("/state"):
+            report_tries.append(time.monotonic())
+            if not up.is_set():
+                return httpx.Response(503, json={"detail": "restarting"})
+            return httpx.Response(204)
+        return httpx.Response(200, json={"state": "active"})
+
+    client = _client(handler)
+    delivered: list[float] = []
+    report = StateReport(attempt=1, state="success")
+    thread = threading.Thread(
+        target=lambda: (
+            client.report("s1", HeldJob(job_id=1, attempt=1), report, keep_trying=lambda: True),
+            delivered.append(time.monotonic()),
+        )
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(report_tries) < 3 and time.monotonic() < deadline:  # its backoff is now about 2 s, then 4 s
+        time.sleep(0.05)
+    up.set()
+    _heartbeat(client)
+    answered = time.monotonic()
+    thread.join(15)
+    assert len(report_tries) >= 3 and delivered, report_tries
+    assert delivered[0] - answered < 1.0, f"the report waited {delivered[0] - answered:.1f} s more"
