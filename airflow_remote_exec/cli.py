@@ -74,6 +74,20 @@ AGENT_COMMANDS = (
 )
 
 
+ARG_API_HOST = Arg(("--host",), help="Address to listen on (default: 0.0.0.0)", default="0.0.0.0")
+ARG_API_PORT = Arg(("--port",), help="Port to listen on (default: 8090)", type=int, default=8090)
+ARG_API_WORKERS = Arg(
+    ("--workers",), help="Worker processes, each with its own connections (default: 1)", type=int, default=1
+)
+
+API_SERVER_COMMAND = ActionCommand(
+    name="api-server",
+    help="Serve only the agent API (/remote/v1), without the Airflow UI, e.g. behind the same URL",
+    func=lazy_load_command(_CLI + "api_server"),
+    args=(ARG_API_HOST, ARG_API_PORT, ARG_API_WORKERS),
+)
+
+
 def get_cli_commands() -> list[GroupCommand]:
     return [
         GroupCommand(
@@ -84,6 +98,7 @@ def get_cli_commands() -> list[GroupCommand]:
                     name="tokens", help="Create, list and revoke agent tokens", subcommands=TOKEN_COMMANDS
                 ),
                 GroupCommand(name="agents", help="See remote agents", subcommands=AGENT_COMMANDS),
+                API_SERVER_COMMAND,
             ),
         )
     ]

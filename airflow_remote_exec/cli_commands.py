@@ -149,3 +149,26 @@ def _print_rows(data: list[dict], output: str) -> None:
     if output in ("table", "plain"):
         data = [{k: escape(v) if isinstance(v, str) else v for k, v in row.items()} for row in data]
     AirflowConsole().print_as(data=data, output=output)
+
+
+@cli_utils.action_cli
+def api_server(args) -> None:
+    import uvicorn
+
+    if not 1 <= args.port <= 65535:
+        fail(f"--port must be between 1 and 65535, not {args.port}.")
+    if args.workers < 1:
+        fail(f"--workers must be at least 1, not {args.workers}.")
+    print(
+        f"Serving the agent API at http://{args.host}:{args.port}/remote/v1 with {args.workers} worker(s)",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        "airflow_remote_exec.api.app:create_standalone_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=True,
+        log_level="info",
+    )

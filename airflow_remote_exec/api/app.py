@@ -41,3 +41,11 @@ def create_app() -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     return app
+
+
+def create_standalone_app() -> FastAPI:
+    """The agent API alone, at the same ``/remote/v1`` path, without the Airflow UI and its middleware:
+    what ``airflow remote-exec api-server`` serves, behind the same URL as ``airflow api-server``."""
+    root = FastAPI(lifespan=_lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    root.mount(URL_PREFIX, create_app())
+    return root
