@@ -611,6 +611,7 @@ class Orchestrator:
         port: int | None = None,
         extra_env: Mapping[str, str] | None = None,
         components: Sequence[str] = DEFAULT_COMPONENTS,
+        agent_api_workers: int = 1,
     ) -> None:
         self.home = Path(home).resolve()
         self.db_url = db_url
@@ -619,6 +620,9 @@ class Orchestrator:
         self.port = port or free_port()
         self.api_url = f"http://127.0.0.1:{self.port}"
         self.components = tuple(components)
+        # "agent-api": the agent API alone (``airflow remote-exec api-server``) on a port of its own.
+        self.agent_api_workers = agent_api_workers
+        self.agent_api_url = f"http://127.0.0.1:{free_port()}"
         self.logs_dir = self.home / "logs"
         self.home.mkdir(parents=True, exist_ok=True)
         self.passwords_file = self.home / "simple_auth_manager_passwords.json"
@@ -694,6 +698,11 @@ class Orchestrator:
                 "--workers",
                 "1",
             ]
+        if name == "agent-api":
+            port = self.agent_api_url.rsplit(":", 1)[1]
+            workers = str(self.agent_api_workers)
+            return [AIRFLOW_BIN, "remote-exec", "api-server", "--host", "127.0.0.1", "--port", port,
+                    "--workers", workers]  # fmt: skip
         if name in ("scheduler", "dag-processor", "triggerer"):
             return [AIRFLOW_BIN, name]
         if name.startswith("scheduler-"):  # a further scheduler of an HA pair: "scheduler-2"
@@ -736,7 +745,10 @@ class Orchestrator:
                 if not (name in self.processes and self.processes[name].alive):
                     self._launch(name)
             need = tuple(n for n in ("scheduler", "dag-processor", "triggerer") if n in self.components)
-            self._wait_healthy(timeout, need)
+            if "api-server" in self.components:
+                self._wait_healthy(timeout, need)
+            if "agent-api" in self.components:
+                self._wait_agent_api(timeout)
         except BaseException:
             self.stop()
             raise
@@ -769,6 +781,18 @@ class Orchestrator:
         except TimeoutError as e:
             logs = "\n".join(f"--- {n}:\n{p.log_tail(20)}" for n, p in self.processes.items())
             raise TimeoutError(f"{e}; last health={self.health()}\n{logs}") from e
+
+    def _wait_agent_api(self, timeout: float) -> None:
+        def healthy() -> bool:
+            proc = self.processes["agent-api"]
+            if proc.returncode is not None:
+                raise RuntimeError(f"agent-api exited with {proc.returncode}:\n{proc.log_tail(40)}")
+            try:
+                return httpx.get(f"{self.agent_api_url}/remote/v1/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout, interval=0.5, what=f"the agent API at {self.agent_api_url}")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to one component's whole process tree (SIGKILL simulates a crash)."""

@@ -8,7 +8,7 @@ from datetime import timedelta
 from airflow.configuration import conf
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
-from sqlalchemy import select
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
@@ -25,7 +25,7 @@ from airflow_remote_exec.api.versions import version_mismatch
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob, RemoteToken
 from airflow_remote_exec.reroute import release_agent_jobs, release_jobs, silence_window
-from airflow_remote_exec.tokens import token_is_live
+from airflow_remote_exec.tokens import hash_token, token_is_live
 
 router = APIRouter(prefix="/agents", tags=["agents"], responses=error_responses(400, 401, 403))
 
@@ -132,29 +132,90 @@ def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, now) -
 def heartbeat(session_id: SessionIdPath, body: HeartbeatRequest, secret: SecretDep) -> HeartbeatResponse:
     held = {(job.job_id, job.attempt) for job in body.running}
     with create_session(scoped=False) as session:
+        valid = None if body.draining else _beat_in_one_statement(session, secret, session_id, held)
+        state = AgentState.ACTIVE
+    if valid is None:  # anything but a plain "still here": the full path
+        valid, state = _beat(secret, session_id, body.draining, held)
+    stop = [HeldJob(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(held - valid)]
+    return HeartbeatResponse(state=state, stop=stop)
+
+
+def _beat_in_one_statement(
+    session: Session, secret: str, session_id: str, held: set[tuple[int, int]]
+) -> set[tuple[int, int]] | None:
+    """The usual heartbeat of a thousand idle agents, as one statement: an active agent, no drain, its
+    live token, and nothing to sweep. Returns the (job, attempt) pairs it holds, or None when the
+    heartbeat needs the full path (a state change, an orphaned claim, or a refusal to explain)."""
+    connection = session.connection()  # Core statements: none of the ORM's bookkeeping
+    dialect = connection.dialect
+    if not dialect.update_returning:
+        return None
+    now = func.statement_timestamp() if dialect.name == "postgresql" else db_now(session)
+    beat = (
+        update(RemoteAgent)
+        .where(
+            RemoteAgent.session_id == session_id,
+            RemoteAgent.state == AgentState.ACTIVE,
+            RemoteAgent.drain_requested.is_(False),
+            RemoteAgent.token_id.in_(
+                select(RemoteToken.id).where(
+                    RemoteToken.token_hash == hash_token(secret),
+                    RemoteToken.revoked_at.is_(None),
+                    or_(RemoteToken.expires_at.is_(None), RemoteToken.expires_at > now),
+                )
+            ),
+        )
+        .values(last_heartbeat_at=now)
+        .returning(RemoteAgent.name, RemoteAgent.last_heartbeat_at.label("now"))
+    )
+    if dialect.name == "postgresql":  # the agent's jobs come back with the same statement
+        beaten = beat.cte("beat")
+        held_by_it = and_(RemoteJob.agent_name == beaten.c.name, RemoteJob.state.in_(JobState.HELD))
+        rows = connection.execute(
+            select(beaten.c.now, *_JOB_COLUMNS).select_from(beaten).outerjoin(RemoteJob, held_by_it)
+        ).all()
+        if not rows:
+            return None
+        now, ours = rows[0].now, [row for row in rows if row.id is not None]
+    else:
+        agent = connection.execute(beat).first()
+        if agent is None:
+            return None
+        now, ours = agent.now, connection.execute(_held_jobs(agent.name)).all()
+    unknown_before = now - silence_window()
+    if any((j.id, j.attempt) not in held and j.claimed_at < unknown_before for j in ours):
+        return None  # an orphaned claim to give back
+    return {(j.id, j.attempt) for j in ours}
+
+
+_JOB_COLUMNS = (RemoteJob.id, RemoteJob.attempt, RemoteJob.claimed_at)
+
+
+def _held_jobs(agent_name: str) -> Select:
+    return select(*_JOB_COLUMNS).where(RemoteJob.agent_name == agent_name, RemoteJob.state.in_(JobState.HELD))
+
+
+def _beat(
+    secret: str, session_id: str, draining: bool, held: set[tuple[int, int]]
+) -> tuple[set[tuple[int, int]], str]:
+    """The full heartbeat: state changes and their history, orphaned claims given back, refusals."""
+    with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)
         now = db_now(session)
         agent.last_heartbeat_at = now
-        if body.draining:
+        if draining:
             agent.set_state(session, AgentState.DRAINING, "agent is shutting down", now=now)
         elif agent.drain_requested:
             agent.set_state(session, AgentState.DRAINING, "drain requested by an operator", now=now)
         else:
             agent.set_state(session, AgentState.ACTIVE, now=now)
-        ours = session.execute(
-            select(RemoteJob.id, RemoteJob.attempt, RemoteJob.claimed_at).where(
-                RemoteJob.agent_name == agent.name, RemoteJob.state.in_(JobState.HELD)
-            )
-        ).all()
-        valid = {(job.id, job.attempt) for job in ours}
+        ours = session.execute(_held_jobs(agent.name)).all()
         # A job claimed for this agent that it does not list, long after the claim, never reached it
         # (a claim response lost in transit): give it back.
         unknown_before = now - silence_window()
         orphans = [j.id for j in ours if (j.id, j.attempt) not in held and j.claimed_at < unknown_before]
         release_jobs(session, orphans, f"agent {agent.name} does not hold this job", now)
-        state = agent.state
-    stop = [HeldJob(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(held - valid)]
-    return HeartbeatResponse(state=state, stop=stop)
+        return {(job.id, job.attempt) for job in ours}, agent.state
 
 
 @router.delete(

@@ -83,16 +83,6 @@ class HeartbeatResponse(BaseModel):
     )
 
 
-class ClaimRequest(AgentRequest):
-    free_slots: int = Field(ge=1, le=1024)
-    wait_seconds: float = Field(default=0, ge=0, le=60)
-    request_id: str = Field(
-        default="",
-        pattern=r"^[A-Za-z0-9-]{0,36}$",
-        description="Idempotency key: a claim re-sent after its response was lost returns the same jobs.",
-    )
-
-
 class ClaimedJob(BaseModel):
     job_id: int
     attempt: int = Field(description="Fencing token: every report on this job must carry it.")
@@ -101,10 +91,6 @@ class ClaimedJob(BaseModel):
         description="Agent slots the job takes: its pool_slots, at most the agent's slots."
     )
     workload: str = Field(description="The ExecuteTask or ExecuteCallback workload as JSON, token included.")
-
-
-class ClaimResponse(BaseModel):
-    jobs: list[ClaimedJob]
 
 
 ReportedState = Literal["running", "success", "failed", "not_started", "returned"]
@@ -130,6 +116,52 @@ class StateReport(AgentRequest):
             return None
         value = value.replace("\x00", "")
         return value if len(value) <= DETAIL_MAX_CHARS else value[: DETAIL_MAX_CHARS - 1] + "…"
+
+
+class JobReport(StateReport):
+    """A state report in a batch: the job it is about, then the report."""
+
+    job_id: int = Field(ge=1, le=2**63 - 1)
+
+
+MAX_REPORTS = 256
+
+
+class ReportsRequest(AgentRequest):
+    reports: list[JobReport] = Field(
+        default_factory=list,
+        max_length=MAX_REPORTS,
+        description="State reports, applied in order before anything else: on a claim, a final report "
+        "frees its job's slots for this same claim.",
+    )
+
+
+class ClaimRequest(ReportsRequest):
+    free_slots: int = Field(ge=0, le=1024, description="0 with reports: deliver them, claim nothing.")
+    wait_seconds: float = Field(default=0, ge=0, le=60)
+    request_id: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9-]{0,36}$",
+        description="Idempotency key: a claim re-sent after its response was lost returns the same jobs.",
+    )
+
+
+class RefusedReport(BaseModel):
+    job_id: int
+    attempt: int
+    state: str
+    status: int = Field(description="What the single-report route would have answered: 403, 404 or 409.")
+    detail: str
+
+
+class ReportsResponse(BaseModel):
+    refused: list[RefusedReport] = Field(
+        default_factory=list, description="Reports not applied, and why; every other report was."
+    )
+
+
+class ClaimResponse(ReportsResponse):
+    jobs: list[ClaimedJob]
 
 
 class ErrorResponse(BaseModel):

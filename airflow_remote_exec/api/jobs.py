@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Annotated, NamedTuple
 
 from airflow.utils.session import create_session
@@ -17,6 +18,10 @@ from airflow_remote_exec.api.datamodels import (
     ClaimedJob,
     ClaimRequest,
     ClaimResponse,
+    JobReport,
+    RefusedReport,
+    ReportsRequest,
+    ReportsResponse,
     StateReport,
     error_responses,
 )
@@ -85,14 +90,26 @@ class ClaimResult(NamedTuple):
     wait_on: frozenset[str]
 
 
-def claim_jobs(secret: str, session_id: str, free_slots: int, request_id: str = "") -> ClaimResult:
-    """Take queued jobs of the agent's queues, highest priority first, up to ``free_slots`` and never
-    beyond the agent's slots minus the jobs it already holds."""
+def claim_jobs(
+    secret: str,
+    session_id: str,
+    free_slots: int,
+    request_id: str = "",
+    reports: Sequence[JobReport] = (),
+    refused: list[RefusedReport] | None = None,
+) -> ClaimResult:
+    """Apply the agent's ``reports`` (refusals go to ``refused``), then take queued jobs of its queues,
+    highest priority first, up to ``free_slots`` and never beyond the agent's slots minus the jobs it
+    still holds."""
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)
+        if reports:
+            (refused if refused is not None else []).extend(apply_reports(session, agent, reports))
         queues = frozenset(agent.queue_list)
         if request_id and (again := _jobs_of_claim(session, agent, request_id)):
             return ClaimResult(again, queues)
+        if free_slots <= 0:
+            return ClaimResult([], frozenset())  # a delivery of reports only
         if agent.state not in (AgentState.REGISTERED, AgentState.ACTIVE):
             return ClaimResult([], frozenset())  # draining: no new work
         free_slots = min(free_slots, agent.slots - _slots_held(session, agent))
@@ -142,21 +159,28 @@ async def claim(
     """Claim at once, or wait to be woken for jobs of the agent's queues. One claim per session is
     open at a time: a newer one makes this one return empty."""
     deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
+    refused: list[RefusedReport] = []
     # The first attempt authorizes the caller before it may touch the session's open claim.
-    result = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
+    result = await run_in_threadpool(
+        claim_jobs, secret, session_id, body.free_slots, body.request_id, body.reports, refused
+    )
+    if body.reports:
+        # Delivered reports are answered at once, so the agent can act on their refusals; its next
+        # claim waits for jobs.
+        return ClaimResponse(jobs=result.jobs, refused=refused)
     open_claim = job_wakeup.open(session_id)
     try:
         while True:
             remaining = deadline - time.monotonic()
             if result.jobs or remaining <= 0 or job_wakeup.superseded(open_claim):
-                return ClaimResponse(jobs=result.jobs)
+                return ClaimResponse(jobs=result.jobs, refused=refused)
             await job_wakeup.wait(open_claim, result.wait_on, remaining)
             if (
                 job_wakeup.superseded(open_claim)
                 or time.monotonic() >= deadline
                 or await request.is_disconnected()  # jobs claimed now would go nowhere
             ):
-                return ClaimResponse(jobs=[])
+                return ClaimResponse(jobs=[], refused=refused)
             result = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
             job_wakeup.tried(open_claim, took_jobs=bool(result.jobs))
     finally:
@@ -172,6 +196,66 @@ _NEXT_STATES = {
 }
 
 
+def apply_report(session: Session, agent: RemoteAgent, job_id: int, report: StateReport) -> None:
+    """Apply one state report of ``agent``'s, or raise the 403/404/409 that refuses it (before any write)."""
+    job = session.execute(
+        select(RemoteJob.attempt, RemoteJob.agent_name, RemoteJob.state)
+        .where(RemoteJob.id == job_id)
+        .with_for_update()
+    ).first()
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged).")
+    if job.agent_name != agent.name:  # checked first: another agent's attempts are not ours to see
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"Job {job_id} is not held by agent {agent.name}.")
+    if job.attempt != report.attempt:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"Stale report for job {job_id}: attempt {report.attempt} was superseded by {job.attempt}.",
+        )
+    if job.state == report.state:
+        return  # a retried report that already landed
+    if report.state not in _NEXT_STATES.get(job.state, ()):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"Job {job_id} is {job.state}; it cannot become {report.state}."
+        )
+    now = db_now(session)
+    if report.state == "returned":  # the agent cannot run it: back to the queue for another agent
+        changes = {"state": JobState.QUEUED, "agent_name": None, "claimed_at": None, "claim_request_id": None}
+        notify_jobs_queued(session)
+    elif report.state == JobState.RUNNING:
+        changes = {"state": report.state, "started_at": now, "pending_sync": True}
+    else:
+        changes = {
+            "state": report.state,
+            "detail": report.detail,
+            "exit_code": report.exit_code,
+            "pending_sync": True,
+            "finished_at": now,
+            "started_at": func.coalesce(RemoteJob.started_at, now),
+        }
+    session.execute(update(RemoteJob).where(RemoteJob.id == job_id).values(**changes))
+
+
+def apply_reports(session: Session, agent: RemoteAgent, reports: Sequence[JobReport]) -> list[RefusedReport]:
+    """Apply a batch of reports; returns those refused. Job rows are locked in id order (a job's own
+    reports keep theirs), so two batches never wait on each other's locks in a cycle."""
+    refused = []
+    for report in sorted(reports, key=lambda r: r.job_id):
+        try:
+            apply_report(session, agent, report.job_id, report)
+        except HTTPException as refusal:
+            refused.append(
+                RefusedReport(
+                    job_id=report.job_id,
+                    attempt=report.attempt,
+                    state=report.state,
+                    status=refusal.status_code,
+                    detail=refusal.detail,
+                )
+            )
+    return refused
+
+
 @router.post(
     "/{job_id}/state",
     status_code=status.HTTP_204_NO_CONTENT,
@@ -185,47 +269,14 @@ def report_state(
     secret: SecretDep,
 ) -> None:
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id)
-        job = session.execute(
-            select(RemoteJob.attempt, RemoteJob.agent_name, RemoteJob.state, RemoteJob.started_at)
-            .where(RemoteJob.id == job_id)
-            .with_for_update()
-        ).first()
-        if job is None:
-            raise HTTPException(
-                status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged)."
-            )
-        if job.agent_name != agent.name:  # checked first: another agent's attempts are not ours to see
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"Job {job_id} is not held by agent {agent.name}.")
-        if job.attempt != body.attempt:
-            raise HTTPException(
-                status.HTTP_409_CONFLICT,
-                f"Stale report for job {job_id}: attempt {body.attempt} was superseded by {job.attempt}.",
-            )
-        if job.state == body.state:
-            return  # a retried report that already landed
-        if body.state not in _NEXT_STATES.get(job.state, ()):
-            raise HTTPException(
-                status.HTTP_409_CONFLICT, f"Job {job_id} is {job.state}; it cannot become {body.state}."
-            )
-        now = db_now(session)
-        if body.state == "returned":  # the agent cannot run it: back to the queue for another agent
-            changes = {
-                "state": JobState.QUEUED,
-                "agent_name": None,
-                "claimed_at": None,
-                "claim_request_id": None,
-            }
-            notify_jobs_queued(session)
-        elif body.state == JobState.RUNNING:
-            changes = {"state": body.state, "started_at": now, "pending_sync": True}
-        else:
-            changes = {
-                "state": body.state,
-                "detail": body.detail,
-                "exit_code": body.exit_code,
-                "pending_sync": True,
-                "finished_at": now,
-                "started_at": func.coalesce(RemoteJob.started_at, now),
-            }
-        session.execute(update(RemoteJob).where(RemoteJob.id == job_id).values(**changes))
+        apply_report(session, authorize_agent(session, secret, session_id), job_id, body)
+
+
+@router.post("/reports", response_model=ReportsResponse, summary="Report the states of several jobs at once")
+def report_states(session_id: SessionIdPath, body: ReportsRequest, secret: SecretDep) -> ReportsResponse:
+    """One request for many reports: each is applied as the single-report route would, and a refused
+    one is listed with the status that route would have answered, without stopping the others."""
+    with create_session(scoped=False) as session:
+        return ReportsResponse(
+            refused=apply_reports(session, authorize_agent(session, secret, session_id), body.reports)
+        )

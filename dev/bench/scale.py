@@ -89,6 +89,7 @@ class Plan:
     free_slots: int
     claim_wait: float
     max_connections: int
+    versions: dict[str, str]  # airflow_version and task_sdk_version: registration refuses others
 
 
 @dataclass
@@ -178,7 +179,8 @@ async def _heartbeats(
         if resp is not None:
             stats.heartbeat_ms.append(ms)
             # A job whose success report overtook this heartbeat is rightly "stopped": not an error.
-            if [job for job in resp.json().get("stop", []) if job in held]:
+            stop = resp.json().get("stop", [])
+            if [job for job in stop if held.get(job["job_id"]) == job["attempt"]]:
                 stats.error("heartbeat: told to stop held jobs", resp.text)
         due += interval
 
@@ -233,7 +235,8 @@ async def _simulate(plan: Plan, start_at: Any, ready: Any) -> Stats:
         gate = asyncio.Semaphore(32)  # registrations before the window: do not storm the server
 
         async def register(local: int, name: str) -> str | None:
-            body = {"name": name, "hostname": "scale", "version": "0", "queues": ["default"], "slots": SLOTS}
+            body = {"name": name, "hostname": "scale", "version": "0", "queues": ["default"], "slots": SLOTS,
+                    **plan.versions}  # fmt: skip
             async with gate:
                 resp, _ = await _post(lanes[local % len(lanes)], stats, "register", "/agents", body, 200)
             return resp.json()["session_id"] if resp is not None else None
@@ -285,9 +288,9 @@ def _loadgen_process(plan: Plan, start_at: Any, ready: Any, results: Any) -> Non
 # ------------------------------------------------------------------------------------ database side
 
 _INSERT_JOBS = sa.text(
-    "INSERT INTO remote_job (ti_id, dag_id, task_id, run_id, map_index, try_number, queue,"
+    "INSERT INTO remote_job (kind, ti_id, dag_id, task_id, run_id, map_index, try_number, queue,"
     " priority_weight, pool_slots, state, workload, attempt, pending_sync, queued_at, finished_at)"
-    " SELECT gen_random_uuid()::text, 'scale_dag', :prefix || g, :run_id, -1, 1, 'default', 1, 1, :state,"
+    " SELECT 'task', gen_random_uuid()::text, 'scale_dag', :prefix || g, :run_id, -1, 1, 'default', 1, 1, :state,"
     " :workload, 0, :pending_sync, now(), CASE WHEN :finished THEN now() END"
     " FROM generate_series(:first, :last) AS g"
 )
@@ -422,8 +425,8 @@ class LoadResult:
     profile: Path | None
 
 
-def run_load(args: argparse.Namespace, orch: Orchestrator, pg: Postgres, token: str, engine: sa.Engine,
-             workload: str) -> LoadResult:  # fmt: skip
+def run_load(args: argparse.Namespace, orch: Orchestrator, server: str, api_url: str, pg: Postgres, token: str,
+             engine: sa.Engine, workload: str) -> LoadResult:  # fmt: skip
     """Register the agents, then run heartbeats, churn and the job feeder for ``--duration`` seconds."""
     names = [f"scale-{i:05d}" for i in range(args.agents)]
     busy = set(names[: args.busy])  # agent i goes to process i % procs: busy agents spread evenly
@@ -435,10 +438,11 @@ def run_load(args: argparse.Namespace, orch: Orchestrator, pg: Postgres, token: 
     try:
         for k in range(args.procs):
             plan = Plan(
-                index=k, api_url=orch.api_url, token=token, total_agents=args.agents,
+                index=k, api_url=api_url, token=token, total_agents=args.agents,
                 agents=[(i, n) for i, n in enumerate(names) if i % args.procs == k],
                 busy=busy, duration=args.duration, heartbeat_interval=args.heartbeat_interval,
                 free_slots=args.free_slots, claim_wait=args.claim_wait, max_connections=args.max_connections,
+                versions=_versions(),
             )  # fmt: skip
             proc = ctx.Process(target=_loadgen_process, args=(plan, start_at, ready, results), daemon=True)
             proc.start()
@@ -446,9 +450,9 @@ def run_load(args: argparse.Namespace, orch: Orchestrator, pg: Postgres, token: 
         _say(f"registering {args.agents} agents from {args.procs} load-generator process(es)")
         for _ in procs:
             _get(ready, procs, timeout=600)
-        api_pid = orch.processes["api-server"].pid
+        api_pid = orch.processes[server].pid
         meter = CpuMeter(
-            {"api-server": orch.processes["api-server"].tree_pids(), "load generator": [p.pid for p in procs],
+            {"api-server": orch.processes[server].tree_pids(), "load generator": [p.pid for p in procs],
              "bench main (feeder)": [os.getpid()]},
             _postmaster_pid(pg),
         )  # fmt: skip
@@ -487,6 +491,13 @@ def run_load(args: argparse.Namespace, orch: Orchestrator, pg: Postgres, token: 
             if proc.is_alive():
                 proc.kill()  # by its PID
                 proc.join(timeout=10)
+
+
+def _versions() -> dict[str, str]:
+    import airflow
+    from airflow.sdk import __version__ as task_sdk_version
+
+    return {"airflow_version": airflow.__version__, "task_sdk_version": task_sdk_version}
 
 
 def _get(channel: Any, procs: list[Any], timeout: float) -> Any:
@@ -739,7 +750,8 @@ def report(args: argparse.Namespace, load: LoadResult | None, syncs: list[SyncRe
     """Print the measurements and the targets table; return whether every target passed."""
     rows: list[tuple[str, str, bool]] = []
     print(f"\n{'=' * 100}\nscale benchmark: {args.agents} agents, {args.duration:.0f} s window,"
-          f" one api-server worker on PostgreSQL, {args.procs} load-generator process(es),"
+          f" {args.server} agent API ({args.api_workers if args.server == 'standalone' else 1} process(es))"
+          f" on PostgreSQL, {args.procs} load-generator process(es),"
           f" {os.cpu_count()} cores")  # fmt: skip
     if load is not None:
         s = load.stats
@@ -873,6 +885,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--free-slots", type=int, default=SLOTS, help="free_slots of each claim")
     p.add_argument("--claim-wait", type=float, default=1.0, help="wait_seconds of each claim (long-poll)")
     p.add_argument("--heartbeat-interval", type=float, default=10.0)
+    p.add_argument("--server", choices=("standalone", "airflow"), default="standalone",
+                   help="standalone: airflow remote-exec api-server; airflow: the agent API inside airflow api-server")
+    p.add_argument("--api-workers", type=int, default=1, help="processes of the standalone agent API")  # fmt: skip
     p.add_argument("--procs", type=int, default=2, help="load-generator processes")
     p.add_argument("--max-connections", type=int, default=500, help="connections per load process")
     p.add_argument("--sync-sizes", default="1000,10000,100000", help="finished rows for the sync timing")
@@ -895,19 +910,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _say(f"postgres in {pg.workdir}")
         pg.start()
+        server = "api-server" if args.server == "airflow" else "agent-api"
         orch = Orchestrator(home=workdir / "airflow", db_url=pg.url, dags_folder=REPO_ROOT / "dev" / "dags",
-                            executor=EXECUTOR, components=("api-server",))  # fmt: skip
+                            executor=EXECUTOR, components=(server,), agent_api_workers=args.api_workers)  # fmt: skip
         _say("airflow db migrate")
         orch.migrate()
         token = create_agent_token(orch, "scale-bench", ["default"])
-        _say(f"api-server (--workers 1) on {orch.api_url}")
         orch.start()
-        _say(f"api-server pids {orch.processes['api-server'].tree_pids()}")
+        api_url = orch.api_url if args.server == "airflow" else orch.agent_api_url
+        _say(f"{' '.join(orch.processes[server].argv[1:])} on {api_url},"
+             f" pids {orch.processes[server].tree_pids()}")  # fmt: skip
         _point_airflow_at(orch)
         engine = sa.create_engine(pg.url, poolclass=sa.NullPool)
         workload = _workload_json()
         _say(f"workload JSON is {len(workload)} bytes")
-        load = None if args.skip_load else run_load(args, orch, pg, token, engine, workload)
+        load = None if args.skip_load else run_load(args, orch, server, api_url, pg, token, engine, workload)
         sizes = [int(n) for n in args.sync_sizes.split(",") if n]
         syncs = (
             [] if args.skip_sync else run_sync(engine, workload, sizes, args.sync_calls, args.sync_pending)

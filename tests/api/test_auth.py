@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 
 from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteJob, RemoteToken, utcnow
@@ -138,3 +139,22 @@ def test_openapi_schema_lists_the_agent_routes(client):
         "/agents/{session_id}/jobs/claim",
         "/agents/{session_id}/jobs/{job_id}/state",
     } <= set(paths)
+
+
+@pytest.mark.parametrize("change", ["revoked", "expired"])
+def test_an_active_agents_heartbeat_is_401_once_its_token_is_revoked_or_expired(
+    client, make_token, register, session, change
+):
+    """The one-statement heartbeat of an active agent checks the token as closely as the full path."""
+    token = make_token()
+    session_id = register(token)
+    beat = {"free_slots": 1}
+    assert (
+        client.post(f"/agents/{session_id}/heartbeat", json=beat, headers=headers(token)).status_code == 200
+    )
+    past = utcnow() - timedelta(seconds=1)
+    values = {"revoked_at": past} if change == "revoked" else {"expires_at": past}
+    session.execute(update(RemoteToken).values(**values))
+    session.commit()
+    reply = client.post(f"/agents/{session_id}/heartbeat", json=beat, headers=headers(token))
+    assert reply.status_code == 401

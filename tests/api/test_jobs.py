@@ -411,3 +411,51 @@ def test_operator_drain_and_resume(client, session, make_token, register):
     session.expire_all()
     states = [e.state for e in session.scalars(select(RemoteAgentEvent).order_by(RemoteAgentEvent.id))]
     assert states == [AgentState.REGISTERED, AgentState.DRAINING, AgentState.ACTIVE]
+
+
+def test_reports_in_one_request_apply_in_order_and_list_each_refusal(client, session, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    first, second = _add(session, make_job("batch1"), make_job("batch2"))
+    attempts = {j["job_id"]: j["attempt"] for j in _claim(client, token, session_id)}
+    reports = [
+        {"job_id": second, "attempt": attempts[second] + 1, "state": "running"},  # stale
+        {"job_id": first, "attempt": attempts[first], "state": "running"},
+        {"job_id": first, "attempt": attempts[first], "state": "failed", "exit_code": 1, "detail": "boom"},
+        {"job_id": 999999, "attempt": 1, "state": "success"},
+    ]
+    reply = client.post(
+        f"/agents/{session_id}/jobs/reports", json={"reports": reports}, headers=headers(token)
+    )
+    assert reply.status_code == 200, reply.text
+    refused = {(r["job_id"], r["state"]): r["status"] for r in reply.json()["refused"]}
+    assert refused == {(second, "running"): 409, (999999, "success"): 404}
+    job = _job(session, first)
+    assert (job.state, job.detail, job.started_at is not None) == (JobState.FAILED, "boom", True)
+    assert _job(session, second).state == JobState.CLAIMED
+
+
+def test_a_claim_carrying_a_final_report_uses_the_slot_it_frees(client, session, make_token, register):
+    """One request per task: the outcome of the last job rides on the claim of the next."""
+    token = make_token()
+    session_id = register(token, slots=1)
+    first, second = _add(session, make_job("carry1", priority_weight=2), make_job("carry2"))
+    (claimed,) = _claim(client, token, session_id, free_slots=1)
+    assert claimed["job_id"] == first
+    body = {
+        "free_slots": 1,
+        "wait_seconds": 5,
+        "reports": [{"job_id": first, "attempt": claimed["attempt"], "state": "success", "exit_code": 0}],
+    }
+    started = time.monotonic()
+    reply = client.post(f"/agents/{session_id}/jobs/claim", json=body, headers=headers(token))
+    assert reply.status_code == 200, reply.text
+    assert [j["job_id"] for j in reply.json()["jobs"]] == [second]
+    assert reply.json()["refused"] == []
+    assert _job(session, first).state == JobState.SUCCESS
+    # Reports delivered with nothing to claim are answered at once, not after the long-poll.
+    body["reports"] = [{"job_id": second, "attempt": 1, "state": "running"}]
+    reply = client.post(f"/agents/{session_id}/jobs/claim", json=body, headers=headers(token))
+    assert reply.json() == {"jobs": [], "refused": []}
+    assert time.monotonic() - started < 4
+    assert _job(session, second).state == JobState.RUNNING
