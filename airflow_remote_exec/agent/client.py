@@ -7,7 +7,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -15,15 +15,16 @@ import httpx
 from airflow_remote_exec.api.datamodels import (
     API_VERSION,
     API_VERSION_HEADER,
-    ClaimedJob,
     ClaimRequest,
     ClaimResponse,
     HeartbeatRequest,
     HeartbeatResponse,
-    HeldJob,
+    JobReport,
+    RefusedReport,
     RegisterRequest,
     RegisterResponse,
-    StateReport,
+    ReportsRequest,
+    ReportsResponse,
 )
 
 log = logging.getLogger(__name__)
@@ -207,22 +208,37 @@ class AgentClient:
         )
         return HeartbeatResponse.model_validate(data)
 
-    def claim(self, session_id: str, free_slots: int, wait_seconds: float) -> list[ClaimedJob]:
-        """Long-poll for jobs. A fresh ``request_id`` per claim makes its retries idempotent: a claim
-        re-sent after its response was lost gets the same jobs back instead of stranding them."""
-        request = ClaimRequest(free_slots=free_slots, wait_seconds=wait_seconds, request_id=str(uuid.uuid4()))
+    def claim(
+        self, session_id: str, free_slots: int, wait_seconds: float, reports: Sequence[JobReport] = ()
+    ) -> ClaimResponse:
+        """Long-poll for jobs, delivering ``reports`` first. A fresh ``request_id`` per claim makes its
+        retries idempotent: a claim re-sent after its response was lost gets the same jobs back
+        instead of stranding them, and its reports count once."""
+        request = ClaimRequest(
+            free_slots=free_slots,
+            wait_seconds=wait_seconds,
+            request_id=str(uuid.uuid4()),
+            reports=list(reports),
+        )
         data = self._call(
             "POST",
             f"/agents/{session_id}/jobs/claim",
             request,
             timeout=httpx.Timeout(DEFAULT_TIMEOUT_SECONDS, read=wait_seconds + DEFAULT_TIMEOUT_SECONDS),
         )
-        return ClaimResponse.model_validate(data).jobs
+        return ClaimResponse.model_validate(data)
 
-    def report(
-        self, session_id: str, job: HeldJob, report: StateReport, keep_trying: Callable[[], bool]
-    ) -> None:
-        self._call("POST", f"/agents/{session_id}/jobs/{job.job_id}/state", report, keep_trying=keep_trying)
+    def report_many(
+        self, session_id: str, reports: Sequence[JobReport], keep_trying: Callable[[], bool]
+    ) -> list[RefusedReport]:
+        """Deliver reports in one request; returns those the orchestrator refused."""
+        data = self._call(
+            "POST",
+            f"/agents/{session_id}/jobs/reports",
+            ReportsRequest(reports=list(reports)),
+            keep_trying=keep_trying,
+        )
+        return ReportsResponse.model_validate(data).refused
 
     def deregister(self, session_id: str) -> None:
         self._call("DELETE", f"/agents/{session_id}", keep_trying=lambda: False)

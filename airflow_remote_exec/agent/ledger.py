@@ -8,6 +8,7 @@ touch the new one.
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from airflow_remote_exec.agent.runner import JobKey
@@ -67,10 +68,16 @@ class Ledger:
             self.slot_freed.set()
         return holding
 
-    def free_slots(self) -> int:
+    def free_slots(self, reporting: Collection[JobKey] = ()) -> int:
+        """Slots not taken; a finished job whose final report is in ``reporting`` (carried by the
+        claim that asks) counts as free, since the orchestrator applies the report first."""
         with self.lock:
             taken = sum(h.pool_slots for h in self._held.values())
-            taken += sum(slots for key, (_, slots) in self._unreported.items() if key not in self._held)
+            taken += sum(
+                slots
+                for key, (_, slots) in self._unreported.items()
+                if key not in self._held and key not in reporting
+            )
             return self.slots - taken
 
     def count(self) -> int:

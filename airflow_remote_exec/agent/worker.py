@@ -35,7 +35,7 @@ from airflow_remote_exec.agent.client import (
 from airflow_remote_exec.agent.health import serve_health
 from airflow_remote_exec.agent.heartbeat import Heartbeat
 from airflow_remote_exec.agent.ledger import Holding, Ledger, Session
-from airflow_remote_exec.agent.reporter import Reporter
+from airflow_remote_exec.agent.reporter import PendingReport, Reporter
 from airflow_remote_exec.agent.runner import STOP_GRACE_SECONDS, Assignment, JobKey, Outcome, RunnerPool
 from airflow_remote_exec.agent.threads import GuardedThreads
 from airflow_remote_exec.api.datamodels import ClaimedJob, RegisterRequest, StateReport
@@ -268,27 +268,52 @@ class Worker:
 
     def _claim_once(self) -> None:
         self.ledger.slot_freed.clear()  # before counting, so a slot freed after the count wakes the wait
-        free = min(self.ledger.free_slots(), self.pool.idle_count())
         session = self._session
-        if free <= 0 or session is None:
+        if session is None:
+            self.ledger.slot_freed.wait(1.0)
+            return
+        with self.reporter.carried(session.session_id) as reports:
+            if reports:  # delivered by this claim, which is answered at once
+                self._claim(session, reports)
+                return
+        self._claim(session, [])
+
+    def _claim(self, session: Session, reports: list[PendingReport]) -> None:
+        finals = {item.key for item in reports if item.final}
+        free = max(0, min(self.ledger.free_slots(reporting=finals), self.pool.idle_count()))
+        if not free and not reports:
             self.ledger.slot_freed.wait(1.0)
             return
         try:
-            jobs = self.client.claim(session.session_id, free, wait_seconds=session.claim_wait_seconds)
+            reply = self.client.claim(
+                session.session_id,
+                free,
+                # Carried reports are answered at once; then the next claim waits for jobs.
+                wait_seconds=0 if reports else session.claim_wait_seconds,
+                reports=[item.as_job_report() for item in reports],
+            )
         except SessionGone:
+            self.reporter.drop(reports, f"session {session.session_id} is over")
             self.session_gone(session.session_id)
             return
         except Unauthorized as err:
+            self.reporter.put_back(reports)
             self.token_rejected(err)
             return
         except Stopped:
+            self.reporter.put_back(reports)  # the reporter flushes them while the agent drains
             return
         except AgentApiError as err:
+            self.reporter.put_back(reports)
             log.error("Claim refused: %s", err)
             self._stop.wait(session.heartbeat_interval)
             return
+        except BaseException:
+            self.reporter.put_back(reports)
+            raise
         self.contact()
-        for job in jobs:
+        self.reporter.settle(reports, reply.refused)
+        for job in reply.jobs:
             self._start_job(job, session.session_id)
 
     def _start_job(self, job: ClaimedJob, session_id: str) -> None:

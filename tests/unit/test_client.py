@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from airflow_remote_exec.agent.client import AgentClient, Conflict, Unauthorized, Unreachable, VersionMismatch
-from airflow_remote_exec.api.datamodels import HeartbeatRequest, HeldJob, RegisterRequest, StateReport
+from airflow_remote_exec.api.datamodels import HeartbeatRequest, JobReport, RegisterRequest
 
 
 def _client(handler) -> AgentClient:
@@ -111,19 +111,19 @@ def test_a_report_in_backoff_goes_at_once_when_another_request_gets_through():
     report_tries: list[float] = []
 
     def handler(request):
-        if request.url.path.endswith("/state"):
+        if request.url.path.endswith("/reports"):
             report_tries.append(time.monotonic())
             if not up.is_set():
                 return httpx.Response(503, json={"detail": "restarting"})
-            return httpx.Response(204)
+            return httpx.Response(200, json={"refused": []})
         return httpx.Response(200, json={"state": "active"})
 
     client = _client(handler)
     delivered: list[float] = []
-    report = StateReport(attempt=1, state="success")
+    report = JobReport(job_id=1, attempt=1, state="success")
     thread = threading.Thread(
         target=lambda: (
-            client.report("s1", HeldJob(job_id=1, attempt=1), report, keep_trying=lambda: True),
+            client.report_many("s1", [report], keep_trying=lambda: True),
             delivered.append(time.monotonic()),
         )
     )

@@ -13,6 +13,7 @@ from airflow_remote_exec.agent.client import (
     AgentApiError,
     Conflict,
     SessionGone,
+    Stopped,
     Unauthorized,
     Unreachable,
     VersionMismatch,
@@ -23,8 +24,10 @@ from airflow_remote_exec.agent.threads import GuardedThreads
 from airflow_remote_exec.agent.worker import Worker, WorkerSettings
 from airflow_remote_exec.api.datamodels import (
     ClaimedJob,
+    ClaimResponse,
     HeartbeatResponse,
     HeldJob,
+    RefusedReport,
     RegisterResponse,
 )
 
@@ -40,6 +43,7 @@ class FakeClient:
         self.heartbeat_result: object = HeartbeatResponse(state="active")
         self.report_error: dict[tuple[int, int], Exception] = {}
         self.claims: list = []
+        self.claim_calls: list = []
         self.executors = "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor"
 
     def register(self, request):
@@ -64,17 +68,27 @@ class FakeClient:
             raise self.heartbeat_result
         return self.heartbeat_result
 
-    def claim(self, session_id, free_slots, wait_seconds):
+    def claim(self, session_id, free_slots, wait_seconds, reports=()):
+        self.claim_calls.append((session_id, free_slots, wait_seconds, list(reports)))
         result = self.claims.pop(0) if self.claims else []
         if isinstance(result, BaseException):
             raise result
-        return result
+        refused = self.report_many(session_id, reports, keep_trying=lambda: True)
+        return ClaimResponse(jobs=result, refused=refused)
 
-    def report(self, session_id, job, report, keep_trying):
-        self.reports.append((session_id, job, report))
-        error = self.report_error.get((job.job_id, job.attempt))
-        if error:
-            raise error
+    def report_many(self, session_id, reports, keep_trying):
+        refused = []
+        for report in reports:
+            self.reports.append((session_id, HeldJob(job_id=report.job_id, attempt=report.attempt), report))
+            error = self.report_error.get((report.job_id, report.attempt))
+            if isinstance(error, AgentApiError) and not isinstance(error, SessionGone):
+                refused.append(
+                    RefusedReport(job_id=report.job_id, attempt=report.attempt, state=report.state,
+                                  status=error.status_code, detail=error.detail)
+                )  # fmt: skip
+            elif error is not None:
+                raise error
+        return refused
 
     def deregister(self, session_id):
         pass
@@ -321,16 +335,38 @@ def test_finished_job_keeps_its_slots_until_its_report_is_delivered(worker, clie
     assert worker.ledger.free_slots() == 4 and worker.ledger.slot_freed.is_set()
 
 
-def test_claim_after_a_delivered_report_asks_for_the_freed_slots(worker, client, pool):
+def test_a_claim_carries_the_waiting_reports_and_asks_for_the_slots_their_finals_free(worker, client, pool):
     worker._start_job(_job(1, pool_slots=2), "s1")
     pool.die(JobKey(1, 1), state="success", detail="")
     worker._collect_outcomes()
-    asked = []
-    client.claim = lambda session_id, free_slots, wait_seconds: asked.append(free_slots) or []
     worker._claim_once()
+    ((_, free_slots, wait_seconds, carried),) = client.claim_calls
+    assert (free_slots, wait_seconds) == (4, 0)  # answered at once: the next claim waits for jobs
+    assert [(r.job_id, r.state) for r in carried] == [(1, "running"), (1, "success")]
+    assert worker.reporter.pending() == 0 and worker.ledger.free_slots() == 4
+
+
+def test_a_claim_leaves_the_reports_to_a_batch_being_sent(worker, client, pool):
+    worker._start_job(_job(1, pool_slots=2), "s1")
+    pool.die(JobKey(1, 1), state="success", detail="")
+    worker._collect_outcomes()
+    with worker.reporter.delivering:
+        worker._claim_once()
+    ((_, free_slots, wait_seconds, carried),) = client.claim_calls
+    assert (free_slots, wait_seconds, carried) == (2, 20, [])  # the unreported job keeps its slots
+    assert worker.reporter.pending() == 2
+
+
+def test_reports_a_failed_claim_carried_go_back_and_are_delivered_in_order(worker, client, pool):
+    worker._start_job(_job(1), "s1")
+    pool.die(JobKey(1, 1), state="failed", detail="runner died")
+    worker._collect_outcomes()
+    client.claims = [Stopped("the agent is stopping")]
+    worker._claim_once()
+    assert worker.reporter.pending() == 2 and client.reports == []
     _deliver_all(worker)
-    worker._claim_once()
-    assert asked == [2, 4]
+    assert [(j.job_id, r.state) for _, j, r in client.reports] == [(1, "running"), (1, "failed")]
+    assert worker.ledger.free_slots() == 4
 
 
 # -- heartbeat ---------------------------------------------------------------------------------
