@@ -62,6 +62,7 @@ def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetim
     rows = session.execute(
         select(RemoteJob.id, RemoteJob.state, RemoteJob.kind, RemoteJob.ti_id)
         .where(RemoteJob.id.in_(job_ids), RemoteJob.state.in_(JobState.HELD))
+        .order_by(RemoteJob.id)  # job rows are locked in id order everywhere: no lock cycles
         .with_for_update()
     ).all()
     claimed_tasks = [r.ti_id for r in rows if r.state == JobState.CLAIMED and r.kind == JobKind.TASK]

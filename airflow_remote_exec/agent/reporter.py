@@ -66,6 +66,8 @@ class Reporter:
         with self._changed:
             self._queue.append(PendingReport(key, report, session_id, final))
             self._changed.notify_all()
+        if final:  # a full agent's claim loop wakes now, and carries this report to free the slots
+            self._ledger.slot_freed.set()
 
     def pending(self) -> int:
         """Reports not yet answered: queued or in flight."""
@@ -109,16 +111,18 @@ class Reporter:
     def settle(self, batch: list[PendingReport], refused: Iterable[RefusedReport]) -> None:
         """The orchestrator answered: refused reports end their try for us, the rest landed."""
         refusals = {(r.job_id, r.attempt, r.state): r for r in refused}
-        for item in batch:
-            refusal = refusals.get((item.key.job_id, item.key.attempt, item.report.state))
-            if refusal is not None:
-                # 409 stale attempt, 403 not ours, 404 deleted: this try is over for us.
-                log.warning(
-                    "Report %s on job %s attempt %s refused (%s: %s)",
-                    item.report.state, *item.key, refusal.status, refusal.detail,
-                )  # fmt: skip
-                self._abandon(item.key, f"its {item.report.state} report was refused")
-        self._done(batch)
+        try:
+            for item in batch:
+                refusal = refusals.get((item.key.job_id, item.key.attempt, item.report.state))
+                if refusal is not None:
+                    # 409 stale attempt, 403 not ours, 404 deleted: this try is over for us.
+                    log.warning(
+                        "Report %s on job %s attempt %s refused (%s: %s)",
+                        item.report.state, *item.key, refusal.status, refusal.detail,
+                    )  # fmt: skip
+                    self._abandon(item.key, f"its {item.report.state} report was refused")
+        finally:
+            self._done(batch)
 
     def drop(self, batch: list[PendingReport], why: str) -> None:
         for item in batch:
@@ -140,8 +144,13 @@ class Reporter:
         time.sleep(LINGER_SECONDS)
         with self.delivering:
             batch = self.take()
-            if batch:
+            if not batch:
+                return
+            try:
                 self._deliver(batch)
+            except BaseException:  # not answered (an unreadable reply, say): the next sender retries
+                self.put_back(batch)
+                raise
 
     def _deliver(self, batch: list[PendingReport]) -> None:
         session_id = batch[0].session_id

@@ -273,18 +273,22 @@ class Worker:
             self.ledger.slot_freed.wait(1.0)
             return
         with self.reporter.carried(session.session_id) as reports:
-            if reports:  # delivered by this claim, which is answered at once
-                self._claim(session, reports)
-                return
-        self._claim(session, [])
+            # Reports are delivered by this claim, which is answered at once.
+            refusal = self._claim(session, reports) if reports else None
+        if not reports:
+            refusal = self._claim(session, [])
+        if refusal:  # outside ``carried``: the reporter thread must not wait out our back-off
+            log.error("Claim refused: %s", refusal)
+            self._stop.wait(session.heartbeat_interval)
 
-    def _claim(self, session: Session, reports: list[PendingReport]) -> None:
-        finals = {item.key for item in reports if item.final}
-        free = max(0, min(self.ledger.free_slots(reporting=finals), self.pool.idle_count()))
-        if not free and not reports:
-            self.ledger.slot_freed.wait(1.0)
-            return
+    def _claim(self, session: Session, reports: list[PendingReport]) -> AgentApiError | None:
+        """One claim carrying ``reports``; returns the refusal to back off from, if refused."""
         try:
+            finals = {item.key for item in reports if item.final}
+            free = max(0, min(self.ledger.free_slots(reporting=finals), self.pool.idle_count()))
+            if not free and not reports:
+                self.ledger.slot_freed.wait(1.0)
+                return None
             reply = self.client.claim(
                 session.session_id,
                 free,
@@ -295,19 +299,17 @@ class Worker:
         except SessionGone:
             self.reporter.drop(reports, f"session {session.session_id} is over")
             self.session_gone(session.session_id)
-            return
+            return None
         except Unauthorized as err:
             self.reporter.put_back(reports)
             self.token_rejected(err)
-            return
+            return None
         except Stopped:
             self.reporter.put_back(reports)  # the reporter flushes them while the agent drains
-            return
+            return None
         except AgentApiError as err:
             self.reporter.put_back(reports)
-            log.error("Claim refused: %s", err)
-            self._stop.wait(session.heartbeat_interval)
-            return
+            return err
         except BaseException:
             self.reporter.put_back(reports)
             raise
@@ -315,6 +317,7 @@ class Worker:
         self.reporter.settle(reports, reply.refused)
         for job in reply.jobs:
             self._start_job(job, session.session_id)
+        return None
 
     def _start_job(self, job: ClaimedJob, session_id: str) -> None:
         key = JobKey(job.job_id, job.attempt)
@@ -336,10 +339,9 @@ class Worker:
         self.heartbeat.check_partition()
 
     def _finish_job(self, outcome: Outcome) -> None:
-        held = self.ledger.release(outcome.key)
+        held = self.ledger.release(outcome.key)  # an abandoned job's slots are free at once
         if held is None:
             return
-        self.ledger.slot_freed.set()
         if held.abandoned:
             log.info("Job %s attempt %s stopped; it is not ours to report", *outcome.key)
             return

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-API_VERSION = "1"
+# 2 adds batched reports (on a claim too): an agent that sends them must not meet an orchestrator
+# that would silently drop them, so it says 2, which an older orchestrator refuses. 1 still works.
+API_VERSION = "2"
 API_VERSION_HEADER = "Remote-Exec-Api-Version"
-SUPPORTED_API_VERSIONS = frozenset({"1"})
+SUPPORTED_API_VERSIONS = frozenset({"1", "2"})
 
 _NAME = r"^[A-Za-z0-9_.:\-]{1,250}$"
 # What an agent says about itself is shown to operators: only the characters these values can hold.
@@ -137,13 +139,19 @@ class ReportsRequest(AgentRequest):
 
 
 class ClaimRequest(ReportsRequest):
-    free_slots: int = Field(ge=0, le=1024, description="0 with reports: deliver them, claim nothing.")
+    free_slots: int = Field(ge=0, le=1024, description="0 only with reports: deliver them, claim nothing.")
     wait_seconds: float = Field(default=0, ge=0, le=60)
     request_id: str = Field(
         default="",
         pattern=r"^[A-Za-z0-9-]{0,36}$",
         description="Idempotency key: a claim re-sent after its response was lost returns the same jobs.",
     )
+
+    @model_validator(mode="after")
+    def _claims_or_reports(self) -> ClaimRequest:
+        if self.free_slots == 0 and not self.reports:
+            raise ValueError("free_slots must be at least 1, or reports must be given")
+        return self
 
 
 class RefusedReport(BaseModel):

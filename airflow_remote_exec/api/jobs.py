@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, NamedTuple
 
 from airflow.utils.session import create_session
@@ -77,7 +78,9 @@ def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str) -> lis
         RemoteJob.state == JobState.CLAIMED,
         RemoteJob.claim_request_id == request_id,
     )
-    rows = session.execute(select(*_CLAIM_COLUMNS).where(*of_this_claim).with_for_update()).all()
+    rows = session.execute(
+        select(*_CLAIM_COLUMNS).where(*of_this_claim).order_by(RemoteJob.id).with_for_update()
+    ).all()
     if rows:
         session.execute(update(RemoteJob).where(*of_this_claim).values(claimed_at=db_now(session)))
     return [_claimed(job, agent, job.attempt) for job in rows]
@@ -105,6 +108,8 @@ def claim_jobs(
         agent = authorize_agent(session, secret, session_id, lock=True)
         if reports:
             (refused if refused is not None else []).extend(apply_reports(session, agent, reports))
+        # A job this agent just handed back goes to another agent, not straight back to it.
+        handed_back = [r.job_id for r in reports if r.state == "returned"]
         queues = frozenset(agent.queue_list)
         if request_id and (again := _jobs_of_claim(session, agent, request_id)):
             return ClaimResult(again, queues)
@@ -122,6 +127,7 @@ def claim_jobs(
                 RemoteJob.state == JobState.QUEUED,
                 RemoteJob.queue.in_(agent.queue_list),
                 or_(RemoteJob.not_before.is_(None), RemoteJob.not_before <= now),
+                RemoteJob.id.not_in(handed_back),
             )
             .order_by(RemoteJob.priority_weight.desc(), RemoteJob.id)
             .limit(free_slots + _EXTRA_CANDIDATES)
@@ -196,16 +202,22 @@ _NEXT_STATES = {
 }
 
 
-def apply_report(session: Session, agent: RemoteAgent, job_id: int, report: StateReport) -> None:
-    """Apply one state report of ``agent``'s, or raise the 403/404/409 that refuses it (before any write)."""
+def apply_report(
+    session: Session, agent: RemoteAgent, job_id: int, report: StateReport, now: datetime | None = None
+) -> None:
+    """Apply one state report of ``agent``'s, or raise the 403/404/409 that refuses it (before any
+    write). Only the agent's own job is locked: a report cannot hold up another agent's claim."""
     job = session.execute(
-        select(RemoteJob.attempt, RemoteJob.agent_name, RemoteJob.state)
-        .where(RemoteJob.id == job_id)
+        select(RemoteJob.attempt, RemoteJob.state)
+        .where(RemoteJob.id == job_id, RemoteJob.agent_name == agent.name)
         .with_for_update()
     ).first()
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged).")
-    if job.agent_name != agent.name:  # checked first: another agent's attempts are not ours to see
+        if session.scalar(select(RemoteJob.id).where(RemoteJob.id == job_id)) is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged)."
+            )
+        # Checked before the attempt: another agent's attempts are not ours to see.
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"Job {job_id} is not held by agent {agent.name}.")
     if job.attempt != report.attempt:
         raise HTTPException(
@@ -218,7 +230,7 @@ def apply_report(session: Session, agent: RemoteAgent, job_id: int, report: Stat
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"Job {job_id} is {job.state}; it cannot become {report.state}."
         )
-    now = db_now(session)
+    now = now or db_now(session)
     if report.state == "returned":  # the agent cannot run it: back to the queue for another agent
         changes = {"state": JobState.QUEUED, "agent_name": None, "claimed_at": None, "claim_request_id": None}
         notify_jobs_queued(session)
@@ -237,12 +249,13 @@ def apply_report(session: Session, agent: RemoteAgent, job_id: int, report: Stat
 
 
 def apply_reports(session: Session, agent: RemoteAgent, reports: Sequence[JobReport]) -> list[RefusedReport]:
-    """Apply a batch of reports; returns those refused. Job rows are locked in id order (a job's own
-    reports keep theirs), so two batches never wait on each other's locks in a cycle."""
+    """Apply a batch of reports (the caller holds the agent's row lock); returns those refused. Job
+    rows are locked in id order (a job's own reports keep theirs), as everywhere after the agent's."""
     refused = []
+    now = db_now(session)
     for report in sorted(reports, key=lambda r: r.job_id):
         try:
-            apply_report(session, agent, report.job_id, report)
+            apply_report(session, agent, report.job_id, report, now)
         except HTTPException as refusal:
             refused.append(
                 RefusedReport(
@@ -277,6 +290,5 @@ def report_states(session_id: SessionIdPath, body: ReportsRequest, secret: Secre
     """One request for many reports: each is applied as the single-report route would, and a refused
     one is listed with the status that route would have answered, without stopping the others."""
     with create_session(scoped=False) as session:
-        return ReportsResponse(
-            refused=apply_reports(session, authorize_agent(session, secret, session_id), body.reports)
-        )
+        agent = authorize_agent(session, secret, session_id, lock=True)
+        return ReportsResponse(refused=apply_reports(session, agent, body.reports))

@@ -233,7 +233,7 @@ async def _churn(client: Lane, stats: Stats, plan: Plan, sid: str, held: dict[in
 
 async def _simulate(plan: Plan, start_at: Any, ready: Any) -> Stats:
     stats = Stats()
-    headers = {"Authorization": f"Bearer {plan.token}", "Remote-Exec-Api-Version": "1"}
+    headers = {"Authorization": f"Bearer {plan.token}", "Remote-Exec-Api-Version": "2"}
     base_url = f"{plan.api_url}/remote/v1"
     lanes = [
         Lane(base_url, headers, LANE_CONNECTIONS)

@@ -459,3 +459,31 @@ def test_a_claim_carrying_a_final_report_uses_the_slot_it_frees(client, session,
     assert reply.json() == {"jobs": [], "refused": []}
     assert time.monotonic() - started < 4
     assert _job(session, second).state == JobState.RUNNING
+
+
+def test_a_claim_asking_for_no_slots_must_carry_reports(client, make_token, register):
+    token = make_token()
+    session_id = register(token)
+    body = {"free_slots": 0, "wait_seconds": 3}
+    started = time.monotonic()
+    reply = client.post(f"/agents/{session_id}/jobs/claim", json=body, headers=headers(token))
+    assert reply.status_code == 422 and time.monotonic() - started < 2
+    assert "reports" in reply.text
+
+
+def test_a_job_handed_back_on_a_claim_is_not_claimed_again_by_that_claim(
+    client, session, make_token, register
+):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("handback"))
+    (claimed,) = _claim(client, token, session_id)
+    body = {
+        "free_slots": 1,
+        "reports": [
+            {"job_id": job_id, "attempt": claimed["attempt"], "state": "returned", "detail": "unreadable"}
+        ],
+    }
+    reply = client.post(f"/agents/{session_id}/jobs/claim", json=body, headers=headers(token))
+    assert reply.json() == {"jobs": [], "refused": []}
+    assert _job(session, job_id).state == JobState.QUEUED

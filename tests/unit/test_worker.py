@@ -172,8 +172,11 @@ def _job(job_id: int, attempt: int = 1, kind: str = "task", pool_slots: int = 1)
 
 
 def _deliver_all(worker: Worker) -> None:
-    while worker.reporter.pending():
+    for _ in range(20):
+        if not worker.reporter.pending():
+            return
         worker.reporter.step()
+    raise AssertionError(f"{worker.reporter.pending()} reports stuck: neither delivered nor waiting")
 
 
 def _finals(client: FakeClient) -> list[tuple[int, int, str]]:
@@ -509,3 +512,55 @@ def test_health_turns_unhealthy_and_names_a_dead_thread(worker):
     time.sleep(0.2)
     healthy, body = worker.health()
     assert not healthy and body["dead_threads"] == ["heartbeat"]
+
+
+def test_a_batch_whose_reply_cannot_be_read_is_sent_again(worker, client, pool):
+    """An unreadable answer (a proxy's HTML page, say) strands nothing: the batch goes again."""
+    worker._start_job(_job(1), "s1")
+    pool.die(JobKey(1, 1), state="success", detail="")
+    worker._collect_outcomes()
+    real_report_many = client.report_many
+
+    def unreadable_once(session_id, reports, keep_trying):
+        client.report_many = real_report_many
+        raise ValueError("Expecting value: line 1 column 1 (char 0)")
+
+    client.report_many = unreadable_once
+    with pytest.raises(ValueError):
+        worker.reporter.step()
+    _deliver_all(worker)
+    assert _finals(client) == [(1, 1, "success")]
+    assert worker.reporter.pending() == 0 and worker.ledger.free_slots() == 4
+
+
+def test_a_refused_claim_backs_off_without_holding_up_the_reporter(worker, client, pool):
+    worker._start_job(_job(1), "s1")
+    client.claims = [AgentApiError(422, "unprocessable")]
+    thread = threading.Thread(target=worker._claim_once)
+    thread.start()
+    try:
+        time.sleep(0.5)  # the claim was refused; the claim loop now waits out its back-off
+        assert len(client.claim_calls) == 1 and thread.is_alive()
+        assert not worker.reporter.delivering.locked()
+        _deliver_all(worker)  # the running report it carried goes out meanwhile
+        assert [(j.job_id, r.state) for _, j, r in client.reports][-1] == (1, "running")
+    finally:
+        worker._stop.set()
+        thread.join(5)
+
+
+def test_a_final_report_is_queued_before_the_full_agent_is_woken_to_carry_it(worker, client, pool):
+    for job_id in range(1, 5):
+        worker._start_job(_job(job_id), "s1")
+    _deliver_all(worker)
+    queued_when_woken = []
+
+    class Recording(threading.Event):
+        def set(self):
+            queued_when_woken.append(worker.reporter.pending())
+            super().set()
+
+    worker.ledger.slot_freed = Recording()
+    pool.die(JobKey(1, 1), state="success", detail="")
+    worker._collect_outcomes()
+    assert queued_when_woken and queued_when_woken[0] == 1
