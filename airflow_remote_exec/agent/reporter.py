@@ -6,8 +6,9 @@ its job stays in the heartbeat's ``running`` list, so the orchestrator does not 
 Two senders take reports from the head of one queue, each holding ``delivering`` until its batch is
 answered, so reports land in the order they were made: the reporter thread, and the claim loop,
 whose claim carries the reports waiting at that moment (a final report frees its job's slots for
-that very claim: one request per task instead of three). The thread lingers briefly before it sends,
-so that a claim about to go takes what it can.
+that very claim). A busy agent so spends a claim and one batch of "running" reports per batch of jobs,
+where it spent three requests per task. The thread lingers briefly before it sends, so that a claim
+about to go takes what it can.
 """
 
 from __future__ import annotations
