@@ -198,11 +198,14 @@ def edge_worker_state(db_url: str) -> str | None:
 
 
 @contextlib.contextmanager
-def running_stack(kind: str, pg: Postgres, workdir: Path, slots: int) -> Iterator[Stack]:
+def running_stack(
+    kind: str, pg: Postgres, workdir: Path, slots: int, parallelism_factor: int = 2
+) -> Iterator[Stack]:
     """Start one executor's stack on a fresh database and its worker; stop everything on exit."""
     home = workdir / kind
     port = free_port()
-    parallelism = slots if kind == "local" else 2 * slots  # the same N running + N queued: see top
+    # The same N running + N queued (see top); ``--parallelism-factor 1`` gives N, what most users set.
+    parallelism = slots if kind == "local" else parallelism_factor * slots
     extra_env = {
         "AIRFLOW__CORE__PARALLELISM": str(parallelism),
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1024",  # the default 16 must never be the cap
@@ -353,6 +356,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dev/bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per DAG and executor (default 3)")
     parser.add_argument("--slots", type=int, default=8, help="task slots of every executor (default 8)")
+    parser.add_argument(
+        "--parallelism-factor",
+        type=int,
+        default=2,
+        choices=(1, 2),
+        help="remote and edge get [core] parallelism = this x slots (default 2; 1 is what most users set)",
+    )
     parser.add_argument("--only", default="remote,local,edge", help="comma-separated subset, in run order")
     args = parser.parse_args(argv)
     args.only = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -378,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pg.start()
         for kind in args.only:
-            with running_stack(kind, pg, workdir, args.slots) as stack:
+            with running_stack(kind, pg, workdir, args.slots, args.parallelism_factor) as stack:
                 results[kind] = bench_stack(stack, args.repeats)
     except KeyboardInterrupt:  # the stacks have been stopped on the way out; no traceback needed
         say("interrupted")
