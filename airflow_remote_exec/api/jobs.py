@@ -91,6 +91,7 @@ class ClaimResult(NamedTuple):
     # The agent's queues, for a claim that took nothing to wait on; none when it cannot take anything
     # now (draining, or its slots all held), so that it is never woken for a job another agent could run.
     wait_on: frozenset[str]
+    refused: Sequence[RefusedReport] = ()  # reports the claim carried that were not applied
 
 
 def claim_jobs(
@@ -99,27 +100,25 @@ def claim_jobs(
     free_slots: int,
     request_id: str = "",
     reports: Sequence[JobReport] = (),
-    refused: list[RefusedReport] | None = None,
 ) -> ClaimResult:
-    """Apply the agent's ``reports`` (refusals go to ``refused``), then take queued jobs of its queues,
-    highest priority first, up to ``free_slots`` and never beyond the agent's slots minus the jobs it
+    """Apply the agent's ``reports`` (the result lists the refused ones), then take queued jobs of its
+    queues, highest priority first, up to ``free_slots`` and never beyond the agent's slots minus the jobs it
     still holds."""
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)
-        if reports:
-            (refused if refused is not None else []).extend(apply_reports(session, agent, reports))
+        refused = apply_reports(session, agent, reports) if reports else []
         # A job this agent just handed back goes to another agent, not straight back to it.
         handed_back = [r.job_id for r in reports if r.state == "returned"]
         queues = frozenset(agent.queue_list)
         if request_id and (again := _jobs_of_claim(session, agent, request_id)):
-            return ClaimResult(again, queues)
+            return ClaimResult(again, queues, refused)
         if free_slots <= 0:
-            return ClaimResult([], frozenset())  # a delivery of reports only
+            return ClaimResult([], frozenset(), refused)  # a delivery of reports only
         if agent.state not in (AgentState.REGISTERED, AgentState.ACTIVE):
-            return ClaimResult([], frozenset())  # draining: no new work
+            return ClaimResult([], frozenset(), refused)  # draining: no new work
         free_slots = min(free_slots, agent.slots - _slots_held(session, agent))
         if free_slots <= 0:
-            return ClaimResult([], frozenset())
+            return ClaimResult([], frozenset(), refused)
         now = db_now(session)
         candidates = session.execute(
             select(*_CLAIM_COLUMNS)
@@ -155,7 +154,7 @@ def claim_jobs(
                 claimed.append(_claimed(job, agent, job.attempt + 1))
             if free_slots <= 0:
                 break
-    return ClaimResult(claimed, queues)
+    return ClaimResult(claimed, queues, refused)
 
 
 @router.post("/claim", response_model=ClaimResponse, summary="Claim queued jobs, waiting for some if none")
@@ -165,11 +164,11 @@ async def claim(
     """Claim at once, or wait to be woken for jobs of the agent's queues. One claim per session is
     open at a time: a newer one makes this one return empty."""
     deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
-    refused: list[RefusedReport] = []
     # The first attempt authorizes the caller before it may touch the session's open claim.
     result = await run_in_threadpool(
-        claim_jobs, secret, session_id, body.free_slots, body.request_id, body.reports, refused
+        claim_jobs, secret, session_id, body.free_slots, body.request_id, body.reports
     )
+    refused = result.refused  # only the first attempt carries the reports
     if body.reports:
         # Delivered reports are answered at once, so the agent can act on their refusals; its next
         # claim waits for jobs.
