@@ -165,9 +165,8 @@ class RemoteJob(Base):
     __tablename__ = "remote_job"
     __table_args__ = (
         UniqueConstraint("dag_id", "task_id", "run_id", "map_index", "try_number", name="remote_job_ti_key"),
-        Index("idx_remote_job_claim", "state", "queue", "priority_weight"),
         Index("idx_remote_job_sync", "pending_sync"),
-        Index("idx_remote_job_agent", "agent_name"),
+        Index("idx_remote_job_agent", "agent_name", "state"),  # the jobs an agent holds
         Index("idx_remote_job_finished", "finished_at"),  # the purge reads only rows past retention
     )
 
@@ -205,3 +204,14 @@ class RemoteJob(Base):
     # old try's supervisor time to learn from Airflow that its try is over and stop.
     fenced_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     not_before: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+# A claim reads the first queued jobs of its queues in priority order, oldest first among equals: in
+# the index's own order, so it reads a few rows however many are queued rather than sorting them all.
+Index(
+    "idx_remote_job_claim",
+    RemoteJob.state,
+    RemoteJob.queue,
+    RemoteJob.priority_weight.desc(),
+    RemoteJob.id,
+)

@@ -8,7 +8,7 @@ from datetime import timedelta
 from airflow.configuration import conf
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
-from sqlalchemy import Select, and_, func, or_, select, update
+from sqlalchemy import Update, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
@@ -150,16 +150,37 @@ def _beat_in_one_statement(
     dialect = connection.dialect
     if not dialect.update_returning:
         return None
-    now = func.statement_timestamp() if dialect.name == "postgresql" else db_now(session)
-    beat = (
+    params = {"beating_session": session_id, "secret_hash": hash_token(secret)}
+    if dialect.name == "postgresql":  # the agent's jobs come back with the same statement
+        rows = connection.execute(_BEAT_AND_HELD_JOBS, params).all()
+        if not rows:
+            return None
+        now, ours = rows[0].now, [row for row in rows if row.id is not None]
+    else:
+        agent = connection.execute(_BEAT, {**params, "now": db_now(session)}).first()
+        if agent is None:
+            return None
+        now, ours = agent.now, connection.execute(_HELD_JOBS, {"agent_name": agent.name}).all()
+    unknown = [j for j in ours if (j.id, j.attempt) not in held]
+    if unknown:
+        unknown_before = now - silence_window()
+        if any(j.claimed_at < unknown_before for j in unknown):
+            return None  # an orphaned claim to give back
+    return {(j.id, j.attempt) for j in ours}
+
+
+# Built once: building these expressions costs several times what running them does. (A bind
+# parameter named after a column would become a SET value of an UPDATE, hence the other names.)
+def _beat_statement(now) -> Update:
+    return (
         update(RemoteAgent)
         .where(
-            RemoteAgent.session_id == session_id,
+            RemoteAgent.session_id == bindparam("beating_session"),
             RemoteAgent.state == AgentState.ACTIVE,
             RemoteAgent.drain_requested.is_(False),
             RemoteAgent.token_id.in_(
                 select(RemoteToken.id).where(
-                    RemoteToken.token_hash == hash_token(secret),
+                    RemoteToken.token_hash == bindparam("secret_hash"),
                     RemoteToken.revoked_at.is_(None),
                     or_(RemoteToken.expires_at.is_(None), RemoteToken.expires_at > now),
                 )
@@ -168,31 +189,19 @@ def _beat_in_one_statement(
         .values(last_heartbeat_at=now)
         .returning(RemoteAgent.name, RemoteAgent.last_heartbeat_at.label("now"))
     )
-    if dialect.name == "postgresql":  # the agent's jobs come back with the same statement
-        beaten = beat.cte("beat")
-        held_by_it = and_(RemoteJob.agent_name == beaten.c.name, RemoteJob.state.in_(JobState.HELD))
-        rows = connection.execute(
-            select(beaten.c.now, *_JOB_COLUMNS).select_from(beaten).outerjoin(RemoteJob, held_by_it)
-        ).all()
-        if not rows:
-            return None
-        now, ours = rows[0].now, [row for row in rows if row.id is not None]
-    else:
-        agent = connection.execute(beat).first()
-        if agent is None:
-            return None
-        now, ours = agent.now, connection.execute(_held_jobs(agent.name)).all()
-    unknown_before = now - silence_window()
-    if any((j.id, j.attempt) not in held and j.claimed_at < unknown_before for j in ours):
-        return None  # an orphaned claim to give back
-    return {(j.id, j.attempt) for j in ours}
 
 
 _JOB_COLUMNS = (RemoteJob.id, RemoteJob.attempt, RemoteJob.claimed_at)
-
-
-def _held_jobs(agent_name: str) -> Select:
-    return select(*_JOB_COLUMNS).where(RemoteJob.agent_name == agent_name, RemoteJob.state.in_(JobState.HELD))
+_HELD_JOBS = select(*_JOB_COLUMNS).where(
+    RemoteJob.agent_name == bindparam("agent_name"), RemoteJob.state.in_(JobState.HELD)
+)
+_BEAT = _beat_statement(bindparam("now", type_=RemoteAgent.last_heartbeat_at.type))
+_BEATEN = _beat_statement(func.statement_timestamp()).cte("beat")
+_BEAT_AND_HELD_JOBS = (
+    select(_BEATEN.c.now, *_JOB_COLUMNS)
+    .select_from(_BEATEN)
+    .outerjoin(RemoteJob, and_(RemoteJob.agent_name == _BEATEN.c.name, RemoteJob.state.in_(JobState.HELD)))
+)
 
 
 def _beat(
@@ -209,7 +218,7 @@ def _beat(
             agent.set_state(session, AgentState.DRAINING, "drain requested by an operator", now=now)
         else:
             agent.set_state(session, AgentState.ACTIVE, now=now)
-        ours = session.execute(_held_jobs(agent.name)).all()
+        ours = session.execute(_HELD_JOBS, {"agent_name": agent.name}).all()
         # A job claimed for this agent that it does not list, long after the claim, never reached it
         # (a claim response lost in transit): give it back.
         unknown_before = now - silence_window()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Path, status
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec.api.datamodels import API_VERSION_HEADER, SUPPORTED_API_VERSIONS
@@ -57,6 +57,18 @@ def authenticate(session: Session, secret: str) -> RemoteToken:
     return token
 
 
+# Built once: every agent request runs it, and building it costs more than running it.
+_AGENT_OF_SESSION = (
+    select(RemoteAgent, RemoteToken)
+    .join(RemoteToken, RemoteToken.id == RemoteAgent.token_id)
+    .where(
+        RemoteAgent.session_id == bindparam("agent_session"),
+        RemoteToken.token_hash == bindparam("secret_hash"),
+    )
+)
+_AGENT_OF_SESSION_LOCKED = _AGENT_OF_SESSION.with_for_update(of=RemoteAgent)
+
+
 def authorize_agent(session: Session, secret: str, session_id: str, lock: bool = False) -> RemoteAgent:
     """The agent of ``session_id`` if ``secret`` is its live token: one query on the usual path.
 
@@ -65,14 +77,8 @@ def authorize_agent(session: Session, secret: str, session_id: str, lock: bool =
     heartbeat or loss verdict on it meanwhile (a claim must never land on a lost agent, nor two
     claims count the same free slots).
     """
-    query = (
-        select(RemoteAgent, RemoteToken)
-        .join(RemoteToken, RemoteToken.id == RemoteAgent.token_id)
-        .where(RemoteAgent.session_id == session_id, RemoteToken.token_hash == hash_token(secret))
-    )
-    if lock:
-        query = query.with_for_update(of=RemoteAgent)
-    row = session.execute(query).first()
+    query = _AGENT_OF_SESSION_LOCKED if lock else _AGENT_OF_SESSION
+    row = session.execute(query, {"agent_session": session_id, "secret_hash": hash_token(secret)}).first()
     if row is not None and token_matches(row.RemoteToken, secret) and token_is_live(row.RemoteToken):
         agent = row.RemoteAgent
         if agent.state not in AgentState.LIVE:

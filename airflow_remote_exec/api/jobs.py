@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Annotated, NamedTuple
 
 from airflow.utils.session import create_session
+from airflow.utils.sqlalchemy import UtcDateTime
 from fastapi import APIRouter, HTTPException, Path, Request, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import Integer, Row, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
@@ -35,27 +36,61 @@ router = APIRouter(
     prefix="/agents/{session_id}/jobs", tags=["jobs"], responses=error_responses(400, 401, 403, 404, 410)
 )
 
+# The statements of the job path are built once: building them costs more than running them.
+# (A bind parameter named after a column would become a SET value of an UPDATE, hence the names.)
 _CLAIM_COLUMNS = (RemoteJob.id, RemoteJob.kind, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload)
+_JOB_IDS = bindparam("job_ids", expanding=True)
+_NOW = bindparam("now", type_=UtcDateTime())  # the database's clock (see clock.py), read once per request
+_NO_SYNC = {"synchronize_session": False}  # no ORM objects of these rows are loaded
+
+_HELD_BY_AGENT = select(
+    RemoteJob.id, RemoteJob.state, RemoteJob.pool_slots, RemoteJob.claim_request_id
+).where(RemoteJob.agent_name == bindparam("holder"), RemoteJob.state.in_(JobState.HELD))
+
+_OF_THIS_CLAIM = (
+    RemoteJob.agent_name == bindparam("holder"),
+    RemoteJob.state == JobState.CLAIMED,
+    RemoteJob.claim_request_id == bindparam("claim_request"),
+)
+_JOBS_OF_CLAIM = select(*_CLAIM_COLUMNS).where(*_OF_THIS_CLAIM).order_by(RemoteJob.id).with_for_update()
+_RECLAIM = (
+    update(RemoteJob).where(*_OF_THIS_CLAIM).values(claimed_at=_NOW).execution_options(**_NO_SYNC)
+)
 
 # Read a few more rows than slots so a job needing many pool slots does not block smaller ones.
 _EXTRA_CANDIDATES = 8
+_CANDIDATES = (
+    select(*_CLAIM_COLUMNS)
+    .where(
+        RemoteJob.state == JobState.QUEUED,
+        RemoteJob.queue.in_(bindparam("queues", expanding=True)),
+        or_(RemoteJob.not_before.is_(None), RemoteJob.not_before <= _NOW),
+        RemoteJob.id.not_in(bindparam("handed_back", expanding=True)),
+    )
+    .order_by(RemoteJob.priority_weight.desc(), RemoteJob.id)
+    .limit(bindparam("how_many", type_=Integer))
+    .with_for_update(skip_locked=True)
+)
+# Conditional on still being queued, so two claimers can never both win (SQLite too).
+_TAKE = (
+    update(RemoteJob)
+    .where(RemoteJob.id.in_(_JOB_IDS), RemoteJob.state == JobState.QUEUED)
+    .values(
+        state=JobState.CLAIMED,
+        agent_name=bindparam("holder"),
+        attempt=RemoteJob.attempt + 1,
+        claimed_at=_NOW,
+        claim_request_id=bindparam("claim_request"),
+    )
+    .execution_options(**_NO_SYNC)
+)
+_TAKE_RETURNING = _TAKE.returning(RemoteJob.id, RemoteJob.attempt)
 
 
 def _slots_taken(pool_slots: int, agent: RemoteAgent) -> int:
     """Agent slots a job takes. ``pool_slots`` weighs a task in an Airflow pool and says nothing about
     CPUs, so a task wider than the agent takes the whole agent rather than never running."""
     return min(pool_slots, agent.slots)
-
-
-def _slots_held(session: Session, agent: RemoteAgent) -> int:
-    """Slots the jobs this agent holds take, as the orchestrator sees them: claimed or running, with
-    no final report yet. The agent's own count cannot be trusted to leave them out."""
-    taken = case((RemoteJob.pool_slots > agent.slots, agent.slots), else_=RemoteJob.pool_slots)
-    return session.scalar(
-        select(func.coalesce(func.sum(taken), 0)).where(
-            RemoteJob.agent_name == agent.name, RemoteJob.state.in_(JobState.HELD)
-        )
-    )
 
 
 def _claimed(job, agent: RemoteAgent, attempt: int) -> ClaimedJob:
@@ -68,21 +103,14 @@ def _claimed(job, agent: RemoteAgent, attempt: int) -> ClaimedJob:
     )
 
 
-def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str) -> list[ClaimedJob]:
+def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str, now: datetime) -> list[ClaimedJob]:
     """Jobs an earlier delivery of this very claim request took (its response was lost).
 
     They count as claimed now, so the heartbeat's grace for jobs in flight starts again.
     """
-    of_this_claim = (
-        RemoteJob.agent_name == agent.name,
-        RemoteJob.state == JobState.CLAIMED,
-        RemoteJob.claim_request_id == request_id,
-    )
-    rows = session.execute(
-        select(*_CLAIM_COLUMNS).where(*of_this_claim).order_by(RemoteJob.id).with_for_update()
-    ).all()
-    if rows:
-        session.execute(update(RemoteJob).where(*of_this_claim).values(claimed_at=db_now(session)))
+    params = {"holder": agent.name, "claim_request": request_id}
+    rows = session.execute(_JOBS_OF_CLAIM, params).all()
+    session.execute(_RECLAIM, {**params, "now": now})
     return [_claimed(job, agent, job.attempt) for job in rows]
 
 
@@ -106,55 +134,53 @@ def claim_jobs(
     still holds."""
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)
-        refused = apply_reports(session, agent, reports) if reports else []
+        now = db_now(session)
+        refused = apply_reports(session, agent, reports, now)
         # A job this agent just handed back goes to another agent, not straight back to it.
         handed_back = [r.job_id for r in reports if r.state == "returned"]
         queues = frozenset(agent.queue_list)
-        if request_id and (again := _jobs_of_claim(session, agent, request_id)):
-            return ClaimResult(again, queues, refused)
+        held = session.execute(_HELD_BY_AGENT, {"holder": agent.name}).all()
+        if request_id and any(j.state == JobState.CLAIMED and j.claim_request_id == request_id for j in held):
+            return ClaimResult(_jobs_of_claim(session, agent, request_id, now), queues, refused)
         if free_slots <= 0:
             return ClaimResult([], frozenset(), refused)  # a delivery of reports only
         if agent.state not in (AgentState.REGISTERED, AgentState.ACTIVE):
             return ClaimResult([], frozenset(), refused)  # draining: no new work
-        free_slots = min(free_slots, agent.slots - _slots_held(session, agent))
+        free_slots = min(free_slots, agent.slots - sum(_slots_taken(j.pool_slots, agent) for j in held))
         if free_slots <= 0:
             return ClaimResult([], frozenset(), refused)
-        now = db_now(session)
         candidates = session.execute(
-            select(*_CLAIM_COLUMNS)
-            .where(
-                RemoteJob.state == JobState.QUEUED,
-                RemoteJob.queue.in_(agent.queue_list),
-                or_(RemoteJob.not_before.is_(None), RemoteJob.not_before <= now),
-                RemoteJob.id.not_in(handed_back),
-            )
-            .order_by(RemoteJob.priority_weight.desc(), RemoteJob.id)
-            .limit(free_slots + _EXTRA_CANDIDATES)
-            .with_for_update(skip_locked=True)
-        ).all()
-        claimed: list[ClaimedJob] = []
+            _CANDIDATES,
+            {"queues": agent.queue_list, "now": now, "handed_back": handed_back,
+             "how_many": free_slots + _EXTRA_CANDIDATES},
+        ).all()  # fmt: skip
+        picked = []
         for job in candidates:
             slots = _slots_taken(job.pool_slots, agent)
-            if slots > free_slots:
-                continue
-            # Conditional on still being queued, so two claimers can never both win (SQLite too).
-            won = session.execute(
-                update(RemoteJob)
-                .where(RemoteJob.id == job.id, RemoteJob.state == JobState.QUEUED)
-                .values(
-                    state=JobState.CLAIMED,
-                    agent_name=agent.name,
-                    attempt=RemoteJob.attempt + 1,
-                    claimed_at=now,
-                    claim_request_id=request_id or None,
-                )
-            ).rowcount
-            if won:
+            if slots <= free_slots:
+                picked.append(job)
                 free_slots -= slots
-                claimed.append(_claimed(job, agent, job.attempt + 1))
             if free_slots <= 0:
                 break
+        won = _take(session, agent, picked, request_id, now)
+        claimed = [_claimed(job, agent, won[job.id]) for job in picked if job.id in won]
     return ClaimResult(claimed, queues, refused)
+
+
+def _take(
+    session: Session, agent: RemoteAgent, picked: Sequence[Row], request_id: str, now: datetime
+) -> dict[int, int]:
+    """Claim the ``picked`` queued jobs for ``agent`` in one statement; returns the attempt of each job
+    won."""
+    if not picked:
+        return {}
+    params = {"job_ids": [job.id for job in picked], "holder": agent.name, "now": now,
+              "claim_request": request_id or None}  # fmt: skip
+    if session.get_bind().dialect.update_returning:
+        return dict(session.execute(_TAKE_RETURNING, params).all())
+    # No RETURNING (MySQL): the rows are locked FOR UPDATE, so the update takes every one of them.
+    session.execute(_TAKE, params)
+    return {job.id: job.attempt + 1 for job in picked}
 
 
 @router.post("/claim", response_model=ClaimResponse, summary="Claim queued jobs, waiting for some if none")
@@ -200,72 +226,115 @@ _NEXT_STATES = {
     for state in JobState.HELD
 }
 
+# Only the agent's own jobs are locked (in id order, as everywhere after the agent's row): a report
+# cannot hold up another agent's claim.
+_OWN_JOBS = (
+    select(RemoteJob.id, RemoteJob.attempt, RemoteJob.state)
+    .where(RemoteJob.id.in_(_JOB_IDS), RemoteJob.agent_name == bindparam("holder"))
+    .order_by(RemoteJob.id)
+    .with_for_update()
+)
+_EXISTING = select(RemoteJob.id).where(RemoteJob.id.in_(_JOB_IDS))
+_RETURN = (  # the agent cannot run it: back to the queue for another agent
+    update(RemoteJob)
+    .where(RemoteJob.id.in_(_JOB_IDS))
+    .values(state=JobState.QUEUED, agent_name=None, claimed_at=None, claim_request_id=None)
+    .execution_options(**_NO_SYNC)
+)
+_START = (
+    update(RemoteJob)
+    .where(RemoteJob.id.in_(_JOB_IDS))
+    .values(state=JobState.RUNNING, started_at=_NOW, pending_sync=True)
+    .execution_options(**_NO_SYNC)
+)
+_FINISH = (
+    update(RemoteJob)
+    .where(RemoteJob.id.in_(_JOB_IDS))
+    .values(
+        state=bindparam("outcome"),
+        detail=bindparam("outcome_detail"),
+        exit_code=bindparam("outcome_exit_code"),
+        pending_sync=True,
+        finished_at=_NOW,
+        started_at=func.coalesce(RemoteJob.started_at, _NOW),
+    )
+    .execution_options(**_NO_SYNC)
+)
 
-def apply_report(
-    session: Session, agent: RemoteAgent, job_id: int, report: StateReport, now: datetime | None = None
-) -> None:
-    """Apply one state report of ``agent``'s, or raise the 403/404/409 that refuses it (before any
-    write). Only the agent's own job is locked: a report cannot hold up another agent's claim."""
-    job = session.execute(
-        select(RemoteJob.attempt, RemoteJob.state)
-        .where(RemoteJob.id == job_id, RemoteJob.agent_name == agent.name)
-        .with_for_update()
-    ).first()
-    if job is None:
-        if session.scalar(select(RemoteJob.id).where(RemoteJob.id == job_id)) is None:
-            raise HTTPException(
-                status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged)."
-            )
+
+def _refusal(report: JobReport, held: tuple[int, str] | None, exists: bool) -> tuple[int, str] | None:
+    """The status and reason refusing ``report``, given the (attempt, state) of the job if the agent
+    holds it; None to accept it."""
+    job_id = report.job_id
+    if held is None:
+        if not exists:
+            return status.HTTP_404_NOT_FOUND, f"Job {job_id} does not exist (revoked or purged)."
         # Checked before the attempt: another agent's attempts are not ours to see.
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"Job {job_id} is not held by agent {agent.name}.")
-    if job.attempt != report.attempt:
-        raise HTTPException(
+        return status.HTTP_403_FORBIDDEN, f"Job {job_id} is not held by this agent."
+    attempt, state = held
+    if attempt != report.attempt:
+        return (
             status.HTTP_409_CONFLICT,
-            f"Stale report for job {job_id}: attempt {report.attempt} was superseded by {job.attempt}.",
+            f"Stale report for job {job_id}: attempt {report.attempt} was superseded by {attempt}.",
         )
-    if job.state == report.state:
-        return  # a retried report that already landed
-    if report.state not in _NEXT_STATES.get(job.state, ()):
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"Job {job_id} is {job.state}; it cannot become {report.state}."
-        )
-    now = now or db_now(session)
-    if report.state == "returned":  # the agent cannot run it: back to the queue for another agent
-        changes = {"state": JobState.QUEUED, "agent_name": None, "claimed_at": None, "claim_request_id": None}
-        notify_jobs_queued(session)
-    elif report.state == JobState.RUNNING:
-        changes = {"state": report.state, "started_at": now, "pending_sync": True}
-    else:
-        changes = {
-            "state": report.state,
-            "detail": report.detail,
-            "exit_code": report.exit_code,
-            "pending_sync": True,
-            "finished_at": now,
-            "started_at": func.coalesce(RemoteJob.started_at, now),
-        }
-    session.execute(update(RemoteJob).where(RemoteJob.id == job_id).values(**changes))
+    if report.state != state and report.state not in _NEXT_STATES.get(state, ()):
+        return status.HTTP_409_CONFLICT, f"Job {job_id} is {state}; it cannot become {report.state}."
+    return None
 
 
-def apply_reports(session: Session, agent: RemoteAgent, reports: Sequence[JobReport]) -> list[RefusedReport]:
-    """Apply a batch of reports (the caller holds the agent's row lock); returns those refused. Job
-    rows are locked in id order (a job's own reports keep theirs), as everywhere after the agent's."""
-    refused = []
-    now = db_now(session)
-    for report in sorted(reports, key=lambda r: r.job_id):
-        try:
-            apply_report(session, agent, report.job_id, report, now)
-        except HTTPException as refusal:
-            refused.append(
-                RefusedReport(
-                    job_id=report.job_id,
-                    attempt=report.attempt,
-                    state=report.state,
-                    status=refusal.status_code,
-                    detail=refusal.detail,
-                )
-            )
+def apply_reports(
+    session: Session, agent: RemoteAgent, reports: Sequence[JobReport], now: datetime | None = None
+) -> list[RefusedReport]:
+    """Apply a batch of ``agent``'s reports in a few statements, whatever their number; returns those
+    refused, each with the status the single-report route answers. The caller holds the agent's row
+    lock. A job's reports apply in their order; a retried report that already landed changes nothing."""
+    if not reports:
+        return []
+    job_ids = sorted({report.job_id for report in reports})
+    rows = session.execute(_OWN_JOBS, {"job_ids": job_ids, "holder": agent.name}).all()
+    held = {row.id: (row.attempt, row.state) for row in rows}
+    missing = [job_id for job_id in job_ids if job_id not in held]
+    existing = set(session.scalars(_EXISTING, {"job_ids": missing})) if missing else set()
+    refused: list[RefusedReport] = []
+    last: dict[int, JobReport] = {}  # each job's last applied report
+    for report in sorted(reports, key=lambda r: r.job_id):  # stable: a job's reports keep their order
+        job_id = report.job_id
+        refusal = _refusal(report, held.get(job_id), job_id in existing)
+        if refusal is not None:
+            status_code, detail = refusal
+            refused.append(RefusedReport(**report.model_dump(include={"job_id", "attempt", "state"}),
+                                         status=status_code, detail=detail))  # fmt: skip
+        elif report.state == "returned":
+            del held[job_id]  # no longer this agent's: a later report of it is refused
+            existing.add(job_id)
+            last[job_id] = report
+        elif report.state != held[job_id][1]:
+            held[job_id] = (report.attempt, report.state)
+            last[job_id] = report
+    if last:
+        _write_reports(session, list(last.values()), now or db_now(session))
     return refused
+
+
+def _write_reports(session: Session, reports: list[JobReport], now: datetime) -> None:
+    """Write each job's last applied report: one statement per kind of change."""
+    returned = [r.job_id for r in reports if r.state == "returned"]
+    started = [r.job_id for r in reports if r.state == JobState.RUNNING]
+    finished: dict[tuple[str, str | None, int | None], list[int]] = {}
+    for r in reports:
+        if r.state in JobState.FINISHED:
+            finished.setdefault((r.state, r.detail, r.exit_code), []).append(r.job_id)
+    if returned:
+        session.execute(_RETURN, {"job_ids": returned})
+        notify_jobs_queued(session)
+    if started:
+        session.execute(_START, {"job_ids": started, "now": now})
+    for (outcome, detail, exit_code), job_ids in finished.items():
+        session.execute(
+            _FINISH,
+            {"job_ids": job_ids, "now": now, "outcome": outcome, "outcome_detail": detail,
+             "outcome_exit_code": exit_code},
+        )  # fmt: skip
 
 
 @router.post(
@@ -281,7 +350,10 @@ def report_state(
     secret: SecretDep,
 ) -> None:
     with create_session(scoped=False) as session:
-        apply_report(session, authorize_agent(session, secret, session_id), job_id, body)
+        agent = authorize_agent(session, secret, session_id, lock=True)
+        refused = apply_reports(session, agent, [JobReport(job_id=job_id, **body.model_dump())])
+    if refused:
+        raise HTTPException(refused[0].status, refused[0].detail)
 
 
 @router.post("/reports", response_model=ReportsResponse, summary="Report the states of several jobs at once")
