@@ -300,8 +300,11 @@ class Postgres:
     able to reach ``workdir`` (pytest's own tmp dirs are mode 0700: use a directory under /tmp instead).
     """
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, settings: Mapping[str, str] | None = None
+    ) -> None:
         self.workdir = Path(workdir).resolve()
+        self.settings = dict(settings or {})  # further server settings, e.g. shared_preload_libraries
         self.port = port or free_port()
         self.datadir = self.workdir / "data"
         self.sockdir = self.workdir / "sock"
@@ -336,6 +339,7 @@ class Postgres:
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300 "
             f"-c full_page_writes=off -c synchronous_commit=off -k {self.sockdir}"
         )
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         try:
             # -w -t: pg_ctl itself waits (bounded) until the server accepts connections.
             self._pg("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o", options,

@@ -8,11 +8,12 @@ from datetime import timedelta
 from airflow.configuration import conf
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
-from sqlalchemy import Update, and_, bindparam, func, or_, select, update
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
 from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authenticate, authorize_agent
+from airflow_remote_exec.api.beats import HELD_JOBS, Beat, heartbeat_writer
 from airflow_remote_exec.api.datamodels import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -23,7 +24,7 @@ from airflow_remote_exec.api.datamodels import (
 )
 from airflow_remote_exec.api.versions import version_mismatch
 from airflow_remote_exec.clock import db_now
-from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob, RemoteToken
+from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken
 from airflow_remote_exec.reroute import release_agent_jobs, release_jobs, silence_window
 from airflow_remote_exec.tokens import hash_token, token_is_live
 
@@ -129,79 +130,28 @@ def _refuse_taking_a_live_name(agent: RemoteAgent, body: RegisterRequest, now) -
     summary="Report liveness",
     responses=error_responses(404, 410),
 )
-def heartbeat(session_id: SessionIdPath, body: HeartbeatRequest, secret: SecretDep) -> HeartbeatResponse:
+async def heartbeat(
+    session_id: SessionIdPath, body: HeartbeatRequest, secret: SecretDep
+) -> HeartbeatResponse:
     held = {(job.job_id, job.attempt) for job in body.running}
-    with create_session(scoped=False) as session:
-        valid = None if body.draining else _beat_in_one_statement(session, secret, session_id, held)
-        state = AgentState.ACTIVE
+    beat = None if body.draining else await heartbeat_writer.beat(session_id, hash_token(secret))
+    valid = None if beat is None else _still_held(beat, held)
+    state = AgentState.ACTIVE
     if valid is None:  # anything but a plain "still here": the full path
-        valid, state = _beat(secret, session_id, body.draining, held)
+        valid, state = await run_in_threadpool(_beat, secret, session_id, body.draining, held)
     stop = [HeldJob(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(held - valid)]
     return HeartbeatResponse(state=state, stop=stop)
 
 
-def _beat_in_one_statement(
-    session: Session, secret: str, session_id: str, held: set[tuple[int, int]]
-) -> set[tuple[int, int]] | None:
-    """The usual heartbeat of a thousand idle agents, as one statement: an active agent, no drain, its
-    live token, and nothing to sweep. Returns the (job, attempt) pairs it holds, or None when the
-    heartbeat needs the full path (a state change, an orphaned claim, or a refusal to explain)."""
-    connection = session.connection()  # Core statements: none of the ORM's bookkeeping
-    dialect = connection.dialect
-    if not dialect.update_returning:
-        return None
-    params = {"beating_session": session_id, "secret_hash": hash_token(secret)}
-    if dialect.name == "postgresql":  # the agent's jobs come back with the same statement
-        rows = connection.execute(_BEAT_AND_HELD_JOBS, params).all()
-        if not rows:
-            return None
-        now, ours = rows[0].now, [row for row in rows if row.id is not None]
-    else:
-        agent = connection.execute(_BEAT, {**params, "now": db_now(session)}).first()
-        if agent is None:
-            return None
-        now, ours = agent.now, connection.execute(_HELD_JOBS, {"agent_name": agent.name}).all()
-    unknown = [j for j in ours if (j.id, j.attempt) not in held]
+def _still_held(beat: Beat, held: set[tuple[int, int]]) -> set[tuple[int, int]] | None:
+    """The (job, attempt) pairs the agent holds, or None if one of them is an orphaned claim to give
+    back, which the full path does."""
+    unknown = [j for j in beat.held_jobs if (j.id, j.attempt) not in held]
     if unknown:
-        unknown_before = now - silence_window()
+        unknown_before = beat.now - silence_window()
         if any(j.claimed_at < unknown_before for j in unknown):
-            return None  # an orphaned claim to give back
-    return {(j.id, j.attempt) for j in ours}
-
-
-# Built once: building these expressions costs several times what running them does. (A bind
-# parameter named after a column would become a SET value of an UPDATE, hence the other names.)
-def _beat_statement(now) -> Update:
-    return (
-        update(RemoteAgent)
-        .where(
-            RemoteAgent.session_id == bindparam("beating_session"),
-            RemoteAgent.state == AgentState.ACTIVE,
-            RemoteAgent.drain_requested.is_(False),
-            RemoteAgent.token_id.in_(
-                select(RemoteToken.id).where(
-                    RemoteToken.token_hash == bindparam("secret_hash"),
-                    RemoteToken.revoked_at.is_(None),
-                    or_(RemoteToken.expires_at.is_(None), RemoteToken.expires_at > now),
-                )
-            ),
-        )
-        .values(last_heartbeat_at=now)
-        .returning(RemoteAgent.name, RemoteAgent.last_heartbeat_at.label("now"))
-    )
-
-
-_JOB_COLUMNS = (RemoteJob.id, RemoteJob.attempt, RemoteJob.claimed_at)
-_HELD_JOBS = select(*_JOB_COLUMNS).where(
-    RemoteJob.agent_name == bindparam("agent_name"), RemoteJob.state.in_(JobState.HELD)
-)
-_BEAT = _beat_statement(bindparam("now", type_=RemoteAgent.last_heartbeat_at.type))
-_BEATEN = _beat_statement(func.statement_timestamp()).cte("beat")
-_BEAT_AND_HELD_JOBS = (
-    select(_BEATEN.c.now, *_JOB_COLUMNS)
-    .select_from(_BEATEN)
-    .outerjoin(RemoteJob, and_(RemoteJob.agent_name == _BEATEN.c.name, RemoteJob.state.in_(JobState.HELD)))
-)
+            return None
+    return {(j.id, j.attempt) for j in beat.held_jobs}
 
 
 def _beat(
@@ -218,7 +168,7 @@ def _beat(
             agent.set_state(session, AgentState.DRAINING, "drain requested by an operator", now=now)
         else:
             agent.set_state(session, AgentState.ACTIVE, now=now)
-        ours = session.execute(_HELD_JOBS, {"agent_name": agent.name}).all()
+        ours = session.execute(HELD_JOBS, {"holder": agent.name}).all()
         # A job claimed for this agent that it does not list, long after the claim, never reached it
         # (a claim response lost in transit): give it back.
         unknown_before = now - silence_window()

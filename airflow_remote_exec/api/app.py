@@ -24,7 +24,8 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop_presence()
 
 
-def create_app() -> FastAPI:
+def create_app(prefix: str = "") -> FastAPI:
+    """The agent API with its routes under ``prefix``: none when ``airflow api-server`` mounts it."""
     app = FastAPI(
         lifespan=_lifespan,
         title="Airflow Remote Execution agent API",
@@ -32,11 +33,14 @@ def create_app() -> FastAPI:
         description="Agents register, heartbeat, claim jobs and report their state. "
         "Every call needs an agent token (`Authorization: Bearer ...`) and the "
         "`Remote-Exec-Api-Version` header.",
+        openapi_url=f"{prefix}/openapi.json",
+        docs_url=f"{prefix}/docs",
+        redoc_url=None,
     )
-    app.include_router(agents.router)
-    app.include_router(jobs.router)
+    app.include_router(agents.router, prefix=prefix)
+    app.include_router(jobs.router, prefix=prefix)
 
-    @app.get("/health", tags=["health"], summary="Liveness of the agent API (no auth)")
+    @app.get(f"{prefix}/health", tags=["health"], summary="Liveness of the agent API (no auth)")
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
@@ -45,7 +49,6 @@ def create_app() -> FastAPI:
 
 def create_standalone_app() -> FastAPI:
     """The agent API alone, at the same ``/remote/v1`` path, without the Airflow UI and its middleware:
-    what ``airflow remote-exec api-server`` serves, behind the same URL as ``airflow api-server``."""
-    root = FastAPI(lifespan=_lifespan, openapi_url=None, docs_url=None, redoc_url=None)
-    root.mount(URL_PREFIX, create_app())
-    return root
+    what ``airflow remote-exec api-server`` serves, behind the same URL as ``airflow api-server``. Its
+    routes carry the prefix themselves: a mounted sub-app would run a second middleware stack."""
+    return create_app(prefix=URL_PREFIX)

@@ -36,55 +36,58 @@ router = APIRouter(
     prefix="/agents/{session_id}/jobs", tags=["jobs"], responses=error_responses(400, 401, 403, 404, 410)
 )
 
-# The statements of the job path are built once: building them costs more than running them.
+# The statements of the job path are built once: building them costs more than running them. They are
+# Core statements on the table, which skip the ORM's per-statement bookkeeping.
+_JOBS = RemoteJob.__table__
+_job = _JOBS.c
 # (A bind parameter named after a column would become a SET value of an UPDATE, hence the names.)
-_CLAIM_COLUMNS = (RemoteJob.id, RemoteJob.kind, RemoteJob.pool_slots, RemoteJob.attempt, RemoteJob.workload)
+_CLAIM_COLUMNS = (_job.id, _job.kind, _job.pool_slots, _job.attempt, _job.workload)
 _JOB_IDS = bindparam("job_ids", expanding=True)
 _NOW = bindparam("now", type_=UtcDateTime())  # the database's clock (see clock.py), read once per request
-_NO_SYNC = {"synchronize_session": False}  # no ORM objects of these rows are loaded
 
-_HELD_BY_AGENT = select(
-    RemoteJob.id, RemoteJob.state, RemoteJob.pool_slots, RemoteJob.claim_request_id
-).where(RemoteJob.agent_name == bindparam("holder"), RemoteJob.state.in_(JobState.HELD))
+_HELD_BY_AGENT = select(_job.id, _job.state, _job.pool_slots, _job.claim_request_id).where(
+    _job.agent_name == bindparam("holder"), _job.state.in_(JobState.HELD)
+)
 
 _OF_THIS_CLAIM = (
-    RemoteJob.agent_name == bindparam("holder"),
-    RemoteJob.state == JobState.CLAIMED,
-    RemoteJob.claim_request_id == bindparam("claim_request"),
+    _job.agent_name == bindparam("holder"),
+    _job.state == JobState.CLAIMED,
+    _job.claim_request_id == bindparam("claim_request"),
 )
-_JOBS_OF_CLAIM = select(*_CLAIM_COLUMNS).where(*_OF_THIS_CLAIM).order_by(RemoteJob.id).with_for_update()
-_RECLAIM = (
-    update(RemoteJob).where(*_OF_THIS_CLAIM).values(claimed_at=_NOW).execution_options(**_NO_SYNC)
-)
+_JOBS_OF_CLAIM = select(*_CLAIM_COLUMNS).where(*_OF_THIS_CLAIM).order_by(_job.id).with_for_update()
+_RECLAIM = update(_JOBS).where(*_OF_THIS_CLAIM).values(claimed_at=_NOW)
 
 # Read a few more rows than slots so a job needing many pool slots does not block smaller ones.
 _EXTRA_CANDIDATES = 8
 _CANDIDATES = (
     select(*_CLAIM_COLUMNS)
     .where(
-        RemoteJob.state == JobState.QUEUED,
-        RemoteJob.queue.in_(bindparam("queues", expanding=True)),
-        or_(RemoteJob.not_before.is_(None), RemoteJob.not_before <= _NOW),
-        RemoteJob.id.not_in(bindparam("handed_back", expanding=True)),
+        _job.state == JobState.QUEUED,
+        _job.queue.in_(bindparam("queues", expanding=True)),
+        or_(_job.not_before.is_(None), _job.not_before <= _NOW),
+        _job.id.not_in(bindparam("handed_back", expanding=True)),
     )
-    .order_by(RemoteJob.priority_weight.desc(), RemoteJob.id)
+    .order_by(_job.priority_weight.desc(), _job.id)
     .limit(bindparam("how_many", type_=Integer))
     .with_for_update(skip_locked=True)
 )
-# Conditional on still being queued, so two claimers can never both win (SQLite too).
-_TAKE = (
-    update(RemoteJob)
-    .where(RemoteJob.id.in_(_JOB_IDS), RemoteJob.state == JobState.QUEUED)
+# The candidates were read FOR UPDATE, so on a database with row locks the jobs are still queued and
+# taken by id alone (a condition on the state would lead the planner to the claim index, which reads
+# every queued row). SQLite has no row locks: there the update takes only jobs still queued, so two
+# claimers can never both win.
+_TAKE_LOCKED = (
+    update(_JOBS)
+    .where(_job.id.in_(_JOB_IDS))
     .values(
         state=JobState.CLAIMED,
         agent_name=bindparam("holder"),
-        attempt=RemoteJob.attempt + 1,
+        attempt=_job.attempt + 1,
         claimed_at=_NOW,
         claim_request_id=bindparam("claim_request"),
     )
-    .execution_options(**_NO_SYNC)
 )
-_TAKE_RETURNING = _TAKE.returning(RemoteJob.id, RemoteJob.attempt)
+_TAKE_LOCKED_RETURNING = _TAKE_LOCKED.returning(_job.id, _job.attempt)
+_TAKE_IF_QUEUED_RETURNING = _TAKE_LOCKED_RETURNING.where(_job.state == JobState.QUEUED)
 
 
 def _slots_taken(pool_slots: int, agent: RemoteAgent) -> int:
@@ -176,10 +179,12 @@ def _take(
         return {}
     params = {"job_ids": [job.id for job in picked], "holder": agent.name, "now": now,
               "claim_request": request_id or None}  # fmt: skip
-    if session.get_bind().dialect.update_returning:
-        return dict(session.execute(_TAKE_RETURNING, params).all())
-    # No RETURNING (MySQL): the rows are locked FOR UPDATE, so the update takes every one of them.
-    session.execute(_TAKE, params)
+    dialect = session.get_bind().dialect
+    if dialect.name == "sqlite":
+        return dict(session.execute(_TAKE_IF_QUEUED_RETURNING, params).all())
+    if dialect.update_returning:
+        return dict(session.execute(_TAKE_LOCKED_RETURNING, params).all())
+    session.execute(_TAKE_LOCKED, params)  # no RETURNING (MySQL)
     return {job.id: job.attempt + 1 for job in picked}
 
 
@@ -229,36 +234,33 @@ _NEXT_STATES = {
 # Only the agent's own jobs are locked (in id order, as everywhere after the agent's row): a report
 # cannot hold up another agent's claim.
 _OWN_JOBS = (
-    select(RemoteJob.id, RemoteJob.attempt, RemoteJob.state)
-    .where(RemoteJob.id.in_(_JOB_IDS), RemoteJob.agent_name == bindparam("holder"))
-    .order_by(RemoteJob.id)
+    select(_job.id, _job.attempt, _job.state)
+    .where(_job.id.in_(_JOB_IDS), _job.agent_name == bindparam("holder"))
+    .order_by(_job.id)
     .with_for_update()
 )
-_EXISTING = select(RemoteJob.id).where(RemoteJob.id.in_(_JOB_IDS))
+_EXISTING = select(_job.id).where(_job.id.in_(_JOB_IDS))
 _RETURN = (  # the agent cannot run it: back to the queue for another agent
-    update(RemoteJob)
-    .where(RemoteJob.id.in_(_JOB_IDS))
+    update(_JOBS)
+    .where(_job.id.in_(_JOB_IDS))
     .values(state=JobState.QUEUED, agent_name=None, claimed_at=None, claim_request_id=None)
-    .execution_options(**_NO_SYNC)
 )
 _START = (
-    update(RemoteJob)
-    .where(RemoteJob.id.in_(_JOB_IDS))
+    update(_JOBS)
+    .where(_job.id.in_(_JOB_IDS))
     .values(state=JobState.RUNNING, started_at=_NOW, pending_sync=True)
-    .execution_options(**_NO_SYNC)
 )
 _FINISH = (
-    update(RemoteJob)
-    .where(RemoteJob.id.in_(_JOB_IDS))
+    update(_JOBS)
+    .where(_job.id.in_(_JOB_IDS))
     .values(
         state=bindparam("outcome"),
         detail=bindparam("outcome_detail"),
         exit_code=bindparam("outcome_exit_code"),
         pending_sync=True,
         finished_at=_NOW,
-        started_at=func.coalesce(RemoteJob.started_at, _NOW),
+        started_at=func.coalesce(_job.started_at, _NOW),
     )
-    .execution_options(**_NO_SYNC)
 )
 
 

@@ -13,7 +13,7 @@ the executor's ``sync()`` must not slow down as finished rows pile up.  Measured
 * ``RemoteExecutor.sync()`` time with 1k..100k finished rows; EXPLAIN ANALYZE per query shows
   which one grows.
 
-Agents are simulated (asyncio + httpx, no task runs) and jobs are written straight into the table
+Agents are simulated (asyncio + aiohttp, no task runs) and jobs are written straight into the table
 (no scheduler, no task instances: ``_true_outcome`` finds none and keeps "success").  One client
 process on a small machine can itself be the bottleneck, so the load generator runs as ``--procs``
 processes, each reporting its event-loop lag and CPU use; CPU per process group and the api-server's
@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import psutil
 import sqlalchemy as sa
 
@@ -54,7 +55,7 @@ from dev.stack import REPO_ROOT, VENV_BIN, Orchestrator, Postgres, create_agent_
 EXECUTOR = "airflow_remote_exec.executor.RemoteExecutor"
 NOTIFY_CHANNEL = "remote_exec_jobs"  # airflow_remote_exec.notify.CHANNEL
 SLOTS = 8
-LANE_CONNECTIONS = 20  # connections per httpx client of the load generator (see Lane)
+LANE_CONNECTIONS = 20  # connections per HTTP client of the load generator (see Lane)
 HEARTBEAT_P99_TARGET_MS = 100.0
 CYCLES_TARGET_PER_S = 500.0
 SYNC_RUN_ID = "scale_sync"
@@ -133,32 +134,44 @@ class Stats:
         self.errors.update(other.errors)
 
 
-class Lane:
-    """A small httpx client whose in-flight requests are capped at its number of connections.
+@dataclass
+class Reply:
+    status_code: int
+    text: str
 
-    httpcore's pool rescans all connections for every queued request at each request start and end
-    (O(queued x connections)): one big shared client collapses under its own CPU as soon as the server
-    falls behind.  Many small lanes that never queue inside httpcore keep the cost per request flat.
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+class Lane:
+    """A small aiohttp client whose in-flight requests are capped at its number of connections.
+
+    The load generator shares the machine with the server it measures, so its CPU per request must
+    stay small: aiohttp spends a fraction of what httpx does, and many small lanes keep any pool's
+    bookkeeping per request flat however far the server falls behind.
     """
 
     def __init__(self, base_url: str, headers: dict[str, str], connections: int) -> None:
-        self.gate = asyncio.Semaphore(connections)
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self.http = httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=30.0)
+        self.base_url = base_url
+        self.http = aiohttp.ClientSession(
+            headers=headers,
+            connector=aiohttp.TCPConnector(limit=connections),
+            timeout=aiohttp.ClientTimeout(total=30.0),
+        )
 
-    async def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        async with self.gate:
-            return await self.http.post(path, json=body)
+    async def post(self, path: str, body: dict[str, Any]) -> Reply:
+        async with self.http.post(self.base_url + path, json=body) as resp:
+            return Reply(resp.status, await resp.text())
 
 
 async def _post(
     client: Lane, stats: Stats, what: str, path: str, body: dict[str, Any], expect: int
-) -> tuple[httpx.Response | None, float]:
+) -> tuple[Reply | None, float]:
     """POST and time it; anything but the ``expect``ed status is counted as an error (response None)."""
     started = time.perf_counter()
     try:
         resp = await client.post(path, body)
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         stats.error(f"{what}: {type(e).__name__}", str(e))
         return None, (time.perf_counter() - started) * 1000
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -169,7 +182,7 @@ async def _post(
 
 
 async def _heartbeats(
-    client: Lane, stats: Stats, plan: Plan, index: int, sid: str, held: dict[int, int],
+    client: Lane, stats: Stats, plan: Plan, index: int, sid: str, held: dict[int, int], finishing: set[int],
     t0: float, end: float,
 ) -> None:  # fmt: skip
     """Heartbeat every interval at this agent's slot of the interval, +-10 % jitter, until ``end``."""
@@ -191,12 +204,18 @@ async def _heartbeats(
             stats.heartbeat_ms.append(ms)
             # A job whose success report overtook this heartbeat is rightly "stopped": not an error.
             stop = resp.json().get("stop", [])
-            if [job for job in stop if held.get(job["job_id"]) == job["attempt"]]:
+            # Nor is one whose final report is on its way in a claim (the server may have applied it).
+            still_ours = [
+                j for j in stop if held.get(j["job_id"]) == j["attempt"] and j["job_id"] not in finishing
+            ]
+            if still_ours:
                 stats.error("heartbeat: told to stop held jobs", resp.text)
         due += interval
 
 
-async def _churn(client: Lane, stats: Stats, plan: Plan, sid: str, held: dict[int, int], end: float) -> None:
+async def _churn(
+    client: Lane, stats: Stats, plan: Plan, sid: str, held: dict[int, int], finishing: set[int], end: float
+) -> None:
     """A busy agent, as the worker agent does it: a claim carries the final reports of the jobs it ran
     last (freeing their slots for itself), and the "running" reports of a claimed batch go in one
     request. A cycle counts once its final report is delivered, before ``end``."""
@@ -204,6 +223,7 @@ async def _churn(client: Lane, stats: Stats, plan: Plan, sid: str, held: dict[in
     while time.monotonic() < end:
         body = {"free_slots": plan.free_slots, "wait_seconds": plan.claim_wait, "reports": finals,
                 "request_id": str(uuid.uuid4())}  # fmt: skip
+        finishing.update(report["job_id"] for report in finals)
         resp, ms = await _post(client, stats, "claim", f"/agents/{sid}/jobs/claim", body, 200)
         if resp is None:
             await asyncio.sleep(0.5)  # do not spin on a failing server
@@ -214,6 +234,7 @@ async def _churn(client: Lane, stats: Stats, plan: Plan, sid: str, held: dict[in
             stats.cycles += len(finals)
         for report in finals:
             held.pop(report["job_id"], None)
+        finishing.clear()
         stats.refused += len(resp.json()["refused"])
         jobs = resp.json()["jobs"]
         stats.claimed += len(jobs)
@@ -275,13 +296,14 @@ async def _simulate(plan: Plan, start_at: Any, ready: Any) -> Stats:
                 continue
             lane = lanes[j % len(lanes)]
             held: dict[int, int] = {}  # job id -> attempt, sent in heartbeats like a real agent
-            tasks.append(_heartbeats(lane, stats, plan, index, sid, held, t0, end))
+            finishing: set[int] = set()  # jobs whose final report a claim in flight carries
+            tasks.append(_heartbeats(lane, stats, plan, index, sid, held, finishing, t0, end))
             if name in plan.busy:
-                tasks.append(_churn(lane, stats, plan, sid, held, end))
+                tasks.append(_churn(lane, stats, plan, sid, held, finishing, end))
         await asyncio.gather(*tasks, _ticker(stats, end))
         stats.cpu_seconds = time.process_time() - cpu_start
     finally:
-        await asyncio.gather(*(lane.http.aclose() for lane in lanes))
+        await asyncio.gather(*(lane.http.close() for lane in lanes))
     return stats
 
 
@@ -373,16 +395,20 @@ class JobFeeder(threading.Thread):
         try:
             with self.engine.connect() as conn:
                 next_at = time.monotonic()
+                batches = 0
                 while not self._stop_event.is_set():
                     credit += self.rate * batch_seconds
                     count, credit = int(credit), credit - int(credit)
-                    self.backlog = conn.scalar(
-                        sa.text("SELECT count(*) FROM remote_job WHERE state = 'queued'")
-                    )
+                    if batches % 10 == 0:  # counting costs the database more than the inserts
+                        self.backlog = conn.scalar(
+                            sa.text("SELECT count(*) FROM remote_job WHERE state = 'queued'")
+                        )
+                    batches += 1
                     if count and self.backlog < self.max_backlog:
                         _insert_jobs(conn, self.workload, run_id, "job-", self.inserted, count)
                         conn.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
                         self.inserted += count
+                        self.backlog += count  # an upper bound until the next count
                     else:
                         self.skipped += count
                     conn.commit()
@@ -439,6 +465,7 @@ class LoadResult:
     backlog: int
     cpu: dict[str, float]
     profile: Path | None
+    db_statements: list[Any]  # pg_stat_statements rows of the window, most total time first
 
 
 def run_load(args: argparse.Namespace, orch: Orchestrator, server: str, api_url: str, pg: Postgres,
@@ -477,6 +504,7 @@ def run_load(args: argparse.Namespace, orch: Orchestrator, server: str, api_url:
         t0 = time.time() + 1.0  # the feeder gets a head start of about one batch
         start_at.value = t0
         time.sleep(max(0.0, t0 - time.time()))
+        _reset_statement_stats(engine)
         meter.start()
         _say(
             f"load window started: {args.duration:.0f} s, {args.busy} busy agents, jobs at {args.job_rate}/s"
@@ -485,6 +513,7 @@ def run_load(args: argparse.Namespace, orch: Orchestrator, server: str, api_url:
             spy = _start_profile(api_pid, args.duration, orch.home / "api-server.pyspy.txt")
         _progress(engine, feeder, t0 + args.duration)
         cpu = meter.stop()
+        db_statements = _statement_stats(engine)
         stats = Stats()
         for _ in procs:  # in-flight requests finish within their 30 s timeout
             index, part, failure = _get(results, procs, timeout=120)
@@ -495,7 +524,7 @@ def run_load(args: argparse.Namespace, orch: Orchestrator, server: str, api_url:
         if feeder.error:
             raise RuntimeError(f"job feeder failed: {feeder.error!r}") from feeder.error
         profile = _finish_profile(spy, orch.home / "api-server.pyspy.txt") if spy else None
-        return LoadResult(stats, feeder.inserted, feeder.skipped, feeder.backlog, cpu, profile)
+        return LoadResult(stats, feeder.inserted, feeder.skipped, feeder.backlog, cpu, profile, db_statements)
     finally:
         if feeder is not None and feeder.is_alive():
             feeder.stop()
@@ -507,6 +536,24 @@ def run_load(args: argparse.Namespace, orch: Orchestrator, server: str, api_url:
             if proc.is_alive():
                 proc.kill()  # by its PID
                 proc.join(timeout=10)
+
+
+def _reset_statement_stats(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+        conn.execute(sa.text("SELECT pg_stat_statements_reset()"))
+
+
+def _statement_stats(engine: sa.Engine, top: int = 10) -> list[Any]:
+    """The statements the database spent the most time on during the window."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT calls, total_exec_time, mean_exec_time, query FROM pg_stat_statements"
+                " ORDER BY total_exec_time DESC LIMIT :top"
+            ),
+            {"top": top},
+        ).all()
 
 
 def _versions() -> dict[str, str]:
@@ -875,6 +922,11 @@ def report(args: argparse.Namespace, load: LoadResult | None, syncs: list[SyncRe
             if b > max(2 * a, a + 1.0):
                 print(f"\n  grows with the table: {label} ({a:.2f} -> {b:.2f} ms); plan at {last.rows} rows:")
                 print("    " + last.plans[label].replace("\n", "\n    "))
+    if load is not None and load.db_statements:
+        print("\npostgres, by total execution time over the window (pg_stat_statements):")
+        for calls, total_ms, mean_ms, query in load.db_statements:
+            statement = " ".join(query.split())[:100]
+            print(f"  {total_ms / 1000:6.1f} s {calls:7d} calls {mean_ms:7.3f} ms  {statement}")
     if load is not None and load.profile is not None:
         print("\n" + summarize_profile(load.profile))
     print(f"\n  {'target':40} {'measured':>22}  result")
@@ -926,7 +978,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     workdir = Path(tempfile.mkdtemp(prefix="scale-bench-", dir="/tmp"))
     workdir.chmod(0o755)  # the postgres user (when we are root) must reach its data directory
-    pg = Postgres(workdir / "pg")
+    # pg_stat_statements: where the database's time goes, printed with the results.
+    pg = Postgres(workdir / "pg", settings={"shared_preload_libraries": "pg_stat_statements"})
     orch: Orchestrator | None = None
     engine: sa.Engine | None = None
     try:
