@@ -150,36 +150,46 @@ class _Waiting(NamedTuple):
     done: asyncio.Future[Beat | None]
 
 
-def _settle(done: asyncio.Future[Beat | None], beat: Beat | None, error: BaseException | None) -> None:
-    if done.done():  # the request was cancelled (its client went away): the beat is written anyway
-        return
-    if error is not None:
-        done.set_exception(error)
-    else:
+def _settle(done: asyncio.Future[Beat | None], beat: Beat | None) -> None:
+    if not done.done():  # else the request was cancelled (its client went away): written anyway
         done.set_result(beat)
 
 
 class HeartbeatWriter:
-    """The one thread of this process that writes heartbeats in batches."""
+    """The one thread of this process that writes heartbeats in batches.
+
+    It never holds a heartbeat up for long: one it has not written within ``WAIT_SECONDS`` (the
+    database is slow, or the thread is gone), or could not write at all, takes the full path, which
+    answers or fails on its own. A thread that died is started again by the next heartbeat.
+    """
+
+    WAIT_SECONDS = 2.0
 
     def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked process starts its own thread
+
+    def _reset(self) -> None:
         self._waiting: deque[_Waiting] = deque()
         self._wake = threading.Condition()
-        self._started_in_pid: int | None = None
+        self._thread: threading.Thread | None = None
 
     async def beat(self, session_id: str, secret_hash: str) -> Beat | None:
         """Write this heartbeat with whatever others are waiting; None if it needs the full path."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Beat | None] = loop.create_future()
         with self._wake:
-            if self._started_in_pid != os.getpid():  # also in a process forked after it started
-                threading.Thread(
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
                     target=self._write_forever, name="remote-exec-heartbeats", daemon=True
-                ).start()
-                self._started_in_pid = os.getpid()
+                )
+                self._thread.start()
             self._waiting.append(_Waiting(session_id, secret_hash, loop, done))
             self._wake.notify()
-        return await done
+        try:
+            return await asyncio.wait_for(done, self.WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            return None
 
     def _write_forever(self) -> None:
         while True:
@@ -188,16 +198,13 @@ class HeartbeatWriter:
                     self._wake.wait()
                 batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
             written: dict[tuple[str, str], Beat] = {}
-            error: BaseException | None = None
             try:
                 written = write_beats([(w.session_id, w.secret_hash) for w in batch])
-            except Exception as e:  # each request answers with it, as it would have alone
-                log.warning("Could not write a batch of %d heartbeats: %s", len(batch), e)
-                error = e
+            except BaseException as e:  # the full path answers each, with its own error if any
+                log.warning("Could not write a batch of %d heartbeats (%s)", len(batch), type(e).__name__)
             for w in batch:
-                beat = written.get((w.session_id, w.secret_hash))
                 with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody waits
-                    w.loop.call_soon_threadsafe(_settle, w.done, beat, error)
+                    w.loop.call_soon_threadsafe(_settle, w.done, written.get((w.session_id, w.secret_hash)))
 
 
 heartbeat_writer = HeartbeatWriter()

@@ -87,7 +87,8 @@ _TAKE_LOCKED = (
     )
 )
 _TAKE_LOCKED_RETURNING = _TAKE_LOCKED.returning(_job.id, _job.attempt)
-_TAKE_IF_QUEUED_RETURNING = _TAKE_LOCKED_RETURNING.where(_job.state == JobState.QUEUED)
+_TAKE_IF_QUEUED = _TAKE_LOCKED.where(_job.state == JobState.QUEUED)
+_TAKE_IF_QUEUED_RETURNING = _TAKE_IF_QUEUED.returning(_job.id, _job.attempt)
 
 
 def _slots_taken(pool_slots: int, agent: RemoteAgent) -> int:
@@ -180,12 +181,18 @@ def _take(
     params = {"job_ids": [job.id for job in picked], "holder": agent.name, "now": now,
               "claim_request": request_id or None}  # fmt: skip
     dialect = session.get_bind().dialect
-    if dialect.name == "sqlite":
-        return dict(session.execute(_TAKE_IF_QUEUED_RETURNING, params).all())
+    if dialect.name != "sqlite":  # the rows are locked: every one of them is taken
+        if dialect.update_returning:
+            return dict(session.execute(_TAKE_LOCKED_RETURNING, params).all())
+        session.execute(_TAKE_LOCKED, params)  # no RETURNING (MySQL)
+        return {job.id: job.attempt + 1 for job in picked}
     if dialect.update_returning:
-        return dict(session.execute(_TAKE_LOCKED_RETURNING, params).all())
-    session.execute(_TAKE_LOCKED, params)  # no RETURNING (MySQL)
-    return {job.id: job.attempt + 1 for job in picked}
+        return dict(session.execute(_TAKE_IF_QUEUED_RETURNING, params).all())
+    won = {}  # SQLite before 3.35 has no RETURNING: one job at a time
+    for job in picked:
+        if session.execute(_TAKE_IF_QUEUED, {**params, "job_ids": [job.id]}).rowcount:
+            won[job.id] = job.attempt + 1
+    return won
 
 
 @router.post("/claim", response_model=ClaimResponse, summary="Claim queued jobs, waiting for some if none")

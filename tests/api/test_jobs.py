@@ -487,3 +487,71 @@ def test_a_job_handed_back_on_a_claim_is_not_claimed_again_by_that_claim(
     reply = client.post(f"/agents/{session_id}/jobs/claim", json=body, headers=headers(token))
     assert reply.json() == {"jobs": [], "refused": []}
     assert _job(session, job_id).state == JobState.QUEUED
+
+
+def test_a_job_returned_in_a_batch_is_no_longer_the_agents_for_the_reports_after_it(
+    client, session, make_token, register
+):
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("returned-then"))
+    (claimed,) = _claim(client, token, session_id)
+    attempt = claimed["attempt"]
+    reports = [
+        {"job_id": job_id, "attempt": attempt, "state": "running"},
+        {"job_id": job_id, "attempt": attempt, "state": "running"},  # a re-send: changes nothing
+        {"job_id": job_id, "attempt": attempt, "state": "returned", "detail": "unreadable"},
+        {"job_id": job_id, "attempt": attempt, "state": "success"},
+    ]
+    reply = client.post(f"/agents/{session_id}/jobs/reports", json={"reports": reports}, headers=headers(token))
+    assert [(r["state"], r["status"]) for r in reply.json()["refused"]] == [("success", 403)]
+    job = _job(session, job_id)
+    assert (job.state, job.agent_name, job.claim_request_id) == (JobState.QUEUED, None, None)
+
+
+def _statements_of(fn) -> int:
+    from airflow import settings
+    from sqlalchemy import event
+
+    count = 0
+
+    def counted(*_args) -> None:
+        nonlocal count
+        count += 1
+
+    event.listen(settings.engine, "before_cursor_execute", counted)
+    try:
+        fn()
+    finally:
+        event.remove(settings.engine, "before_cursor_execute", counted)
+    return count
+
+
+def test_a_claims_statements_do_not_grow_with_the_reports_it_carries_or_the_jobs_it_takes(
+    client, session, make_token, register
+):
+    """A busy agent's claim carries the outcomes of a whole batch and takes the next batch: its cost
+    in statements is the same for one job as for eight."""
+    token = make_token()
+    session_id = register(token, slots=8)
+
+    def cycle(size: int) -> int:
+        _add(session, *(make_job(f"cost-{size}-{i}") for i in range(size)))
+        claimed = _claim(client, token, session_id, free_slots=size)
+        assert len(claimed) == size
+        finals = [{"job_id": j["job_id"], "attempt": j["attempt"], "state": "success"} for j in claimed]
+        _add(session, *(make_job(f"next-{size}-{i}") for i in range(size)))
+        body = {"free_slots": size, "reports": finals}
+
+        def claim_carrying_finals() -> None:
+            reply = client.post(f"/agents/{session_id}/jobs/claim", json=body, headers=headers(token))
+            assert reply.json()["refused"] == [] and len(reply.json()["jobs"]) == size
+
+        statements = _statements_of(claim_carrying_finals)
+        # Leave nothing held for the next round.
+        taken = session.scalars(select(RemoteJob).where(RemoteJob.state == JobState.CLAIMED)).all()
+        session.execute(update(RemoteJob).where(RemoteJob.id.in_([j.id for j in taken])).values(state="success"))
+        session.commit()
+        return statements
+
+    assert cycle(1) == cycle(8)
