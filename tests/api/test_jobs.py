@@ -503,7 +503,9 @@ def test_a_job_returned_in_a_batch_is_no_longer_the_agents_for_the_reports_after
         {"job_id": job_id, "attempt": attempt, "state": "returned", "detail": "unreadable"},
         {"job_id": job_id, "attempt": attempt, "state": "success"},
     ]
-    reply = client.post(f"/agents/{session_id}/jobs/reports", json={"reports": reports}, headers=headers(token))
+    reply = client.post(
+        f"/agents/{session_id}/jobs/reports", json={"reports": reports}, headers=headers(token)
+    )
     assert [(r["state"], r["status"]) for r in reply.json()["refused"]] == [("success", 403)]
     job = _job(session, job_id)
     assert (job.state, job.agent_name, job.claim_request_id) == (JobState.QUEUED, None, None)
@@ -550,7 +552,9 @@ def test_a_claims_statements_do_not_grow_with_the_reports_it_carries_or_the_jobs
         statements = _statements_of(claim_carrying_finals)
         # Leave nothing held for the next round.
         taken = session.scalars(select(RemoteJob).where(RemoteJob.state == JobState.CLAIMED)).all()
-        session.execute(update(RemoteJob).where(RemoteJob.id.in_([j.id for j in taken])).values(state="success"))
+        session.execute(
+            update(RemoteJob).where(RemoteJob.id.in_([j.id for j in taken])).values(state="success")
+        )
         session.commit()
         return statements
 
