@@ -7,6 +7,7 @@ import hmac
 import re
 import secrets
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,6 +18,14 @@ TOKEN_PREFIX = "rex_"
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,256}$")
+
+
+class TokenFields(Protocol):
+    """What checking a token reads: a ``RemoteToken``, or a row of those columns."""
+
+    token_hash: str
+    revoked_at: datetime | None
+    expires_at: datetime | None
 
 
 class TokenError(ValueError):
@@ -82,16 +91,16 @@ def find_valid_token(session: Session, secret: str, now: datetime | None = None)
     return row if token_is_live(row, now) else None
 
 
-def token_matches(row: RemoteToken, secret: str) -> bool:
+def token_matches(row: TokenFields, secret: str) -> bool:
     """Whether ``secret`` is this token's, compared in constant time."""
     return hmac.compare_digest(row.token_hash, hash_token(secret or ""))
 
 
-def token_is_live(row: RemoteToken, now: datetime | None = None) -> bool:
+def token_is_live(row: TokenFields, now: datetime | None = None) -> bool:
     return token_status(row, now) == "active"
 
 
-def token_status(row: RemoteToken, now: datetime | None = None) -> str:
+def token_status(row: TokenFields, now: datetime | None = None) -> str:
     now = now or utcnow()
     if row.revoked_at is not None:
         return "revoked"

@@ -159,7 +159,7 @@ def _beat(
 ) -> tuple[set[tuple[int, int]], str]:
     """The full heartbeat: state changes and their history, orphaned claims given back, refusals."""
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock=True)
+        agent = session.get(RemoteAgent, authorize_agent(session, secret, session_id, lock=True).name)
         now = db_now(session)
         agent.last_heartbeat_at = now
         if draining:
@@ -185,7 +185,7 @@ def _beat(
 )
 def deregister(session_id: SessionIdPath, secret: SecretDep) -> None:
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock=True)
+        agent = session.get(RemoteAgent, authorize_agent(session, secret, session_id, lock=True).name)
         now = db_now(session)
         release_agent_jobs(session, agent.name, f"agent {agent.name} shut down", now)
         agent.set_state(session, AgentState.GONE, "deregistered on shutdown", now=now)

@@ -8,7 +8,8 @@ no database work happens for a caller without a valid token beyond the look-up o
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Header, HTTPException, Path, status
 from sqlalchemy import bindparam, select
@@ -57,19 +58,42 @@ def authenticate(session: Session, secret: str) -> RemoteToken:
     return token
 
 
+class AgentOfRequest(NamedTuple):
+    """What a request needs of its agent's row, read without loading ORM objects (the job routes run it
+    for every claim and report); a route that changes the agent loads it with ``session.get``."""
+
+    name: str
+    state: str
+    slots: int
+    queues: str
+    token_hash: str
+    revoked_at: datetime | None
+    expires_at: datetime | None
+
+    @property
+    def queue_list(self) -> list[str]:
+        return [q for q in self.queues.split(",") if q]
+
+
 # Built once: every agent request runs it, and building it costs more than running it.
+_agent, _token = RemoteAgent.__table__.c, RemoteToken.__table__.c
 _AGENT_OF_SESSION = (
-    select(RemoteAgent, RemoteToken)
-    .join(RemoteToken, RemoteToken.id == RemoteAgent.token_id)
-    .where(
-        RemoteAgent.session_id == bindparam("agent_session"),
-        RemoteToken.token_hash == bindparam("secret_hash"),
-    )
+    select(
+        _agent.name,
+        _agent.state,
+        _agent.slots,
+        _agent.queues,
+        _token.token_hash,
+        _token.revoked_at,
+        _token.expires_at,
+    )  # fmt: skip
+    .join_from(RemoteAgent.__table__, RemoteToken.__table__, _token.id == _agent.token_id)
+    .where(_agent.session_id == bindparam("agent_session"), _token.token_hash == bindparam("secret_hash"))
 )
-_AGENT_OF_SESSION_LOCKED = _AGENT_OF_SESSION.with_for_update(of=RemoteAgent)
+_AGENT_OF_SESSION_LOCKED = _AGENT_OF_SESSION.with_for_update(of=RemoteAgent.__table__)
 
 
-def authorize_agent(session: Session, secret: str, session_id: str, lock: bool = False) -> RemoteAgent:
+def authorize_agent(session: Session, secret: str, session_id: str, lock: bool = False) -> AgentOfRequest:
     """The agent of ``session_id`` if ``secret`` is its live token: one query on the usual path.
 
     The token's hash is part of that query, so a caller without the token never reads or locks the
@@ -79,11 +103,12 @@ def authorize_agent(session: Session, secret: str, session_id: str, lock: bool =
     """
     query = _AGENT_OF_SESSION_LOCKED if lock else _AGENT_OF_SESSION
     row = session.execute(query, {"agent_session": session_id, "secret_hash": hash_token(secret)}).first()
-    if row is not None and token_matches(row.RemoteToken, secret) and token_is_live(row.RemoteToken):
-        agent = row.RemoteAgent
-        if agent.state not in AgentState.LIVE:
-            raise HTTPException(status.HTTP_410_GONE, f"Agent session is {agent.state}; register again.")
-        return agent
+    if row is not None:
+        agent = AgentOfRequest(*row)
+        if token_matches(agent, secret) and token_is_live(agent):
+            if agent.state not in AgentState.LIVE:
+                raise HTTPException(status.HTTP_410_GONE, f"Agent session is {agent.state}; register again.")
+            return agent
     authenticate(session, secret)  # 401 before anything else for a bad token
     if session.scalar(select(RemoteAgent.name).where(RemoteAgent.session_id == session_id)) is None:
         raise HTTPException(status.HTTP_410_GONE, "Unknown agent session; register again.")

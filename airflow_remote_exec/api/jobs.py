@@ -15,7 +15,7 @@ from sqlalchemy import Integer, Row, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
-from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authorize_agent
+from airflow_remote_exec.api.auth import AgentOfRequest, SecretDep, SessionIdPath, authorize_agent
 from airflow_remote_exec.api.datamodels import (
     ClaimedJob,
     ClaimRequest,
@@ -29,7 +29,7 @@ from airflow_remote_exec.api.datamodels import (
 )
 from airflow_remote_exec.api.wakeup import job_wakeup
 from airflow_remote_exec.clock import db_now
-from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, RemoteJob
+from airflow_remote_exec.models import AgentState, JobState, RemoteJob
 from airflow_remote_exec.notify import notify_jobs_queued
 
 router = APIRouter(
@@ -91,13 +91,13 @@ _TAKE_IF_QUEUED = _TAKE_LOCKED.where(_job.state == JobState.QUEUED)
 _TAKE_IF_QUEUED_RETURNING = _TAKE_IF_QUEUED.returning(_job.id, _job.attempt)
 
 
-def _slots_taken(pool_slots: int, agent: RemoteAgent) -> int:
+def _slots_taken(pool_slots: int, agent: AgentOfRequest) -> int:
     """Agent slots a job takes. ``pool_slots`` weighs a task in an Airflow pool and says nothing about
     CPUs, so a task wider than the agent takes the whole agent rather than never running."""
     return min(pool_slots, agent.slots)
 
 
-def _claimed(job, agent: RemoteAgent, attempt: int) -> ClaimedJob:
+def _claimed(job, agent: AgentOfRequest, attempt: int) -> ClaimedJob:
     return ClaimedJob(
         job_id=job.id,
         attempt=attempt,
@@ -107,7 +107,9 @@ def _claimed(job, agent: RemoteAgent, attempt: int) -> ClaimedJob:
     )
 
 
-def _jobs_of_claim(session: Session, agent: RemoteAgent, request_id: str, now: datetime) -> list[ClaimedJob]:
+def _jobs_of_claim(
+    session: Session, agent: AgentOfRequest, request_id: str, now: datetime
+) -> list[ClaimedJob]:
     """Jobs an earlier delivery of this very claim request took (its response was lost).
 
     They count as claimed now, so the heartbeat's grace for jobs in flight starts again.
@@ -172,7 +174,7 @@ def claim_jobs(
 
 
 def _take(
-    session: Session, agent: RemoteAgent, picked: Sequence[Row], request_id: str, now: datetime
+    session: Session, agent: AgentOfRequest, picked: Sequence[Row], request_id: str, now: datetime
 ) -> dict[int, int]:
     """Claim the ``picked`` queued jobs for ``agent`` in one statement; returns the attempt of each job
     won."""
@@ -292,7 +294,7 @@ def _refusal(report: JobReport, held: tuple[int, str] | None, exists: bool) -> t
 
 
 def apply_reports(
-    session: Session, agent: RemoteAgent, reports: Sequence[JobReport], now: datetime | None = None
+    session: Session, agent: AgentOfRequest, reports: Sequence[JobReport], now: datetime | None = None
 ) -> list[RefusedReport]:
     """Apply a batch of ``agent``'s reports in a few statements, whatever their number; returns those
     refused, each with the status the single-report route answers. The caller holds the agent's row
