@@ -154,12 +154,20 @@ def _still_held(beat: Beat, held: set[tuple[int, int]]) -> set[tuple[int, int]] 
     return {(j.id, j.attempt) for j in beat.held_jobs}
 
 
+def _locked_agent(session: Session, secret: str, session_id: str) -> RemoteAgent:
+    """The caller's agent, authorized and row-locked, as an ORM object for a route that changes it."""
+    agent = session.get(RemoteAgent, authorize_agent(session, secret, session_id, lock=True).name)
+    if agent is None:  # purged between the two reads (SQLite has no row lock to prevent it)
+        raise HTTPException(status.HTTP_410_GONE, "Unknown agent session; register again.")
+    return agent
+
+
 def _beat(
     secret: str, session_id: str, draining: bool, held: set[tuple[int, int]]
 ) -> tuple[set[tuple[int, int]], str]:
     """The full heartbeat: state changes and their history, orphaned claims given back, refusals."""
     with create_session(scoped=False) as session:
-        agent = session.get(RemoteAgent, authorize_agent(session, secret, session_id, lock=True).name)
+        agent = _locked_agent(session, secret, session_id)
         now = db_now(session)
         agent.last_heartbeat_at = now
         if draining:
@@ -185,7 +193,7 @@ def _beat(
 )
 def deregister(session_id: SessionIdPath, secret: SecretDep) -> None:
     with create_session(scoped=False) as session:
-        agent = session.get(RemoteAgent, authorize_agent(session, secret, session_id, lock=True).name)
+        agent = _locked_agent(session, secret, session_id)
         now = db_now(session)
         release_agent_jobs(session, agent.name, f"agent {agent.name} shut down", now)
         agent.set_state(session, AgentState.GONE, "deregistered on shutdown", now=now)

@@ -34,6 +34,7 @@ from airflow_remote_exec.models import AgentState, JobState, RemoteAgent, Remote
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
+MAX_WAITING = 5 * MAX_BATCH
 
 
 class Beat(NamedTuple):
@@ -179,6 +180,8 @@ class HeartbeatWriter:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Beat | None] = loop.create_future()
         with self._wake:
+            if len(self._waiting) >= MAX_WAITING:  # the writer is stuck: do not pile up behind it
+                return None
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._write_forever, name="remote-exec-heartbeats", daemon=True
@@ -196,7 +199,12 @@ class HeartbeatWriter:
             with self._wake:
                 while not self._waiting:
                     self._wake.wait()
-                batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
+                taken = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
+            # A heartbeat whose request stopped waiting has taken the full path: writing it late would
+            # only make its agent look alive for longer than it was.
+            batch = [w for w in taken if not w.done.done()]
+            if not batch:
+                continue
             written: dict[tuple[str, str], Beat] = {}
             try:
                 written = write_beats([(w.session_id, w.secret_hash) for w in batch])

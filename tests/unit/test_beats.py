@@ -59,7 +59,7 @@ def test_a_batch_that_fails_sends_its_heartbeats_the_full_path_and_the_writer_go
 
 def test_a_writer_that_hangs_holds_no_heartbeat_beyond_its_wait(monkeypatch):
     stuck = threading.Event()
-    monkeypatch.setattr(beats, "write_beats", lambda pairs: stuck.wait(10) or {})
+    monkeypatch.setattr(beats, "write_beats", lambda pairs: (stuck.wait(10), {})[1])
     monkeypatch.setattr(HeartbeatWriter, "WAIT_SECONDS", 0.2)
     writer = HeartbeatWriter()
     started = time.monotonic()
@@ -80,3 +80,43 @@ def test_a_dead_writer_thread_is_started_again(monkeypatch):
     writer._thread.start()
     writer._thread.join()
     assert _beat_all(writer, [("a", "h")])[0] is not None
+
+
+def test_a_heartbeat_that_stopped_waiting_is_not_written_late(monkeypatch):
+    """It took the full path; writing it later would make a dead agent look alive for longer."""
+    written: list[tuple[str, str]] = []
+    first_batch = threading.Event()
+
+    def write(pairs):
+        if not first_batch.is_set():
+            first_batch.set()
+            time.sleep(0.5)  # slower than the wait: the heartbeats behind it give up
+        written.extend(pairs)
+        return {}
+
+    monkeypatch.setattr(beats, "write_beats", write)
+    monkeypatch.setattr(HeartbeatWriter, "WAIT_SECONDS", 0.2)
+    writer = HeartbeatWriter()
+
+    async def run() -> None:
+        first = asyncio.ensure_future(writer.beat("first", "h"))
+        await asyncio.sleep(0.05)  # the writer has taken "first" alone
+        await asyncio.gather(writer.beat("late-1", "h"), writer.beat("late-2", "h"), first)
+        await asyncio.sleep(0.6)  # the writer has come back for the queue
+
+    asyncio.run(run())
+    assert written == [("first", "h")]
+
+
+def test_heartbeats_do_not_pile_up_behind_a_stuck_writer(monkeypatch):
+    stuck = threading.Event()
+    monkeypatch.setattr(beats, "write_beats", lambda pairs: (stuck.wait(10), {})[1])
+    monkeypatch.setattr(beats, "MAX_WAITING", 3)
+    monkeypatch.setattr(HeartbeatWriter, "WAIT_SECONDS", 0.2)
+    writer = HeartbeatWriter()
+    try:
+        for _ in range(4):
+            assert _beat_all(writer, [("a", "h"), ("b", "h")]) == [None, None]
+        assert len(writer._waiting) <= 3
+    finally:
+        stuck.set()
