@@ -8,7 +8,6 @@ from datetime import timedelta
 from airflow.configuration import conf
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
@@ -22,6 +21,7 @@ from airflow_remote_exec.api.datamodels import (
     RegisterResponse,
     error_responses,
 )
+from airflow_remote_exec.api.db_threads import run_db
 from airflow_remote_exec.api.versions import version_mismatch
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken
@@ -42,10 +42,22 @@ NAME_HELD_FOR_INTERVALS = 2
     summary="Register an agent and open a new session",
     responses=error_responses(409, 426),
 )
-def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
+async def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
     mismatch = version_mismatch(body.airflow_version, body.task_sdk_version)
     if mismatch:
         raise HTTPException(status.HTTP_426_UPGRADE_REQUIRED, mismatch)
+    session_id = await run_db(_register, body, secret)
+    return RegisterResponse(
+        session_id=session_id,
+        heartbeat_interval=config.heartbeat_interval(),
+        lost_after_missed_heartbeats=config.lost_after_missed_heartbeats(),
+        claim_wait_seconds=config.claim_wait_seconds(),
+        executors=global_executors(),
+    )
+
+
+def _register(body: RegisterRequest, secret: str) -> str:
+    """Record the agent under its name and open a new session; returns the session id."""
     queues = sorted(set(body.queues))
     with create_session(scoped=False) as session:
         token = authenticate(session, secret)
@@ -79,14 +91,7 @@ def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
         agent.set_state(
             session, AgentState.REGISTERED, f"session {agent.session_id} from {body.hostname}", now=now
         )
-        session_id = agent.session_id
-    return RegisterResponse(
-        session_id=session_id,
-        heartbeat_interval=config.heartbeat_interval(),
-        lost_after_missed_heartbeats=config.lost_after_missed_heartbeats(),
-        claim_wait_seconds=config.claim_wait_seconds(),
-        executors=global_executors(),
-    )
+        return agent.session_id
 
 
 def global_executors() -> str:
@@ -138,7 +143,7 @@ async def heartbeat(
     valid = None if beat is None else _still_held(beat, held)
     state = AgentState.ACTIVE
     if valid is None:  # anything but a plain "still here": the full path
-        valid, state = await run_in_threadpool(_beat, secret, session_id, body.draining, held)
+        valid, state = await run_db(_beat, secret, session_id, body.draining, held)
     stop = [HeldJob(job_id=job_id, attempt=attempt) for job_id, attempt in sorted(held - valid)]
     return HeartbeatResponse(state=state, stop=stop)
 
@@ -191,7 +196,11 @@ def _beat(
     summary="Deregister on shutdown",
     responses=error_responses(404, 410),
 )
-def deregister(session_id: SessionIdPath, secret: SecretDep) -> None:
+async def deregister(session_id: SessionIdPath, secret: SecretDep) -> None:
+    await run_db(_deregister, secret, session_id)
+
+
+def _deregister(secret: str, session_id: str) -> None:
     with create_session(scoped=False) as session:
         agent = _locked_agent(session, secret, session_id)
         now = db_now(session)

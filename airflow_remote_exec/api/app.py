@@ -41,7 +41,7 @@ def create_app(prefix: str = "") -> FastAPI:
     app.include_router(jobs.router, prefix=prefix)
 
     @app.get(f"{prefix}/health", tags=["health"], summary="Liveness of the agent API (no auth)")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
     return app

@@ -10,7 +10,6 @@ from typing import Annotated, NamedTuple
 from airflow.utils.session import create_session
 from airflow.utils.sqlalchemy import UtcDateTime
 from fastapi import APIRouter, HTTPException, Path, Request, status
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Integer, Row, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -27,6 +26,7 @@ from airflow_remote_exec.api.datamodels import (
     StateReport,
     error_responses,
 )
+from airflow_remote_exec.api.db_threads import run_db
 from airflow_remote_exec.api.wakeup import job_wakeup
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import AgentState, JobState, RemoteJob
@@ -205,9 +205,7 @@ async def claim(
     open at a time: a newer one makes this one return empty."""
     deadline = time.monotonic() + min(body.wait_seconds, config.claim_wait_seconds())
     # The first attempt authorizes the caller before it may touch the session's open claim.
-    result = await run_in_threadpool(
-        claim_jobs, secret, session_id, body.free_slots, body.request_id, body.reports
-    )
+    result = await run_db(claim_jobs, secret, session_id, body.free_slots, body.request_id, body.reports)
     refused = result.refused  # only the first attempt carries the reports
     if body.reports:
         # Delivered reports are answered at once, so the agent can act on their refusals; its next
@@ -226,7 +224,7 @@ async def claim(
                 or await request.is_disconnected()  # jobs claimed now would go nowhere
             ):
                 return ClaimResponse(jobs=[], refused=refused)
-            result = await run_in_threadpool(claim_jobs, secret, session_id, body.free_slots, body.request_id)
+            result = await run_db(claim_jobs, secret, session_id, body.free_slots, body.request_id)
             job_wakeup.tried(open_claim, took_jobs=bool(result.jobs))
     finally:
         job_wakeup.tried(open_claim, took_jobs=False)  # a wake-up it did not use goes to another waiter
@@ -354,23 +352,27 @@ def _write_reports(session: Session, reports: list[JobReport], now: datetime) ->
     summary="Report a job's state",
     responses=error_responses(409),
 )
-def report_state(
+async def report_state(
     session_id: SessionIdPath,
     job_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
     body: StateReport,
     secret: SecretDep,
 ) -> None:
-    with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock=True)
-        refused = apply_reports(session, agent, [JobReport(job_id=job_id, **body.model_dump())])
+    refused = await run_db(_apply, secret, session_id, [JobReport(job_id=job_id, **body.model_dump())])
     if refused:
         raise HTTPException(refused[0].status, refused[0].detail)
 
 
 @router.post("/reports", response_model=ReportsResponse, summary="Report the states of several jobs at once")
-def report_states(session_id: SessionIdPath, body: ReportsRequest, secret: SecretDep) -> ReportsResponse:
+async def report_states(
+    session_id: SessionIdPath, body: ReportsRequest, secret: SecretDep
+) -> ReportsResponse:
     """One request for many reports: each is applied as the single-report route would, and a refused
     one is listed with the status that route would have answered, without stopping the others."""
+    return ReportsResponse(refused=await run_db(_apply, secret, session_id, body.reports))
+
+
+def _apply(secret: str, session_id: str, reports: list[JobReport]) -> list[RefusedReport]:
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, lock=True)
-        return ReportsResponse(refused=apply_reports(session, agent, body.reports))
+        return apply_reports(session, agent, reports)

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 from airflow import settings
 from airflow.utils.session import create_session
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, or_
 from sqlalchemy import select as sql_select
 
 from airflow_remote_exec import config
+from airflow_remote_exec.api.db_threads import run_db
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import JobState, RemoteJob
 from airflow_remote_exec.notify import CHANNEL, supports_listen
@@ -147,7 +147,7 @@ class JobWakeup:
                 self._count_again = False
                 queues = set().union(*(claim.queues for claim in self._waiting.values()))
                 if queues:
-                    self._wake(await run_in_threadpool(claimable_job_counts, queues))
+                    self._wake(await run_db(claimable_job_counts, queues))
                 if not self._count_again:
                     return
         except Exception:

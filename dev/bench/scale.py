@@ -969,6 +969,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sync-pending", type=int, default=10, help="pending_sync rows in every sync call")
     p.add_argument("--skip-load", action="store_true", help="only the sync timing")
     p.add_argument("--skip-sync", action="store_true", help="only the load window")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of the api-server (Airflow settings)",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the api-server during the window")
     p.add_argument("--keep-workdir", action="store_true", help="keep logs, DB and profile under /tmp")
     return p.parse_args(argv)
@@ -988,7 +995,8 @@ def main(argv: list[str] | None = None) -> int:
         server = "api-server" if args.server == "airflow" else "agent-api"
         orch = Orchestrator(home=workdir / "airflow", db_url=pg.url, dags_folder=REPO_ROOT / "dev" / "dags",
                             executor=EXECUTOR, components=(server,),
-                            agent_api_workers=args.api_workers)  # fmt: skip
+                            agent_api_workers=args.api_workers,
+                            extra_env=dict(kv.split("=", 1) for kv in args.env))  # fmt: skip
         _say("airflow db migrate")
         orch.migrate()
         token = create_agent_token(orch, "scale-bench", ["default"])
