@@ -18,6 +18,12 @@ ARG_NAME = Arg(("--name",), help="Token name (unique)", required=True)
 ARG_QUEUES = Arg(
     ("--queues",), help="Comma-separated queues the token may serve, e.g. default,gpu", required=True
 )
+ARG_COMPONENTS = Arg(
+    ("--components",),
+    help="Comma-separated components its agents may run: worker, dag-processor, triggerer, sentinel "
+    "(default: worker)",
+    default="worker",
+)
 ARG_EXPIRES = Arg(
     ("--expires",), help="Lifetime such as 30d, 12h or 2w (default: never expires)", default=None
 )
@@ -30,7 +36,7 @@ TOKEN_COMMANDS = (
         name="create",
         help="Create an agent token and print it once",
         func=lazy_load_command(_CLI + "tokens_create"),
-        args=(ARG_NAME, ARG_QUEUES, ARG_EXPIRES),
+        args=(ARG_NAME, ARG_QUEUES, ARG_COMPONENTS, ARG_EXPIRES),
     ),
     ActionCommand(
         name="list",
@@ -49,7 +55,7 @@ TOKEN_COMMANDS = (
 AGENT_COMMANDS = (
     ActionCommand(
         name="list",
-        help="List agents with their state, when it changed, queues, slots and last heartbeat",
+        help="List agents with their state, when it changed, components, queues, slots and last heartbeat",
         func=lazy_load_command(_CLI + "agents_list"),
         args=(ARG_OUTPUT,),
     ),

@@ -12,7 +12,14 @@ from sqlalchemy import select
 
 from airflow_remote_exec.cli import fail
 from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteAgentEvent, RemoteToken, utcnow
-from airflow_remote_exec.tokens import TokenError, create_token, parse_duration, parse_queues, token_status
+from airflow_remote_exec.tokens import (
+    TokenError,
+    create_token,
+    parse_components,
+    parse_duration,
+    parse_queues,
+    token_status,
+)
 
 
 def _iso(value) -> str:
@@ -23,14 +30,16 @@ def _iso(value) -> str:
 def tokens_create(args) -> None:
     try:
         queues = parse_queues(args.queues)
+        components = parse_components(args.components)
         expires_in = parse_duration(args.expires) if args.expires else None
         with create_session() as session:
-            row, secret = create_token(session, args.name, queues, expires_in)
+            row, secret = create_token(session, args.name, queues, expires_in, components)
             expires = _iso(row.expires_at) or "never"
     except TokenError as err:
         fail(str(err))
     print(
-        f"Created agent token {args.name!r} for queues {','.join(queues)} (expires: {expires}).\n"
+        f"Created agent token {args.name!r} for queues {','.join(queues)} and components "
+        f"{','.join(components)} (expires: {expires}).\n"
         "Store it now; it is not shown again:",
         file=sys.stderr,
     )
@@ -46,6 +55,7 @@ def tokens_list(args) -> None:
             {
                 "name": row.name,
                 "queues": row.queues,
+                "components": row.components,
                 "status": token_status(row, now),
                 "created_at": _iso(row.created_at),
                 "expires_at": _iso(row.expires_at),
@@ -95,6 +105,7 @@ def agents_list(args) -> None:
                 "since": _iso(row.state_changed_at),
                 "recent_transitions": transitions.get(row.name, ""),
                 "hostname": row.hostname,
+                "components": row.components,
                 "queues": row.queues,
                 "slots": row.slots,
                 "last_heartbeat": _iso(row.last_heartbeat_at),

@@ -69,6 +69,18 @@ class AgentState:
     LIVE = (REGISTERED, ACTIVE, DRAINING)
 
 
+class Component:
+    """What an agent runs. A token names the components its agents may run; an agent names the ones it
+    runs when it registers."""
+
+    WORKER = "worker"  # claims and runs jobs
+    DAG_PROCESSOR = "dag-processor"
+    TRIGGERER = "triggerer"
+    SENTINEL = "sentinel"
+
+    ALL = (WORKER, DAG_PROCESSOR, TRIGGERER, SENTINEL)
+
+
 class RemoteToken(Base):
     """An agent token. Only the SHA-256 of the secret is stored; the secret is shown once."""
 
@@ -78,6 +90,7 @@ class RemoteToken(Base):
     name: Mapped[str] = mapped_column(String(250), unique=True, nullable=False)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     queues: Mapped[str] = mapped_column(String(2000), nullable=False)
+    components: Mapped[str] = mapped_column(String(200), nullable=False, server_default=Component.WORKER)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
@@ -85,6 +98,10 @@ class RemoteToken(Base):
     @property
     def queue_list(self) -> list[str]:
         return [q for q in self.queues.split(",") if q]
+
+    @property
+    def component_list(self) -> list[str]:
+        return [c for c in self.components.split(",") if c]
 
 
 class RemoteAgent(Base):
@@ -99,6 +116,7 @@ class RemoteAgent(Base):
     pid: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     version: Mapped[str] = mapped_column(String(50), nullable=False, default="")
     queues: Mapped[str] = mapped_column(String(2000), nullable=False)
+    components: Mapped[str] = mapped_column(String(200), nullable=False, server_default=Component.WORKER)
     slots: Mapped[int] = mapped_column(Integer, nullable=False)
     state: Mapped[str] = mapped_column(String(20), nullable=False)
     registered_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)

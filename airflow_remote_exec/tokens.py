@@ -6,13 +6,14 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from airflow_remote_exec.models import RemoteToken, utcnow
+from airflow_remote_exec.models import Component, RemoteToken, utcnow
 
 TOKEN_PREFIX = "rex_"
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -58,8 +59,23 @@ def parse_queues(text: str) -> list[str]:
     return sorted(set(queues))
 
 
+def parse_components(text: str) -> list[str]:
+    """Split a comma-separated component list (worker, dag-processor, triggerer, sentinel)."""
+    components = [c.strip() for c in (text or "").split(",") if c.strip()]
+    if not components:
+        raise TokenError(f"At least one component is required, e.g. --components {Component.WORKER}.")
+    bad = [c for c in components if c not in Component.ALL]
+    if bad:
+        raise TokenError(f"Unknown component(s) {bad}: choose from {', '.join(Component.ALL)}.")
+    return sorted(set(components))
+
+
 def create_token(
-    session: Session, name: str, queues: list[str], expires_in: timedelta | None = None
+    session: Session,
+    name: str,
+    queues: list[str],
+    expires_in: timedelta | None = None,
+    components: Sequence[str] = (Component.WORKER,),
 ) -> tuple[RemoteToken, str]:
     """Create a token row and return it with the secret, which is not stored anywhere."""
     name = (name or "").strip()
@@ -72,6 +88,7 @@ def create_token(
         name=name,
         token_hash=hash_token(secret),
         queues=",".join(queues),
+        components=",".join(components),
         created_at=utcnow(),
         expires_at=utcnow() + expires_in if expires_in else None,
     )

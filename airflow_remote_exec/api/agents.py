@@ -59,6 +59,7 @@ async def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse
 def _register(body: RegisterRequest, secret: str) -> str:
     """Record the agent under its name and open a new session; returns the session id."""
     queues = sorted(set(body.queues))
+    components = sorted(set(body.components))
     with create_session(scoped=False) as session:
         token = authenticate(session, secret)
         outside = [q for q in queues if q not in token.queue_list]
@@ -66,6 +67,13 @@ def _register(body: RegisterRequest, secret: str) -> str:
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
                 f"Token {token.name!r} may not serve queue(s) {outside}; it allows {token.queue_list}.",
+            )
+        not_allowed = [c for c in components if c not in token.component_list]
+        if not_allowed:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"Token {token.name!r} may not run {not_allowed}; it allows {token.component_list}. "
+                "Create a token with `airflow remote-exec tokens create ... --components`.",
             )
         agent = session.get(RemoteAgent, body.name, with_for_update=True)
         now = db_now(session)
@@ -84,6 +92,7 @@ def _register(body: RegisterRequest, secret: str) -> str:
         agent.pid = body.pid
         agent.version = body.version
         agent.queues = ",".join(queues)
+        agent.components = ",".join(components)
         agent.slots = body.slots
         agent.registered_at = now
         agent.last_heartbeat_at = now

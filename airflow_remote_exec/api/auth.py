@@ -66,6 +66,7 @@ class AgentOfRequest(NamedTuple):
     state: str
     slots: int
     queues: str
+    components: str
     token_hash: str
     revoked_at: datetime | None
     expires_at: datetime | None
@@ -83,6 +84,7 @@ _AGENT_OF_SESSION = (
         _agent.state,
         _agent.slots,
         _agent.queues,
+        _agent.components,
         _token.token_hash,
         _token.revoked_at,
         _token.expires_at,
@@ -93,8 +95,15 @@ _AGENT_OF_SESSION = (
 _AGENT_OF_SESSION_LOCKED = _AGENT_OF_SESSION.with_for_update(of=RemoteAgent.__table__)
 
 
-def authorize_agent(session: Session, secret: str, session_id: str, lock: bool = False) -> AgentOfRequest:
-    """The agent of ``session_id`` if ``secret`` is its live token: one query on the usual path.
+def authorize_agent(
+    session: Session,
+    secret: str,
+    session_id: str,
+    lock: bool = False,
+    component: str | None = None,
+) -> AgentOfRequest:
+    """The agent of ``session_id`` if ``secret`` is its live token (and it registered as ``component``,
+    if given): one query on the usual path.
 
     The token's hash is part of that query, so a caller without the token never reads or locks the
     agent's row. ``lock`` row-locks the agent for the rest of the transaction: no other claim,
@@ -108,6 +117,11 @@ def authorize_agent(session: Session, secret: str, session_id: str, lock: bool =
         if token_matches(agent, secret) and token_is_live(agent):
             if agent.state not in AgentState.LIVE:
                 raise HTTPException(status.HTTP_410_GONE, f"Agent session is {agent.state}; register again.")
+            if component is not None and component not in agent.components.split(","):
+                raise HTTPException(
+                    status.HTTP_403_FORBIDDEN,
+                    f"Agent {agent.name!r} registered as {agent.components}, not as a {component}.",
+                )
             return agent
     authenticate(session, secret)  # 401 before anything else for a bad token
     if session.scalar(select(RemoteAgent.name).where(RemoteAgent.session_id == session_id)) is None:

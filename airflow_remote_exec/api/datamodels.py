@@ -20,6 +20,7 @@ _INT32 = 2**31 - 1  # every integer column is 32-bit: larger values are a 422, n
 DETAIL_MAX_CHARS = 1000
 
 JobKind = Literal["task", "callback"]
+ComponentName = Literal["worker", "dag-processor", "triggerer", "sentinel"]  # models.Component.ALL
 
 
 class AgentRequest(BaseModel):
@@ -45,6 +46,12 @@ class RegisterRequest(AgentRequest):
     task_sdk_version: str = Field(pattern=_VERSION, description="Airflow Task SDK installed on the agent.")
     queues: list[str] = Field(min_length=1, max_length=100)
     slots: int = Field(ge=1, le=1024)
+    components: list[ComponentName] = Field(
+        default=["worker"],
+        min_length=1,
+        max_length=4,
+        description="What this agent runs; its token must allow each one.",
+    )
 
 
 class RegisterResponse(BaseModel):

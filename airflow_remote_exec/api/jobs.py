@@ -29,7 +29,7 @@ from airflow_remote_exec.api.datamodels import (
 from airflow_remote_exec.api.db_threads import run_db
 from airflow_remote_exec.api.wakeup import job_wakeup
 from airflow_remote_exec.clock import db_now
-from airflow_remote_exec.models import AgentState, JobState, RemoteJob
+from airflow_remote_exec.models import AgentState, Component, JobState, RemoteJob
 from airflow_remote_exec.notify import notify_jobs_queued
 
 router = APIRouter(
@@ -139,7 +139,7 @@ def claim_jobs(
     queues, highest priority first, up to ``free_slots`` and never beyond the agent's slots minus the jobs it
     still holds."""
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock=True)
+        agent = authorize_agent(session, secret, session_id, lock=True, component=Component.WORKER)
         now = db_now(session)
         refused = apply_reports(session, agent, reports, now)
         # A job this agent just handed back goes to another agent, not straight back to it.
@@ -374,5 +374,5 @@ async def report_states(
 
 def _apply(secret: str, session_id: str, reports: list[JobReport]) -> list[RefusedReport]:
     with create_session(scoped=False) as session:
-        agent = authorize_agent(session, secret, session_id, lock=True)
+        agent = authorize_agent(session, secret, session_id, lock=True, component=Component.WORKER)
         return apply_reports(session, agent, reports)

@@ -57,6 +57,51 @@ def test_queue_outside_token_scope_is_403(client, make_token):
     assert "gpu" in reply.json()["detail"]
 
 
+def test_component_outside_token_scope_is_403(client, make_token):
+    token = make_token()  # worker only, the default
+    reply = client.post(
+        "/agents", json={**REGISTER, "components": ["worker", "dag-processor"]}, headers=headers(token)
+    )
+    assert reply.status_code == 403
+    assert "dag-processor" in reply.json()["detail"]
+    assert "--components" in reply.json()["detail"]
+
+
+def test_unknown_component_is_422(client, make_token):
+    token = make_token(components=["worker", "dag-processor"])
+    for components in (["scheduler"], [], ["worker"] * 5):
+        reply = client.post("/agents", json={**REGISTER, "components": components}, headers=headers(token))
+        assert reply.status_code == 422, components
+
+
+def test_an_agent_that_did_not_register_as_a_worker_cannot_claim_or_report(client, make_token, session):
+    token = make_token(components=["dag-processor"])
+    reply = client.post("/agents", json=REGISTER, headers=headers(token))  # a worker, by default
+    assert reply.status_code == 403
+    reply = client.post("/agents", json={**REGISTER, "components": ["dag-processor"]}, headers=headers(token))
+    assert reply.status_code == 200, reply.text
+    session_id = reply.json()["session_id"]
+    job = make_job()
+    session.add(job)
+    session.commit()
+    claim = client.post(
+        f"/agents/{session_id}/jobs/claim", json={"free_slots": 1, "wait_seconds": 0}, headers=headers(token)
+    )
+    assert claim.status_code == 403
+    assert "not as a worker" in claim.json()["detail"]
+    report = {"reports": [{"job_id": job.id, "attempt": 1, "state": "running"}]}
+    assert (
+        client.post(f"/agents/{session_id}/jobs/reports", json=report, headers=headers(token)).status_code
+        == 403
+    )
+    session.refresh(job)
+    assert job.state == "queued"
+    beat = client.post(f"/agents/{session_id}/heartbeat", json={"free_slots": 1}, headers=headers(token))
+    assert beat.status_code == 200, beat.text
+    agent = session.get(RemoteAgent, REGISTER["name"])
+    assert agent.components == "dag-processor"
+
+
 def test_session_of_another_token_is_403(client, make_token, register):
     mine, theirs = make_token("mine"), make_token("theirs")
     session_id = register(mine)

@@ -8,6 +8,7 @@ from airflow_remote_exec.tokens import (
     create_token,
     find_valid_token,
     hash_token,
+    parse_components,
     parse_duration,
     parse_queues,
     token_status,
@@ -35,6 +36,31 @@ def test_parse_queues_sorts_and_dedupes():
 def test_parse_queues_rejects_bad_input(text):
     with pytest.raises(TokenError):
         parse_queues(text)
+
+
+def test_parse_components_sorts_and_dedupes():
+    assert parse_components("triggerer, worker,dag-processor,worker") == [
+        "dag-processor",
+        "triggerer",
+        "worker",
+    ]
+
+
+@pytest.mark.parametrize("text", ["", " , ", "scheduler", "worker,webserver"])
+def test_parse_components_rejects_bad_input(text):
+    with pytest.raises(TokenError, match="component"):
+        parse_components(text)
+
+
+def test_components_of_the_wire_are_the_models(session):
+    from typing import get_args
+
+    from airflow_remote_exec.api.datamodels import ComponentName
+    from airflow_remote_exec.models import Component
+
+    assert get_args(ComponentName) == Component.ALL
+    row, _ = create_token(session, "parser", ["default"], components=["dag-processor", "worker"])
+    assert row.component_list == ["dag-processor", "worker"]
 
 
 def test_token_is_stored_only_as_hash(session):
