@@ -37,3 +37,7 @@ def finished_job_retention() -> int:
 
 def reroute_fence_seconds() -> int:
     return conf.getint(SECTION, "reroute_fence_seconds", fallback=int(_default("reroute_fence_seconds")))
+
+
+def api_db_threads() -> int:
+    return max(1, conf.getint(SECTION, "api_db_threads", fallback=int(_default("api_db_threads"))))

@@ -43,6 +43,14 @@ CONFIG_OPTIONS: dict[str, dict] = {
         "float",
         "0.25",
     ),
+    "api_db_threads": _option(
+        "Threads each api-server process runs the agent API's database work on. Python runs one thread at "
+        "a time, so more threads add waiting, not speed, unless the database is far away (high latency "
+        "per statement); keep it below [database] sql_alchemy_pool_size plus max_overflow. A request "
+        "that waits 5 s for a thread is answered 503, which agents retry.",
+        "integer",
+        "4",
+    ),
     "finished_job_retention": _option(
         "Seconds a finished job row is kept (for `airflow remote-exec jobs` and debugging) before the "
         "executor deletes it.",

@@ -5,8 +5,11 @@ Why: that work is short statements under Python's global interpreter lock. Forty
 pool, each holding a pooled connection, spend the lock taking turns, make the connection pool open and
 close overflow connections at every burst, and keep the event loop, which answers heartbeats, waiting
 for its turn. With ``./dev/bench/scale`` at 2,000 agents, four threads cut heartbeat latency several
-times over and the jobs per second stay the same. A process that needs more database concurrency (a
-distant database) is better served by more api-server processes.
+times over. How many is ``[remote_exec] api_db_threads``.
+
+A request waits at most ``SLOT_WAIT_SECONDS`` for a thread and is then answered 503, which agents
+retry: when threads hang on locks or on a dead connection, work does not pile up behind them to run
+long after its agent stopped waiting.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from typing import TypeVar
 
 import anyio
 import anyio.to_thread
+from fastapi import HTTPException, status
 
-DB_THREADS = 4
+from airflow_remote_exec import config
+
+SLOT_WAIT_SECONDS = 5.0
 
 _T = TypeVar("_T")
 _limiters: dict[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = {}
@@ -30,10 +36,24 @@ def _limiter() -> anyio.CapacityLimiter:
     limiter = _limiters.get(loop)
     if limiter is None:
         _limiters.clear()  # an earlier loop (a test's, a restarted server's) is gone
-        limiter = _limiters[loop] = anyio.CapacityLimiter(DB_THREADS)
+        limiter = _limiters[loop] = anyio.CapacityLimiter(config.api_db_threads())
     return limiter
 
 
 async def run_db(function: Callable[..., _T], *args: object) -> _T:
     """Run ``function(*args)``, which does the request's database work, on one of the API's threads."""
-    return await anyio.to_thread.run_sync(function, *args, limiter=_limiter())
+    limiter, acquired = _limiter(), False
+    with anyio.move_on_after(SLOT_WAIT_SECONDS):
+        await limiter.acquire()
+        acquired = True
+    if not acquired:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"The agent API's {limiter.total_tokens} database threads stayed busy for "
+            f"{SLOT_WAIT_SECONDS:g} s; retry.",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        return await anyio.to_thread.run_sync(function, *args)
+    finally:
+        limiter.release()

@@ -1,4 +1,5 @@
-"""The agent API's database work runs on at most DB_THREADS threads, whatever the number of requests."""
+"""The agent API's database work runs on at most ``[remote_exec] api_db_threads`` threads, whatever the
+number of requests, and a request that cannot get one in time is answered 503 without running."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi import HTTPException
 
-from airflow_remote_exec.api import agents, jobs
-from airflow_remote_exec.api.db_threads import DB_THREADS
+from airflow_remote_exec import config
+from airflow_remote_exec.api import agents, db_threads, jobs
 from tests.api.conftest import AGENT_VERSIONS, headers
 
 SESSION = "0f3e9a52-5d3c-4c1e-9f0e-3b1d2a4c5e6f"
 AGENT = {"name": "a", "queues": ["default"], "slots": 1, **AGENT_VERSIONS}
-REQUESTS = 3 * DB_THREADS
+THREADS = 3
+REQUESTS = 3 * THREADS
 
 
 class Overlap:
@@ -32,7 +34,7 @@ class Overlap:
             self.running += 1
             self.calls += 1
             self.most = max(self.most, self.running)
-        time.sleep(0.1)
+        time.sleep(0.3)
         with self._lock:
             self.running -= 1
         raise HTTPException(409, "stand-in")
@@ -54,6 +56,7 @@ def test_database_work_of_many_requests_runs_on_the_api_threads_only(
 ):
     overlap = Overlap()
     monkeypatch.setattr(module, function, overlap)
+    monkeypatch.setattr(config, "api_db_threads", lambda: THREADS)
 
     def call(_: int) -> int:
         kwargs = {"headers": headers("some-token")}
@@ -66,4 +69,30 @@ def test_database_work_of_many_requests_runs_on_the_api_threads_only(
 
     assert statuses == [409] * REQUESTS
     assert overlap.calls == REQUESTS
-    assert overlap.most == DB_THREADS
+    assert overlap.most == THREADS
+
+
+def test_a_request_that_gets_no_thread_in_time_is_503_and_never_runs(client, monkeypatch):
+    release, calls = threading.Event(), []
+
+    def stuck(*args: object) -> None:
+        calls.append(args)
+        release.wait(10)  # a lock wait, a dead connection
+        raise HTTPException(409, "stand-in")
+
+    monkeypatch.setattr(jobs, "_apply", stuck)
+    monkeypatch.setattr(config, "api_db_threads", lambda: 1)
+    monkeypatch.setattr(db_threads, "SLOT_WAIT_SECONDS", 0.5)
+    path, body = f"/agents/{SESSION}/jobs/reports", {"reports": []}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, path, json=body, headers=headers("some-token"))
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = client.post(path, json=body, headers=headers("some-token"))
+        release.set()
+        assert first.result(timeout=10).status_code == 409
+    assert second.status_code == 503
+    assert second.headers["Retry-After"] == "1"
+    assert "database threads" in second.json()["detail"]
+    assert len(calls) == 1

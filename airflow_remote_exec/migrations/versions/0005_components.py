@@ -19,13 +19,15 @@ depends_on = None
 TABLES = ("remote_token", "remote_agent")
 
 
+# Plain ALTER TABLE, not batch mode: recreating remote_token on SQLite would break remote_agent's
+# foreign key to it (SQLite has had DROP COLUMN since 3.35).
+
+
 def upgrade() -> None:
     for table in TABLES:
-        with op.batch_alter_table(table) as batch:
-            batch.add_column(sa.Column("components", sa.String(200), nullable=False, server_default="worker"))
+        op.add_column(table, sa.Column("components", sa.String(200), nullable=False, server_default="worker"))
 
 
 def downgrade() -> None:
     for table in TABLES:
-        with op.batch_alter_table(table) as batch:
-            batch.drop_column("components")
+        op.drop_column(table, "components")
