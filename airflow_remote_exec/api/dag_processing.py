@@ -14,10 +14,12 @@ import contextvars
 from functools import cache
 from typing import Annotated
 
+import jsonschema
 from airflow.dag_processing.manager import DagFileProcessorManager
 from airflow.models.dag import DagModel
 from airflow.models.dagbundle import DagBundleModel
 from airflow.models.dagcode import DagCode
+from airflow.serialization.serialized_objects import DagSerialization
 from airflow.utils.session import create_session
 from fastapi import APIRouter, Header, HTTPException, Path, status
 from sqlalchemy import select
@@ -134,10 +136,25 @@ def _foreign_dag_ids(session: Session, agent: AgentOfRequest, bundle: str, dag_i
     return sorted(row.dag_id for row in rows if row.token_id != agent.token_id)
 
 
+def _refuse_malformed_dags(body: ParsingResult) -> None:
+    """422 for a serialized DAG that does not match the schema of this orchestrator's Airflow, which
+    would otherwise fail deep inside persistence."""
+    for index, dag in enumerate(body.result.serialized_dags):
+        try:
+            DagSerialization.validate_schema(dag.data)
+        except jsonschema.ValidationError as err:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                f"result.serialized_dags[{index}] is not a serialized DAG this orchestrator reads: "
+                f"{err.message[:300]}",
+            ) from None
+
+
 def _persist(secret: str, session_id: str, name: str, body: ParsingResult) -> None:
     with create_session(scoped=False) as session:
         agent = _dag_processor(session, secret, session_id)
         _own_bundle(session, agent, name)
+        _refuse_malformed_dags(body)
         foreign = _foreign_dag_ids(session, agent, name, [d.dag_id for d in body.result.serialized_dags])
         if foreign:
             raise HTTPException(

@@ -147,6 +147,25 @@ def test_a_dag_id_of_another_tokens_bundle_cannot_be_taken_over(client, session,
     assert session.get(DagModel, "hello").bundle_name == "ours"
 
 
+@pytest.mark.parametrize(
+    "data",
+    [{}, {"dag": {}}, {"__version": 3, "dag": {"dag_id": 7}}, {"__version": 3, "dag": "hello"}],
+    ids=["empty", "no dag_id", "dag_id not a string", "dag not an object"],
+)
+def test_a_malformed_serialized_dag_is_422_and_persists_nothing(
+    client, session, dag_processor, tmp_path, data
+):
+    token, sid = dag_processor()
+    base = f"/agents/{sid}/dag-processor/bundles"
+    client.post(base, json={"names": ["ours"]}, headers=headers(token))
+    body = _parsed(tmp_path, "hello.py", DAG_SOURCE.format(dag_id="hello"))
+    body["result"]["serialized_dags"].append({"data": data})
+    reply = client.post(f"{base}/ours/parsing-results", json=body, headers=headers(token))
+    assert reply.status_code == 422, reply.text
+    assert "serialized_dags[1]" in reply.json()["detail"]
+    assert session.get(DagModel, "hello") is None
+
+
 def test_a_worker_agent_cannot_use_the_dag_processor_routes(client, make_token, register):
     token = make_token()
     sid = register(token)
