@@ -21,7 +21,7 @@ from airflow.models.dagbundle import DagBundleModel
 from airflow.models.dagcode import DagCode
 from airflow.serialization.serialized_objects import DagSerialization
 from airflow.utils.session import create_session
-from fastapi import APIRouter, Header, HTTPException, Path, status
+from fastapi import APIRouter, HTTPException, Path, Request, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -144,7 +144,7 @@ def _refuse_malformed_dags(body: ParsingResult) -> None:
             DagSerialization.validate_schema(dag.data)
         except jsonschema.ValidationError as err:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
                 f"result.serialized_dags[{index}] is not a serialized DAG this orchestrator reads: "
                 f"{err.message[:300]}",
             ) from None
@@ -224,11 +224,13 @@ async def parsing_result(
     bundle_name: BundlePath,
     body: ParsingResult,
     secret: SecretDep,
-    content_length: Annotated[int | None, Header()] = None,
+    request: Request,
 ) -> None:
-    if content_length is not None and content_length > MAX_PARSING_RESULT_BYTES:
+    # Read from the request, not declared as a parameter: a client does not choose this header.
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_PARSING_RESULT_BYTES:
         raise HTTPException(
-            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            status.HTTP_413_CONTENT_TOO_LARGE,
             f"A parsing result may be at most {MAX_PARSING_RESULT_BYTES} bytes; split the file's DAGs.",
         )
     await run_db(_persist, secret, session_id, bundle_name, body)

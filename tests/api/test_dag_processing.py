@@ -166,6 +166,22 @@ def test_a_malformed_serialized_dag_is_422_and_persists_nothing(
     assert session.get(DagModel, "hello") is None
 
 
+def test_an_oversized_result_is_413_and_persists_nothing(
+    client, session, dag_processor, tmp_path, monkeypatch
+):
+    from airflow_remote_exec.api import dag_processing
+
+    token, sid = dag_processor()
+    base = f"/agents/{sid}/dag-processor/bundles"
+    client.post(base, json={"names": ["ours"]}, headers=headers(token))
+    monkeypatch.setattr(dag_processing, "MAX_PARSING_RESULT_BYTES", 1000)
+    body = _parsed(tmp_path, "hello.py", DAG_SOURCE.format(dag_id="hello"))
+    reply = client.post(f"{base}/ours/parsing-results", json=body, headers=headers(token))
+    assert reply.status_code == 413
+    assert "1000 bytes" in reply.json()["detail"]
+    assert session.get(DagModel, "hello") is None
+
+
 def test_a_worker_agent_cannot_use_the_dag_processor_routes(client, make_token, register):
     token = make_token()
     sid = register(token)
