@@ -37,8 +37,8 @@ from airflow_remote_exec.api.datamodels import (
 )
 from airflow_remote_exec.api.db_threads import run_db
 from airflow_remote_exec.clock import db_now
-from airflow_remote_exec.models import Component, RemoteBundle, RemoteToken
-from airflow_remote_exec.tokens import token_is_live
+from airflow_remote_exec.models import Component, RemoteBundle
+from airflow_remote_exec.tokens import owned_by_another_live_token
 
 router = APIRouter(
     prefix="/agents/{session_id}/dag-processor",
@@ -83,13 +83,6 @@ def _dag_processor(session: Session, secret: str, session_id: str) -> AgentOfReq
     return authorize_agent(session, secret, session_id, component=Component.DAG_PROCESSOR)
 
 
-def _owner_is_another_live_token(session: Session, token_id: int, agent: AgentOfRequest) -> bool:
-    if token_id == agent.token_id:
-        return False
-    owner = session.get(RemoteToken, token_id)
-    return owner is not None and token_is_live(owner)
-
-
 def _own_bundle(session: Session, agent: AgentOfRequest, name: str, lock: bool = False) -> RemoteBundle:
     """The bundle, if the agent's token owns it; 403 otherwise (the same answer whether it exists)."""
     bundle = session.get(RemoteBundle, name, with_for_update=lock)
@@ -112,7 +105,7 @@ def _claim_bundles(secret: str, session_id: str, names: list[str]) -> None:
                     name=name, token_id=agent.token_id, agent_name=agent.name, claimed_at=now
                 )
                 session.add(bundle)
-            elif _owner_is_another_live_token(session, bundle.token_id, agent):
+            elif owned_by_another_live_token(session, bundle.token_id, agent.token_id):
                 raise HTTPException(
                     status.HTTP_403_FORBIDDEN,
                     f"Bundle {name!r} is parsed by the agents of another token; give this bundle "
