@@ -109,7 +109,7 @@ def find_valid_token(session: Session, secret: str, now: datetime | None = None)
 
 
 def owned_by_another_live_token(session: Session, owner_id: int, caller_id: int) -> bool:
-    """Whether something (an agent name, a bundle) that token ``owner_id`` holds is out of reach of
+    """Whether something (an agent name) that token ``owner_id`` holds is out of reach of
     token ``caller_id``: it is another token's, and that token is still valid."""
     if owner_id == caller_id:
         return False

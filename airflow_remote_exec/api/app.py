@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from airflow_remote_exec import __version__
-from airflow_remote_exec.api import agents, dag_processing, jobs
+from airflow_remote_exec.api import agents, jobs
 from airflow_remote_exec.api.presence import ensure_presence, stop_presence
 
 URL_PREFIX = "/remote/v1"
@@ -39,7 +39,6 @@ def create_app(prefix: str = "") -> FastAPI:
     )
     app.include_router(agents.router, prefix=prefix)
     app.include_router(jobs.router, prefix=prefix)
-    app.include_router(dag_processing.router, prefix=prefix)
 
     @app.get(f"{prefix}/health", tags=["health"], summary="Liveness of the agent API (no auth)")
     async def health() -> dict[str, str]:

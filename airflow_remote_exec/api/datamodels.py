@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
-from airflow.dag_processing.processor import DagFileParsingResult
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # 2 adds batched reports (on a claim too): an agent that sends them must not meet an orchestrator
@@ -188,13 +186,11 @@ class ErrorResponse(BaseModel):
 _ERROR_MEANINGS = {
     400: "Missing or unsupported API version header, or a body that is not JSON.",
     401: "Missing, unknown, expired or revoked agent token.",
-    403: "Outside the token's scope: a queue, a component, an agent name, a session, a job of another "
-    "agent, or a bundle of another token.",
+    403: "Outside the token's scope: a queue, a component, an agent name, a session or a job of another "
+    "agent.",
     404: "No such job (revoked or purged), or no such route.",
-    409: "A stale attempt, an impossible state change, a name in use by a live agent process, or a DAG "
-    "id another bundle defines.",
+    409: "A stale attempt, an impossible state change, or a name in use by a live agent process.",
     410: "The agent session is over: register again.",
-    413: "The body is larger than the route accepts.",
     426: "The agent's Airflow or Task SDK differs from the orchestrator's.",
 }
 
@@ -202,35 +198,3 @@ _ERROR_MEANINGS = {
 def error_responses(*codes: int) -> dict[int | str, dict]:
     """OpenAPI entries for the errors a route can answer, so clients and fuzzers know them all."""
     return {code: {"model": ErrorResponse, "description": _ERROR_MEANINGS[code]} for code in codes}
-
-
-# -- dag processor -----------------------------------------------------------------------------
-
-BUNDLE_NAME = _NAME
-MAX_PARSING_RESULT_BYTES = 32 * 1024 * 1024
-
-
-class BundlesClaim(AgentRequest):
-    names: list[Annotated[str, Field(pattern=_NAME)]] = Field(min_length=1, max_length=100)
-
-
-class BundleState(BaseModel):
-    last_refreshed: datetime | None = None
-    version: str | None = None
-
-
-class BundleStateUpdate(AgentRequest):
-    last_refreshed: datetime = Field(strict=False)
-    version: str | None = Field(default=None, max_length=200)
-
-
-class ParsingResult(AgentRequest):
-    """One parsed file of a bundle: what Airflow's dag processor persists, and the files' source text,
-    which the orchestrator cannot read from its own disk."""
-
-    bundle_version: str | None = Field(default=None, max_length=200)
-    version_data: dict | None = Field(default=None, strict=False)
-    relative_fileloc: str = Field(min_length=1, max_length=2000)
-    run_duration: float = Field(ge=0, le=86400, strict=False)
-    result: DagFileParsingResult = Field(strict=False)
-    sources: dict[str, str] = Field(default_factory=dict, max_length=1000)
