@@ -108,15 +108,6 @@ def find_valid_token(session: Session, secret: str, now: datetime | None = None)
     return row if token_is_live(row, now) else None
 
 
-def owned_by_another_live_token(session: Session, owner_id: int, caller_id: int) -> bool:
-    """Whether something (an agent name) that token ``owner_id`` holds is out of reach of
-    token ``caller_id``: it is another token's, and that token is still valid."""
-    if owner_id == caller_id:
-        return False
-    owner = session.get(RemoteToken, owner_id)
-    return owner is not None and token_is_live(owner)
-
-
 def token_matches(row: TokenFields, secret: str) -> bool:
     """Whether ``secret`` is this token's, compared in constant time."""
     return hmac.compare_digest(row.token_hash, hash_token(secret or ""))

@@ -24,9 +24,9 @@ from airflow_remote_exec.api.datamodels import (
 from airflow_remote_exec.api.db_threads import run_db
 from airflow_remote_exec.api.versions import version_mismatch
 from airflow_remote_exec.clock import db_now
-from airflow_remote_exec.models import AgentState, RemoteAgent
+from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken
 from airflow_remote_exec.reroute import release_agent_jobs, release_jobs, silence_window
-from airflow_remote_exec.tokens import hash_token, owned_by_another_live_token
+from airflow_remote_exec.tokens import hash_token, token_is_live
 
 router = APIRouter(prefix="/agents", tags=["agents"], responses=error_responses(400, 401, 403))
 
@@ -113,7 +113,10 @@ def global_executors() -> str:
 def _refuse_a_name_of_another_token(session: Session, agent: RemoteAgent, token_id: int) -> None:
     """A name belongs to the token that registered it while that token is valid: another token can
     neither take it nor learn whether its agent is alive (the answer is the same either way)."""
-    if owned_by_another_live_token(session, agent.token_id, token_id):
+    if agent.token_id == token_id:
+        return
+    owner = session.get(RemoteToken, agent.token_id)
+    if owner is not None and token_is_live(owner):
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             f"Agent name {agent.name!r} belongs to another token; give this agent another --name.",
