@@ -15,6 +15,7 @@ long after its agent stopped waiting.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,22 +28,27 @@ from airflow_remote_exec import config
 SLOT_WAIT_SECONDS = 5.0
 
 _T = TypeVar("_T")
-_limiters: dict[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = {}
+_limiters: dict[asyncio.AbstractEventLoop, tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]] = {}
 
 
-def _limiter() -> anyio.CapacityLimiter:
-    """This event loop's limiter: a limiter belongs to the loop it was made on."""
+def _limiters_of_loop() -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
+    """This event loop's limiters (a limiter belongs to the loop it was made on): the API's few
+    threads, and an unbounded one to run the work under, so that it never also waits for the shared
+    pool's threads, which anyio's default limiter would make it do."""
     loop = asyncio.get_running_loop()
-    limiter = _limiters.get(loop)
-    if limiter is None:
+    limiters = _limiters.get(loop)
+    if limiters is None:
         _limiters.clear()  # an earlier loop (a test's, a restarted server's) is gone
-        limiter = _limiters[loop] = anyio.CapacityLimiter(config.api_db_threads())
-    return limiter
+        limiters = _limiters[loop] = (
+            anyio.CapacityLimiter(config.api_db_threads()),
+            anyio.CapacityLimiter(math.inf),
+        )
+    return limiters
 
 
 async def run_db(function: Callable[..., _T], *args: object) -> _T:
     """Run ``function(*args)``, which does the request's database work, on one of the API's threads."""
-    limiter, acquired = _limiter(), False
+    (limiter, unbounded), acquired = _limiters_of_loop(), False
     with anyio.move_on_after(SLOT_WAIT_SECONDS):
         await limiter.acquire()
         acquired = True
@@ -54,6 +60,6 @@ async def run_db(function: Callable[..., _T], *args: object) -> _T:
             headers={"Retry-After": "1"},
         )
     try:
-        return await anyio.to_thread.run_sync(function, *args)
+        return await anyio.to_thread.run_sync(function, *args, limiter=unbounded)
     finally:
         limiter.release()

@@ -96,3 +96,24 @@ def test_a_request_that_gets_no_thread_in_time_is_503_and_never_runs(client, mon
     assert second.headers["Retry-After"] == "1"
     assert "database threads" in second.json()["detail"]
     assert len(calls) == 1
+
+
+def test_the_api_threads_never_wait_for_the_shared_pool_of_other_routes(monkeypatch):
+    """Airflow's own sync routes share anyio's default pool; when those threads are all stuck, the
+    agent API's database work still runs."""
+    import anyio
+    import anyio.to_thread
+
+    async def main() -> int:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+        stuck = threading.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.to_thread.run_sync, stuck.wait)  # the shared pool's only thread
+            await anyio.sleep(0.1)
+            try:
+                with anyio.fail_after(5):
+                    return await db_threads.run_db(lambda: 7)
+            finally:
+                stuck.set()
+
+    assert anyio.run(main) == 7
