@@ -87,6 +87,10 @@ class RemoteExecutor(BaseExecutor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Keys this executor queued or adopted, until it reports their end. ``running`` is the
+        # smaller set of keys that hold a parallelism slot: as with LocalExecutor, a task frees
+        # its slot once it runs, so the scheduler can queue the next while agents are busy.
+        self.own_jobs: set[TaskInstanceKey | CallbackKey] = set()
         self._last_purge = 0.0
         self._last_liveness_check = 0.0
         self._last_running_recheck = 0.0
@@ -127,7 +131,7 @@ class RemoteExecutor(BaseExecutor):
             workload=workload,
             not_before=fence,
         )
-        self.running.add(ti.key)
+        self._hold(ti.key)
 
     def _queue_callback(self, workload: workloads.ExecuteCallback, session: Session) -> None:
         """A deadline-alert callback runs on an agent of the default queue (callbacks carry none)."""
@@ -151,7 +155,7 @@ class RemoteExecutor(BaseExecutor):
             workload=workload,
             not_before=None,
         )
-        self.running.add(workload.key)
+        self._hold(workload.key)
 
     def _write_job(
         self, session: Session, *, key: TaskInstanceKey, kind: str, workload: workloads.All, **fields
@@ -226,7 +230,7 @@ class RemoteExecutor(BaseExecutor):
                 RemoteJob.queued_by_job_id == self.job_id if self.job_id is not None else true(),
             )
         ).all()
-        ours = {row.ti_id: row for row in running_jobs if _key_of(row) in self.running}
+        ours = {row.ti_id: row for row in running_jobs if _key_of(row) in self.own_jobs}
         if not ours:
             return
         unrecorded = session.scalars(
@@ -238,7 +242,7 @@ class RemoteExecutor(BaseExecutor):
         ).all()
         for ti_id in unrecorded:
             row = ours[str(ti_id)]
-            self.running_state(_key_of(row), row.agent_name)
+            self._report_running(_key_of(row), row.agent_name)
 
     def _report_changed_jobs(self, session: Session) -> None:
         """Turn rows agents have reported on into executor events, each exactly once."""
@@ -256,24 +260,26 @@ class RemoteExecutor(BaseExecutor):
         ).all()
         for row in rows:
             key = _key_of(row)
-            if key not in self.running:
+            if key not in self.own_jobs:
                 continue  # queued by another scheduler; that one reports it
             if self._queued_by_another_scheduler(row):
                 # Queued again by another scheduler (a deferral resume or reschedule of the same try):
                 # that one reports it, and this one must let go of the key or it leaks a slot.
-                self.running.discard(key)
+                self._let_go(key)
                 continue
             if row.state == JobState.RUNNING:
-                self.running_state(key, row.agent_name)
+                self._report_running(key, row.agent_name)
             elif row.state == JobState.SUCCESS:
+                self._let_go(key)
                 self.success(key)
             elif row.state == JobState.FAILED:
+                self._let_go(key)
                 self.fail(key, info=row.detail)
             elif row.state == JobState.NOT_STARTED:
                 # Airflow refused to start this try: it is no longer queued, or runs elsewhere.
                 # An event would make the scheduler fail a task instance that is not ours to judge.
                 self.log.info("%s was not started: %s", key, row.detail)
-                self.running.discard(key)
+                self._let_go(key)
             # Only clear the flag if the state is still the one just reported, so a report that
             # landed meanwhile is read on the next loop instead of being lost.
             session.execute(
@@ -282,12 +288,25 @@ class RemoteExecutor(BaseExecutor):
                 .values(pending_sync=False)
             )
 
+    def _hold(self, key: TaskInstanceKey | CallbackKey) -> None:
+        self.own_jobs.add(key)
+        self.running.add(key)
+
+    def _let_go(self, key: TaskInstanceKey | CallbackKey) -> None:
+        self.own_jobs.discard(key)
+        self.running.discard(key)
+
+    def _report_running(self, key: TaskInstanceKey | CallbackKey, agent_name: str | None) -> None:
+        """Report "running" and free the parallelism slot, as LocalExecutor does when a task starts."""
+        self.running_state(key, agent_name)
+        self.running.discard(key)
+
     def _queued_by_another_scheduler(self, row) -> bool:
         return None not in (row.queued_by_job_id, self.job_id) and row.queued_by_job_id != self.job_id
 
     def revoke_task(self, *, ti: TaskInstance) -> None:
         """Forget the job; an agent running it is told to stop at its next heartbeat."""
-        self.running.discard(ti.key)
+        self._let_go(ti.key)
         self.queued_tasks.pop(ti.key, None)
         with create_session(scoped=False) as session:
             session.execute(delete(RemoteJob).where(_key_filter(ti.key)))
@@ -318,7 +337,7 @@ class RemoteExecutor(BaseExecutor):
         rejected = []
         for ti, key in zip(tis, keys, strict=True):
             if key in known:
-                self.running.add(ti.key)
+                self._hold(ti.key)
             else:
                 rejected.append(ti)
         return rejected

@@ -73,7 +73,8 @@ def test_sync_reports_each_change_once(executor, session, state, expected):
     executor.sync()
     events = executor.get_event_buffer()
     assert events[workload.ti.key][0] == expected
-    assert (workload.ti.key in executor.running) == (state == JobState.RUNNING)
+    assert workload.ti.key not in executor.running  # a task that runs frees its slot, as in LocalExecutor
+    assert (workload.ti.key in executor.own_jobs) == (state == JobState.RUNNING)
     assert _job(session, workload).pending_sync is False
 
     executor.sync()
@@ -88,6 +89,27 @@ def test_running_event_carries_agent_name(executor, session):
     session.commit()
     executor.sync()
     assert executor.get_event_buffer()[workload.ti.key] == (TaskInstanceState.RUNNING, "agent-7")
+
+
+def test_a_running_task_frees_its_slot_and_is_still_reported_when_it_ends(executor, session):
+    """LocalExecutor frees a parallelism slot when a task starts; so does this executor."""
+    workload = make_workload("frees-slot")
+    _queue(executor, session, workload)
+    assert executor.slots_available == 7
+    job = _job(session, workload)
+    job.state, job.pending_sync, job.agent_name = JobState.RUNNING, True, "agent-1"
+    session.commit()
+    executor.sync()
+    assert executor.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.RUNNING
+    assert executor.slots_available == 8
+
+    job = _job(session, workload)
+    job.state, job.pending_sync = JobState.SUCCESS, True
+    session.commit()
+    executor.sync()
+    assert executor.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.SUCCESS
+    assert executor.own_jobs == set()
+    assert executor.slots_available == 8
 
 
 def test_sync_ignores_jobs_of_other_schedulers(executor, session):
@@ -329,3 +351,46 @@ def test_a_key_queued_again_by_another_scheduler_leaves_the_first_without_an_eve
     second.sync()
     assert second.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.SUCCESS
     assert workload.ti.key not in second.running
+
+
+def test_running_is_reported_again_while_the_task_instance_names_no_agent(executor, session):
+    """The scheduler drops a running event that meets a locked row; the recheck re-sends it, even
+    though the task freed its slot when it first ran."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import delete, insert
+
+    workload = make_workload("dropped-running", run_id="recheck")
+    ti = workload.ti
+    session.execute(
+        insert(DagRun.__table__).values(
+            dag_id=ti.dag_id, run_id=ti.run_id, run_type="manual", run_after=utcnow()
+        )
+    )
+    session.execute(
+        insert(TaskInstance.__table__).values(
+            id=ti.id,
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            map_index=ti.map_index,
+            try_number=ti.try_number,
+            pool="default_pool",
+            state=TaskInstanceState.RUNNING,
+        )
+    )
+    _queue(executor, session, workload)
+    job = _job(session, workload)
+    job.state, job.pending_sync, job.agent_name = JobState.RUNNING, True, "agent-3"
+    session.commit()
+    executor.sync()
+    assert executor.get_event_buffer()[ti.key] == (TaskInstanceState.RUNNING, "agent-3")
+    try:
+        executor._last_running_recheck = 0.0
+        executor.sync()
+        assert executor.get_event_buffer()[ti.key] == (TaskInstanceState.RUNNING, "agent-3")
+        assert ti.key not in executor.running
+    finally:
+        session.execute(delete(TaskInstance.__table__).where(TaskInstance.id == ti.id))
+        session.execute(delete(DagRun.__table__).where(DagRun.run_id == ti.run_id))
+        session.commit()
