@@ -858,7 +858,10 @@ class Agent:
         queues: Sequence[str] = ("default",),
         slots: int = 4,
         extra_env: Mapping[str, str] | None = None,
+        python: Path | None = None,
     ) -> None:
+        """``python``: run the agent with this interpreter instead of this venv's ``airflow-remote-agent``
+        script (a task run as another user is re-executed with the agent's interpreter)."""
         self.name = name
         self.home = Path(home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -874,8 +877,13 @@ class Agent:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             **(extra_env or {}),
         }
+        command = (
+            [str(python), "-m", "airflow_remote_exec.agent.main"]
+            if python
+            else [str(VENV_BIN / "airflow-remote-agent")]
+        )
         argv = [
-            str(VENV_BIN / "airflow-remote-agent"),
+            *command,
             "worker",
             "--api-url",
             api_url,

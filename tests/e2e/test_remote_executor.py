@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import signal
 import statistics
 import subprocess
+import sys
+import sysconfig
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -322,6 +327,64 @@ def test_task_processes_do_not_inherit_the_agent_token(stack, tmp_path):
         assert seen == [], f"the task saw the agent token in {seen}"
     finally:
         agent.stop()
+
+
+TASK_USER = "nobody"
+
+
+def _python_for(user: str, workdir: Path) -> Path:
+    """A Python that ``user`` can run, with this venv's packages.
+
+    Airflow re-executes a ``run_as_user`` task as ``sudo -u USER <the agent's interpreter>``, and this
+    venv's interpreter may live where that user cannot reach (under root's 0700 home, for one)."""
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = Path(f"/usr/bin/python{minor}")
+    if not system_python.exists():
+        pytest.skip(f"no {system_python} that user {user} could run")
+    venv = workdir / "venv"
+    subprocess.run([str(system_python), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    packages = sysconfig.get_paths()["purelib"]
+    link = venv / "lib" / f"python{minor}" / "site-packages" / "agent_venv.pth"
+    link.write_text(f"import site; site.addsitedir({packages!r})\n")
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import airflow.sdk, airflow_remote_exec"]
+    check = subprocess.run(["sudo", "-u", user, *probe], capture_output=True, text=True, timeout=120)
+    if check.returncode != 0:
+        pytest.skip(f"user {user} cannot import this venv's packages from {packages}: {check.stderr[-300:]}")
+    return python
+
+
+def test_a_task_run_as_another_user_cannot_read_the_0400_token_file(stack):
+    """The README's advice: the token file 0400 for the agent's user, tasks run as another user."""
+    if os.geteuid() != 0 or shutil.which("sudo") is None:
+        pytest.skip("running a task as another user needs root and sudo (./dev/test installs sudo as root)")
+    orch, _, _ = stack
+    shared = Path(tempfile.mkdtemp(prefix="airflow-remote-exec-run-as-"))
+    shared.chmod(0o755)  # the task's user reads the interpreter, the DAG files and the agent's config here
+    try:
+        python = _python_for(TASK_USER, shared)
+        dags = shared / "dags"
+        shutil.copytree(DAGS, dags)
+        token = create_agent_token(orch, "tok-probe-file", ["probe-file"])
+        agent = Agent(
+            orch.api_url, shared / "agent", dags, token, "file-prober", ["probe-file"], 1, python=python
+        )
+        agent.token_file.chmod(0o400)
+        try:
+            agent.start()
+            with orch.client() as client:
+                client.wait_for_dag("remote_token_file_probe")
+                conf = {"token_file": str(agent.token_file)}
+                run_id = client.trigger("remote_token_file_probe", conf=conf)
+                state = client.wait_for_run("remote_token_file_probe", run_id, timeout=240)
+                assert state == "success", agent.process.log_tail(40)
+                path = f"/dags/remote_token_file_probe/dagRuns/{run_id}/taskInstances/read_the_token_file"
+                seen = client.get(f"{path}/xcomEntries/return_value")["value"]
+        finally:
+            agent.stop()
+        assert seen == {"uid": pwd.getpwnam(TASK_USER).pw_uid, "token_file": "denied"}
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_drain_timeout_terminates_the_task_and_reports_it_failed(stack, tmp_path):

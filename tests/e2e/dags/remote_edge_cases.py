@@ -92,6 +92,26 @@ def remote_token_probe():
 remote_token_probe()
 
 
+@dag(dag_id="remote_token_file_probe", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_token_file_probe():
+    @task(queue="probe-file", retries=0, run_as_user="nobody")
+    def read_the_token_file(**context) -> dict:
+        """Try to read the agent's token file (path from the run's conf) as the task's own user."""
+        import os
+
+        try:
+            with open(context["dag_run"].conf["token_file"]) as token_file:
+                outcome = "read" if token_file.read().startswith("rex_") else "read, not a token"
+        except PermissionError:
+            outcome = "denied"
+        return {"uid": os.getuid(), "token_file": outcome}
+
+    read_the_token_file()
+
+
+remote_token_file_probe()
+
+
 @dag(dag_id="remote_hostile", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
 def remote_hostile():
     @task(queue="hostile", retries=0)
