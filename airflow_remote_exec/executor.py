@@ -67,6 +67,20 @@ def _key_of(job) -> TaskInstanceKey | CallbackKey:
     )
 
 
+# The columns that identify a task's job, and a task instance's (or its key's) values for them.
+_IDENTITY_COLUMNS = (
+    RemoteJob.dag_id,
+    RemoteJob.task_id,
+    RemoteJob.run_id,
+    RemoteJob.map_index,
+    RemoteJob.try_number,
+)
+
+
+def _identity_of(ti: TaskInstance | TaskInstanceKey) -> tuple[str, str, str, int, int]:
+    return (ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
+
+
 def _key_filter(key: TaskInstanceKey):
     return and_(
         RemoteJob.dag_id == key.dag_id,
@@ -87,9 +101,10 @@ class RemoteExecutor(BaseExecutor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Keys this executor queued or adopted, until it reports their end. ``running`` is the
-        # smaller set of keys that hold a parallelism slot: as with LocalExecutor, a task frees
-        # its slot once it runs, so the scheduler can queue the next while agents are busy.
+        # Keys this executor queued or adopted, until it reports their end. ``running`` holds the keys
+        # that count against [core] parallelism: a task counts from queueing until its agent reports it
+        # running, so parallelism bounds the tasks waiting for an agent and the agents' slots bound the
+        # tasks that run (LocalExecutor frees the slot sooner, when it hands the task to its workers).
         self.own_jobs: set[TaskInstanceKey | CallbackKey] = set()
         self._last_purge = 0.0
         self._last_liveness_check = 0.0
@@ -212,9 +227,33 @@ class RemoteExecutor(BaseExecutor):
                 session.flush()
                 self._last_purge = time.monotonic()
             if time.monotonic() - self._last_running_recheck > RUNNING_RECHECK_EVERY_SECONDS:
+                self._let_go_of_jobs_no_longer_ours(session)
                 self._report_running_again_where_not_recorded(session)
                 self._last_running_recheck = time.monotonic()
             self._report_changed_jobs(session)
+
+    def _let_go_of_jobs_no_longer_ours(self, session: Session) -> None:
+        """Forget task keys whose row is gone or now names another scheduler.
+
+        Another scheduler may queue a key again (a deferral resume) and report it before this one
+        sees the row; without this, the key would stay in ``own_jobs`` (and ``running``) for ever.
+        Every key queued in this process is committed by now: the scheduler commits its loop's
+        queueing before it calls the executor's heartbeat.
+        """
+        if self.job_id is None:
+            return
+        task_keys = [key for key in self.own_jobs if isinstance(key, TaskInstanceKey)]
+        still_ours: set[TaskInstanceKey | CallbackKey] = set()
+        for start in range(0, len(task_keys), 500):
+            chunk = task_keys[start : start + 500]
+            in_chunk = tuple_(*_IDENTITY_COLUMNS).in_([_identity_of(key) for key in chunk])
+            rows = session.execute(
+                select(*_KEY_COLUMNS).where(in_chunk, RemoteJob.queued_by_job_id == self.job_id)
+            ).all()
+            still_ours.update(_key_of(row) for row in rows)
+        for key in set(task_keys) - still_ours:
+            self.log.info("%s is no longer this scheduler's job (queued again elsewhere, or gone)", key)
+            self._let_go(key)
 
     def _report_running_again_where_not_recorded(self, session: Session) -> None:
         """Re-send "running" for tasks whose instance still names no agent.
@@ -297,9 +336,11 @@ class RemoteExecutor(BaseExecutor):
         self.running.discard(key)
 
     def _report_running(self, key: TaskInstanceKey | CallbackKey, agent_name: str | None) -> None:
-        """Report "running" and free the parallelism slot, as LocalExecutor does when a task starts."""
-        self.running_state(key, agent_name)
+        """Report "running" and free the task's parallelism slot (see ``own_jobs``). An event the
+        scheduler has not read yet is newer news (its own "failed" for a task gone silent, say)."""
         self.running.discard(key)
+        if key not in self.event_buffer:
+            self.running_state(key, agent_name)
 
     def _queued_by_another_scheduler(self, row) -> bool:
         return None not in (row.queued_by_job_id, self.job_id) and row.queued_by_job_id != self.job_id
@@ -316,17 +357,10 @@ class RemoteExecutor(BaseExecutor):
         """Adopt every task instance whose job is still in the table; the rest are reset."""
         if not tis:
             return []
-        keys = [(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number) for ti in tis]
-        key_columns = (
-            RemoteJob.dag_id,
-            RemoteJob.task_id,
-            RemoteJob.run_id,
-            RemoteJob.map_index,
-            RemoteJob.try_number,
-        )
-        in_keys = tuple_(*key_columns).in_(keys)
+        keys = [_identity_of(ti) for ti in tis]
+        in_keys = tuple_(*_IDENTITY_COLUMNS).in_(keys)
         with create_session(scoped=False) as session:
-            known = set(session.execute(select(*key_columns).where(in_keys)).all())
+            known = set(session.execute(select(*_IDENTITY_COLUMNS).where(in_keys)).all())
             # A job that finished while no scheduler was listening must be reported again.
             session.execute(update(RemoteJob).where(in_keys).values(queued_by_job_id=self.job_id))
             session.execute(

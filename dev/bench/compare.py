@@ -8,11 +8,10 @@ with ``--slots N``, ``parallelism = N`` for LocalExecutor, one edge worker with 
 Stock settings otherwise (EdgeExecutor keeps its default 5 s ``job_poll_interval``), because the stock
 configuration is what a user compares against.
 
-Remote and edge get ``parallelism = 2N``, still with N slots.  LocalExecutor reports a task "running"
-through ``change_state``, which frees the task's executor slot as soon as a worker picks it up: with
-``parallelism = N`` it runs N tasks and keeps up to N more queued for its workers, so a worker that
-finishes never waits for a scheduler loop.  The remote and edge executors keep a slot until the task
-ends, so ``2N`` gives them the same N running plus N queued ahead.
+Every stack gets ``parallelism = N`` by default, what most users set.  LocalExecutor frees a task's
+executor slot when it hands the task to its worker processes, RemoteExecutor when the agent reports
+the task running: both keep the next tasks queued while their N slots are busy.  EdgeExecutor keeps a
+slot until the task ends; ``--parallelism-factor 2`` gives remote and edge ``2N``, N more queued ahead.
 
 Each DAG runs once untimed first (first-run costs such as DAG-file imports in fresh processes are not
 what we compare), then ``--repeats`` times.  Times come from the metadata DB, not from our polling, so
@@ -199,12 +198,11 @@ def edge_worker_state(db_url: str) -> str | None:
 
 @contextlib.contextmanager
 def running_stack(
-    kind: str, pg: Postgres, workdir: Path, slots: int, parallelism_factor: int = 2
+    kind: str, pg: Postgres, workdir: Path, slots: int, parallelism_factor: int = 1
 ) -> Iterator[Stack]:
     """Start one executor's stack on a fresh database and its worker; stop everything on exit."""
     home = workdir / kind
     port = free_port()
-    # The same N running + N queued (see top); ``--parallelism-factor 1`` gives N, what most users set.
     parallelism = slots if kind == "local" else parallelism_factor * slots
     extra_env = {
         "AIRFLOW__CORE__PARALLELISM": str(parallelism),
@@ -359,9 +357,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--parallelism-factor",
         type=int,
-        default=2,
+        default=1,
         choices=(1, 2),
-        help="remote and edge get [core] parallelism = this x slots (default 2; 1 is what most users set)",
+        help="remote and edge get [core] parallelism = this x slots (default 1, what most users set)",
     )
     parser.add_argument("--only", default="remote,local,edge", help="comma-separated subset, in run order")
     args = parser.parse_args(argv)

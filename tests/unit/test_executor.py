@@ -353,20 +353,18 @@ def test_a_key_queued_again_by_another_scheduler_leaves_the_first_without_an_eve
     assert workload.ti.key not in second.running
 
 
-def test_running_is_reported_again_while_the_task_instance_names_no_agent(executor, session):
-    """The scheduler drops a running event that meets a locked row; the recheck re-sends it, even
-    though the task freed its slot when it first ran."""
+@pytest.fixture
+def running_task(executor, session):
+    """A task whose agent reported it running (its event already read), and its task instance row,
+    RUNNING with no agent recorded: as when the scheduler dropped the event on a locked row."""
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance
     from sqlalchemy import delete, insert
 
     workload = make_workload("dropped-running", run_id="recheck")
     ti = workload.ti
-    session.execute(
-        insert(DagRun.__table__).values(
-            dag_id=ti.dag_id, run_id=ti.run_id, run_type="manual", run_after=utcnow()
-        )
-    )
+    run = {"dag_id": ti.dag_id, "run_id": ti.run_id, "run_type": "manual", "run_after": utcnow()}
+    session.execute(insert(DagRun.__table__).values(**run))
     session.execute(
         insert(TaskInstance.__table__).values(
             id=ti.id,
@@ -385,12 +383,61 @@ def test_running_is_reported_again_while_the_task_instance_names_no_agent(execut
     session.commit()
     executor.sync()
     assert executor.get_event_buffer()[ti.key] == (TaskInstanceState.RUNNING, "agent-3")
-    try:
-        executor._last_running_recheck = 0.0
-        executor.sync()
-        assert executor.get_event_buffer()[ti.key] == (TaskInstanceState.RUNNING, "agent-3")
-        assert ti.key not in executor.running
-    finally:
-        session.execute(delete(TaskInstance.__table__).where(TaskInstance.id == ti.id))
-        session.execute(delete(DagRun.__table__).where(DagRun.run_id == ti.run_id))
-        session.commit()
+    executor._last_running_recheck = 0.0
+    yield ti.key
+    session.execute(delete(TaskInstance.__table__).where(TaskInstance.id == ti.id))
+    session.execute(delete(DagRun.__table__).where(DagRun.run_id == ti.run_id))
+    session.commit()
+
+
+def test_running_is_reported_again_while_the_task_instance_names_no_agent(executor, running_task):
+    """The recheck re-sends "running", even though the task freed its slot when it first ran."""
+    executor.sync()
+    assert executor.get_event_buffer()[running_task] == (TaskInstanceState.RUNNING, "agent-3")
+    assert running_task not in executor.running
+
+
+def test_the_recheck_never_replaces_an_event_the_scheduler_has_not_read(executor, running_task):
+    """The scheduler fails a task gone silent through ``change_state``; "running" must not undo it."""
+    executor.change_state(running_task, TaskInstanceState.FAILED, "no heartbeat")
+    executor.sync()
+    assert executor.get_event_buffer()[running_task] == (TaskInstanceState.FAILED, "no heartbeat")
+
+
+def _two_schedulers():
+    first, second = RemoteExecutor(parallelism=8), RemoteExecutor(parallelism=8)
+    first.job_id, second.job_id = 1, 2
+    for executor in (first, second):
+        executor._last_purge = time.monotonic()
+    return first, second
+
+
+def test_a_key_queued_again_and_reported_by_another_scheduler_is_let_go(session):
+    """Scheduler 2 queues a deferral resume of scheduler 1's key and reports it first: scheduler 1 never
+    sees the row with a report, and must still let go of the key (and its slot)."""
+    first, second = _two_schedulers()
+    mine, resumed = make_workload("stays-mine"), make_workload("resumed-elsewhere")
+    for workload in (mine, resumed):
+        _queue(first, session, workload)
+    _queue(second, session, resumed.model_copy())
+    job = _job(session, resumed)
+    job.state, job.pending_sync, job.agent_name = JobState.SUCCESS, True, "agent-1"
+    session.commit()
+    second.sync()
+    assert second.get_event_buffer()[resumed.ti.key][0] == TaskInstanceState.SUCCESS
+
+    first._last_running_recheck = 0.0
+    first.sync()
+    assert first.get_event_buffer() == {}
+    assert first.own_jobs == first.running == {mine.ti.key}
+
+
+def test_a_key_whose_job_is_gone_is_let_go(session):
+    first, _ = _two_schedulers()
+    workload = make_workload("revoked-elsewhere")
+    _queue(first, session, workload)
+    session.delete(_job(session, workload))  # revoked by another scheduler, say
+    session.commit()
+    first._last_running_recheck = 0.0
+    first.sync()
+    assert first.own_jobs == first.running == set()
