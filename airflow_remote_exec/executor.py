@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from airflow.configuration import conf
@@ -77,8 +77,18 @@ _IDENTITY_COLUMNS = (
 )
 
 
+# Five parameters a key: 150 keys stay under the 999 bound parameters of older SQLite builds.
+_KEYS_PER_QUERY = 150
+
+
 def _identity_of(ti: TaskInstance | TaskInstanceKey) -> tuple[str, str, str, int, int]:
     return (ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
+
+
+def _identity_in(identities: Sequence[tuple]) -> Iterator:
+    """``(dag_id, ..., try_number) IN (...)`` conditions over ``identities``, a few keys each."""
+    for start in range(0, len(identities), _KEYS_PER_QUERY):
+        yield tuple_(*_IDENTITY_COLUMNS).in_(identities[start : start + _KEYS_PER_QUERY])
 
 
 def _key_filter(key: TaskInstanceKey):
@@ -233,22 +243,23 @@ class RemoteExecutor(BaseExecutor):
             self._report_changed_jobs(session)
 
     def _let_go_of_jobs_no_longer_ours(self, session: Session) -> None:
-        """Forget task keys whose row is gone or now names another scheduler.
+        """Forget task keys whose row is gone, names another scheduler, or was already reported.
 
         Another scheduler may queue a key again (a deferral resume) and report it before this one
-        sees the row; without this, the key would stay in ``own_jobs`` (and ``running``) for ever.
-        Every key queued in this process is committed by now: the scheduler commits its loop's
-        queueing before it calls the executor's heartbeat.
+        sees the row; or the scheduler's transaction that queued a key again was rolled back, leaving
+        the previous, reported row. Without this, such a key would stay in ``own_jobs`` (and in
+        ``running``, holding a parallelism slot) for ever. A key queued in this process is never
+        taken for one of those: the scheduler commits its loop's queueing before it calls the
+        executor's heartbeat.
         """
         if self.job_id is None:
             return
         task_keys = [key for key in self.own_jobs if isinstance(key, TaskInstanceKey)]
+        reported = and_(RemoteJob.state.in_(JobState.FINISHED), RemoteJob.pending_sync.is_(False))
         still_ours: set[TaskInstanceKey | CallbackKey] = set()
-        for start in range(0, len(task_keys), 500):
-            chunk = task_keys[start : start + 500]
-            in_chunk = tuple_(*_IDENTITY_COLUMNS).in_([_identity_of(key) for key in chunk])
+        for in_chunk in _identity_in([_identity_of(key) for key in task_keys]):
             rows = session.execute(
-                select(*_KEY_COLUMNS).where(in_chunk, RemoteJob.queued_by_job_id == self.job_id)
+                select(*_KEY_COLUMNS).where(in_chunk, RemoteJob.queued_by_job_id == self.job_id, ~reported)
             ).all()
             still_ours.update(_key_of(row) for row in rows)
         for key in set(task_keys) - still_ours:
@@ -358,16 +369,17 @@ class RemoteExecutor(BaseExecutor):
         if not tis:
             return []
         keys = [_identity_of(ti) for ti in tis]
-        in_keys = tuple_(*_IDENTITY_COLUMNS).in_(keys)
+        known = set()
         with create_session(scoped=False) as session:
-            known = set(session.execute(select(*_IDENTITY_COLUMNS).where(in_keys)).all())
-            # A job that finished while no scheduler was listening must be reported again.
-            session.execute(update(RemoteJob).where(in_keys).values(queued_by_job_id=self.job_id))
-            session.execute(
-                update(RemoteJob)
-                .where(in_keys, RemoteJob.state.in_(JobState.FINISHED + (JobState.RUNNING,)))
-                .values(pending_sync=True)
-            )
+            for in_keys in _identity_in(keys):
+                known.update(session.execute(select(*_IDENTITY_COLUMNS).where(in_keys)).all())
+                # A job that finished while no scheduler was listening must be reported again.
+                session.execute(update(RemoteJob).where(in_keys).values(queued_by_job_id=self.job_id))
+                session.execute(
+                    update(RemoteJob)
+                    .where(in_keys, RemoteJob.state.in_(JobState.FINISHED + (JobState.RUNNING,)))
+                    .values(pending_sync=True)
+                )
         rejected = []
         for ti, key in zip(tis, keys, strict=True):
             if key in known:

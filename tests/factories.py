@@ -44,6 +44,11 @@ def make_workload(
     )
 
 
+def identity_of(ti) -> dict:
+    """The fields that name a task try, as row or constructor keywords."""
+    return {name: getattr(ti, name) for name in ("dag_id", "task_id", "run_id", "map_index", "try_number")}
+
+
 def make_callback_workload(dag_id: str = "d1", dag_run_id: int = 1) -> ExecuteCallback:
     """A deadline-alert callback workload as the scheduler builds it."""
     data = {"path": "tests.callbacks.notify", "kwargs": {}, "dag_id": dag_id, "dag_run_id": str(dag_run_id)}
@@ -62,11 +67,7 @@ def make_job(task_id: str = "t1", *, state: str = JobState.QUEUED, **kwargs) -> 
     row = {k: v for k, v in kwargs.items() if k not in _WORKLOAD_FIELDS}
     return RemoteJob(
         ti_id=str(ti.id),
-        dag_id=ti.dag_id,
-        task_id=ti.task_id,
-        run_id=ti.run_id,
-        map_index=ti.map_index,
-        try_number=ti.try_number,
+        **identity_of(ti),
         queue=ti.queue,
         priority_weight=ti.priority_weight,
         pool_slots=ti.pool_slots,

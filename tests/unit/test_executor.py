@@ -13,7 +13,7 @@ from sqlalchemy import select
 from airflow_remote_exec.executor import RemoteExecutor
 from airflow_remote_exec.housekeeping import purge_old_rows
 from airflow_remote_exec.models import JobState, RemoteJob, utcnow
-from tests.factories import make_callback_workload, make_workload
+from tests.factories import identity_of, make_callback_workload, make_workload
 
 
 @pytest.fixture
@@ -216,15 +216,7 @@ def test_adopt_keeps_known_jobs_and_rejects_unknown(executor, session):
     session.commit()
 
     def as_ti(w):
-        ti = w.ti
-        return SimpleNamespace(
-            key=ti.key,
-            dag_id=ti.dag_id,
-            task_id=ti.task_id,
-            run_id=ti.run_id,
-            map_index=ti.map_index,
-            try_number=ti.try_number,
-        )
+        return SimpleNamespace(key=w.ti.key, **identity_of(w.ti))
 
     known_ti, unknown_ti = as_ti(known), as_ti(unknown)
     rejected = executor.try_adopt_task_instances([known_ti, unknown_ti])
@@ -367,14 +359,7 @@ def running_task(executor, session):
     session.execute(insert(DagRun.__table__).values(**run))
     session.execute(
         insert(TaskInstance.__table__).values(
-            id=ti.id,
-            dag_id=ti.dag_id,
-            task_id=ti.task_id,
-            run_id=ti.run_id,
-            map_index=ti.map_index,
-            try_number=ti.try_number,
-            pool="default_pool",
-            state=TaskInstanceState.RUNNING,
+            id=ti.id, **identity_of(ti), pool="default_pool", state=TaskInstanceState.RUNNING
         )
     )
     _queue(executor, session, workload)
@@ -441,3 +426,35 @@ def test_a_key_whose_job_is_gone_is_let_go(session):
     first._last_running_recheck = 0.0
     first.sync()
     assert first.own_jobs == first.running == set()
+
+
+def test_a_reused_key_whose_queueing_was_rolled_back_is_let_go(session):
+    """The scheduler rolls back a loop whose queueing met a lock: a resumed try's row stays the
+    reported one of its previous run, and the key must not hold a parallelism slot for ever."""
+    first, _ = _two_schedulers()
+    workload = make_workload("rolled-back")
+    _queue(first, session, workload)
+    job = _job(session, workload)
+    job.state, job.pending_sync = JobState.SUCCESS, True
+    session.commit()
+    first.sync()
+    assert first.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.SUCCESS
+    first.queue_workload(workload.model_copy(), session=session)  # the deferral resume...
+    session.rollback()  # ...rolled back with the scheduler's loop
+    assert workload.ti.key in first.running
+    first._last_running_recheck = 0.0
+    first.sync()
+    assert first.own_jobs == first.running == set()
+
+
+def test_adoption_of_many_task_instances_queries_in_chunks(executor, session):
+    known = [make_workload(f"adopt-{n}") for n in range(200)]
+    unknown = [make_workload(f"unknown-{n}") for n in range(200)]
+    other = RemoteExecutor(parallelism=1000)
+    for workload in known:
+        other.queue_workload(workload, session=session)
+    session.commit()
+    tis = [SimpleNamespace(key=w.ti.key, **identity_of(w.ti)) for w in known + unknown]
+    rejected = executor.try_adopt_task_instances(tis)
+    assert {ti.task_id for ti in rejected} == {w.ti.task_id for w in unknown}
+    assert executor.own_jobs == {w.ti.key for w in known}
