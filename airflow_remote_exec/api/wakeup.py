@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from airflow import settings
 from airflow.utils.session import create_session
+from fastapi import HTTPException
 from sqlalchemy import func, or_
 from sqlalchemy import select as sql_select
 
@@ -150,8 +151,10 @@ class JobWakeup:
                     self._wake(await run_db(claimable_job_counts, queues))
                 if not self._count_again:
                     return
+        except HTTPException as busy:  # no database thread free in time: the API is saturated
+            log.warning("Could not count claimable jobs (%s); the next recheck tries again", busy.detail)
         except Exception:
-            log.warning("Could not count claimable jobs; waiting claims end at their timeout", exc_info=True)
+            log.warning("Could not count claimable jobs; the next recheck tries again", exc_info=True)
 
     def _wake(self, counts: dict[str, int]) -> None:
         for claim in list(self._waiting.values()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -559,3 +560,34 @@ def test_a_claims_statements_do_not_grow_with_the_reports_it_carries_or_the_jobs
         return statements
 
     assert cycle(1) == cycle(8)
+
+
+def test_a_wakeup_count_refused_for_want_of_a_thread_logs_one_line(
+    client, make_token, register, monkeypatch, caplog
+):
+    """Past saturation the wake-up count gets no database thread in time: a warning, not a traceback."""
+    from fastapi import HTTPException
+
+    from airflow_remote_exec.api import wakeup
+
+    async def no_thread(function, *args):
+        raise HTTPException(503, "No database thread was free within 5 s; retry.")
+
+    monkeypatch.setattr(wakeup, "run_db", no_thread)
+    monkeypatch.setattr(config, "wakeup_poll_interval", lambda: 5.0)
+    token = make_token()
+    session_id = register(token)
+    calls = _count_claim_attempts(monkeypatch)
+    claim = threading.Thread(
+        target=client.post,
+        args=(f"/agents/{session_id}/jobs/claim",),
+        kwargs={"json": {"free_slots": 1, "wait_seconds": 2}, "headers": headers(token)},
+    )
+    with caplog.at_level(logging.WARNING, logger=wakeup.__name__):
+        claim.start()
+        wait_until(lambda: len(calls) == 1, 10, what="the claim to wait")
+        job_wakeup._signal_from_thread()
+        claim.join(30)
+    records = [r for r in caplog.records if "claimable jobs" in r.getMessage()]
+    assert records
+    assert all("No database thread was free" in r.getMessage() and r.exc_info is None for r in records)
