@@ -43,16 +43,18 @@ LIVENESS_EVERY_SECONDS = 1.0
 RUNNING_RECHECK_EVERY_SECONDS = 10.0
 
 
-# The columns ``_key_of`` reads.
-_KEY_COLUMNS = (
-    RemoteJob.kind,
-    RemoteJob.ti_id,
+# The columns that identify a task's job, and a task instance's (or its key's) values for them.
+_IDENTITY_COLUMNS = (
     RemoteJob.dag_id,
     RemoteJob.task_id,
     RemoteJob.run_id,
     RemoteJob.map_index,
     RemoteJob.try_number,
 )
+# The columns ``_key_of`` reads.
+_KEY_COLUMNS = (RemoteJob.kind, RemoteJob.ti_id, *_IDENTITY_COLUMNS)
+# Five parameters a key: 150 keys stay under the 999 bound parameters of older SQLite builds.
+_KEYS_PER_QUERY = 150
 
 
 def _key_of(job) -> TaskInstanceKey | CallbackKey:
@@ -67,20 +69,6 @@ def _key_of(job) -> TaskInstanceKey | CallbackKey:
     )
 
 
-# The columns that identify a task's job, and a task instance's (or its key's) values for them.
-_IDENTITY_COLUMNS = (
-    RemoteJob.dag_id,
-    RemoteJob.task_id,
-    RemoteJob.run_id,
-    RemoteJob.map_index,
-    RemoteJob.try_number,
-)
-
-
-# Five parameters a key: 150 keys stay under the 999 bound parameters of older SQLite builds.
-_KEYS_PER_QUERY = 150
-
-
 def _identity_of(ti: TaskInstance | TaskInstanceKey) -> tuple[str, str, str, int, int]:
     return (ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
 
@@ -92,13 +80,8 @@ def _identity_in(identities: Sequence[tuple]) -> Iterator:
 
 
 def _key_filter(key: TaskInstanceKey):
-    return and_(
-        RemoteJob.dag_id == key.dag_id,
-        RemoteJob.task_id == key.task_id,
-        RemoteJob.run_id == key.run_id,
-        RemoteJob.map_index == key.map_index,
-        RemoteJob.try_number == key.try_number,
-    )
+    values = _identity_of(key)
+    return and_(*(column == value for column, value in zip(_IDENTITY_COLUMNS, values, strict=True)))
 
 
 class RemoteExecutor(BaseExecutor):
