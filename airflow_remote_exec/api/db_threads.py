@@ -1,5 +1,5 @@
-"""The agent API's database work runs on a few threads of its own, not on the thread pool that every
-synchronous route of the api-server shares.
+"""The agent API's database work runs on at most a few threads at once, whatever the thread pool that
+every synchronous route of the api-server shares is doing.
 
 Why: that work is short statements under Python's global interpreter lock. Forty threads of the shared
 pool, each holding a pooled connection, spend the lock taking turns, make the connection pool open and
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,7 +29,10 @@ from airflow_remote_exec import config
 SLOT_WAIT_SECONDS = 5.0
 
 _T = TypeVar("_T")
-_limiters: dict[asyncio.AbstractEventLoop, tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]] = {}
+# Forgotten with their loop (a test's, a restarted server's).
+_limiters: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]
+] = weakref.WeakKeyDictionary()
 
 
 def _limiters_of_loop() -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
@@ -38,7 +42,6 @@ def _limiters_of_loop() -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
     loop = asyncio.get_running_loop()
     limiters = _limiters.get(loop)
     if limiters is None:
-        _limiters.clear()  # an earlier loop (a test's, a restarted server's) is gone
         limiters = _limiters[loop] = (
             anyio.CapacityLimiter(config.api_db_threads()),
             anyio.CapacityLimiter(math.inf),

@@ -117,3 +117,21 @@ def test_the_api_threads_never_wait_for_the_shared_pool_of_other_routes(monkeypa
                 stuck.set()
 
     assert anyio.run(main) == 7
+
+
+def test_each_event_loop_keeps_its_own_limiter_while_another_loop_runs_work():
+    """A second loop (a second test client, say) must not hand the first a fresh set of threads."""
+    import asyncio
+
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+
+        async def limiters():
+            return db_threads._limiters_of_loop()
+
+        mine = first.run_until_complete(limiters())
+        second.run_until_complete(limiters())
+        assert first.run_until_complete(limiters()) is mine
+    finally:
+        first.close()
+        second.close()
