@@ -157,6 +157,21 @@ class RemoteAgentEvent(Base):
     reason: Mapped[str] = mapped_column(String(1000), nullable=False, default="")
 
 
+class RemoteBundle(Base):
+    """A DAG bundle parsed by agent dag processors, and the token whose agents may write its DAGs.
+
+    A bundle belongs to the token that first claimed it while that token is valid: an agent of another
+    token can neither publish DAGs under its name nor take over the DAG ids it defines.
+    """
+
+    __tablename__ = "remote_bundle"
+
+    name: Mapped[str] = mapped_column(String(250), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, ForeignKey("remote_token.id"), nullable=False)
+    agent_name: Mapped[str] = mapped_column(String(250), nullable=False)  # the last to claim it
+    claimed_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
 class RemoteApiServer(Base):
     """Presence of each api-server process serving the agent API.
 

@@ -53,6 +53,7 @@ def session(airflow_db):
         RemoteAgent,
         RemoteAgentEvent,
         RemoteApiServer,
+        RemoteBundle,
         RemoteJob,
         RemoteToken,
     )
@@ -60,7 +61,7 @@ def session(airflow_db):
     with create_session(scoped=False) as session:
         yield session
         session.rollback()
-        for model in (RemoteJob, RemoteAgentEvent, RemoteApiServer, RemoteAgent, RemoteToken):
+        for model in (RemoteJob, RemoteAgentEvent, RemoteApiServer, RemoteBundle, RemoteAgent, RemoteToken):
             session.query(model).delete()
 
 

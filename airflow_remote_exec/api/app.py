@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from airflow_remote_exec import __version__
-from airflow_remote_exec.api import agents, jobs
+from airflow_remote_exec.api import agents, dag_processing, jobs
+from airflow_remote_exec.api.body_limit import DEFAULT_LIMIT, BodyLimit
 from airflow_remote_exec.api.presence import ensure_presence, stop_presence
 
 URL_PREFIX = "/remote/v1"
@@ -22,6 +23,10 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         stop_presence()
+
+
+def _body_limit(path: str) -> int:
+    return dag_processing.body_limit(path) or DEFAULT_LIMIT
 
 
 def create_app(prefix: str = "") -> FastAPI:
@@ -39,6 +44,8 @@ def create_app(prefix: str = "") -> FastAPI:
     )
     app.include_router(agents.router, prefix=prefix)
     app.include_router(jobs.router, prefix=prefix)
+    app.include_router(dag_processing.router, prefix=prefix)
+    app.add_middleware(BodyLimit, limit_for=_body_limit)
 
     @app.get(f"{prefix}/health", tags=["health"], summary="Liveness of the agent API (no auth)")
     async def health() -> dict[str, str]:

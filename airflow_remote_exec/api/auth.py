@@ -63,6 +63,7 @@ class AgentOfRequest(NamedTuple):
     for every claim and report); a route that changes the agent loads it with ``session.get``."""
 
     name: str
+    token_id: int
     state: str
     slots: int
     queues: str
@@ -81,6 +82,7 @@ _agent, _token = RemoteAgent.__table__.c, RemoteToken.__table__.c
 _AGENT_OF_SESSION = (
     select(
         _agent.name,
+        _agent.token_id,
         _agent.state,
         _agent.slots,
         _agent.queues,

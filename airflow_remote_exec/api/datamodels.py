@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,7 +46,9 @@ class RegisterRequest(AgentRequest):
     )
     airflow_version: str = Field(pattern=_VERSION, description="Airflow core installed on the agent.")
     task_sdk_version: str = Field(pattern=_VERSION, description="Airflow Task SDK installed on the agent.")
-    queues: list[str] = Field(min_length=1, max_length=100)
+    queues: list[str] = Field(
+        max_length=100, description="Queues the agent's worker serves: at least one for a worker."
+    )
     slots: int = Field(ge=1, le=1024)
     components: list[ComponentName] = Field(
         default=["worker"],
@@ -52,6 +56,12 @@ class RegisterRequest(AgentRequest):
         max_length=4,
         description="What this agent runs; its token must allow each one.",
     )
+
+    @model_validator(mode="after")
+    def _worker_has_queues(self) -> RegisterRequest:
+        if "worker" in self.components and not self.queues:
+            raise ValueError("a worker needs at least one queue")
+        return self
 
 
 class RegisterResponse(BaseModel):
@@ -186,11 +196,13 @@ class ErrorResponse(BaseModel):
 _ERROR_MEANINGS = {
     400: "Missing or unsupported API version header, or a body that is not JSON.",
     401: "Missing, unknown, expired or revoked agent token.",
-    403: "Outside the token's scope: a queue, a component, an agent name, a session or a job of another "
-    "agent.",
+    403: "Outside the token's scope: a queue, a component, an agent name, a session, a job of another "
+    "agent, or a bundle of another token or of the orchestrator.",
     404: "No such job (revoked or purged), or no such route.",
-    409: "A stale attempt, an impossible state change, or a name in use by a live agent process.",
+    409: "A stale attempt, an impossible state change, a name in use by a live agent process, or a DAG "
+    "id another bundle defines.",
     410: "The agent session is over: register again.",
+    413: "The body is larger than the route accepts.",
     426: "The agent's Airflow or Task SDK differs from the orchestrator's.",
 }
 
@@ -198,3 +210,88 @@ _ERROR_MEANINGS = {
 def error_responses(*codes: int) -> dict[int | str, dict]:
     """OpenAPI entries for the errors a route can answer, so clients and fuzzers know them all."""
     return {code: {"model": ErrorResponse, "description": _ERROR_MEANINGS[code]} for code in codes}
+
+
+# -- dag processor -----------------------------------------------------------------------------
+
+BUNDLE_NAME = _NAME
+MAX_FILES = 100_000  # DAG files of one bundle
+
+
+def _relative_path(value: str) -> str:
+    """A path inside a bundle: relative, without ``..``, NUL or backslashes (Airflow joins it to the
+    bundle's path, and Postgres cannot store NUL)."""
+    path = PurePosixPath(value)
+    if not value or "\x00" in value or "\\" in value or path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"{value[:100]!r} is not a relative path inside the bundle")
+    return value
+
+
+RelativePath = Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+class BundlesClaim(AgentRequest):
+    names: list[Annotated[str, Field(pattern=_NAME)]] = Field(min_length=1, max_length=100)
+
+
+class BundleState(BaseModel):
+    last_refreshed: datetime | None = None
+    version: str | None = None
+
+
+class BundleStateUpdate(AgentRequest):
+    last_refreshed: datetime = Field(strict=False)
+    version: str | None = Field(default=None, max_length=200)
+
+
+class ParsingResult(AgentRequest):
+    """One parsed file of a bundle: what Airflow's dag processor persists, and the source text of the
+    files its DAGs come from, which the orchestrator does not have."""
+
+    bundle_version: str | None = Field(default=None, max_length=200)
+    version_data: dict | None = Field(default=None, strict=False)
+    relative_fileloc: RelativePath
+    run_duration: float = Field(ge=0, le=86400, strict=False)
+    # Airflow's own model (it holds datetimes and lazily read DAGs, so not strict); checked further on
+    # the server against this orchestrator's serialization schema.
+    result: dict = Field(strict=False)
+    sources: dict[RelativePath, str] = Field(default_factory=dict, max_length=1000)
+
+    @field_validator("relative_fileloc")
+    @classmethod
+    def _inside_bundle(cls, value: str) -> str:
+        return _relative_path(value)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_inside_bundle(cls, value: dict[str, str]) -> dict[str, str]:
+        for path in value:
+            _relative_path(path)
+        return value
+
+
+class PresentFiles(AgentRequest):
+    """The files a bundle holds after a refresh: DAGs of other files are deactivated, and their import
+    errors cleared."""
+
+    observed_filelocs: list[RelativePath] = Field(max_length=MAX_FILES)
+
+
+class ParsedFiles(AgentRequest):
+    """When each file of the bundle was last parsed: a DAG not seen in a parse of its file that ended
+    ``stale_dag_threshold`` after the DAG's own last parse is gone from the file."""
+
+    last_parsed: dict[RelativePath, Annotated[datetime, Field(strict=False)]] = Field(max_length=MAX_FILES)
+
+
+class CallbacksResponse(BaseModel):
+    callbacks: list[dict] = Field(
+        description="Airflow CallbackRequest objects (DAG or task callbacks) for the token's bundles, "
+        "as JSON; each is handed out once."
+    )
+
+
+class PriorityFilesResponse(BaseModel):
+    files: list[dict[str, str]] = Field(
+        description="Files users asked to reparse: bundle_name and relative_fileloc of each."
+    )

@@ -1,0 +1,137 @@
+"""What a dag-processor agent may publish: the checks on one parsing result before Airflow persists it.
+
+An agent's token holder controls every byte of a serialized DAG, and the orchestrator's scheduler,
+api-server and triggerer act on what is persisted. So a result is refused (422, which the agent records
+as the file's import error) when it holds anything that would make the orchestrator run, import or
+fetch something the DAG names:
+
+* asset watchers, tasks that start from a trigger, and deadline alerts: their triggers and callbacks run
+  on the orchestrator's triggerer or scheduler;
+* any object Airflow decodes by class name (``__classname__``), and JSON-schema references in params,
+  which the api-server and scheduler would resolve by opening a URL or a file;
+* a task sent to an executor other than RemoteExecutor, or with an ``executor_config`` (a pod override
+  for a Kubernetes executor, say);
+* a DAG whose file did not come with its source, or whose file lies outside the parsed file.
+
+What is left is also checked against this orchestrator's serialization schema and fully deserialized,
+as the scheduler will: a DAG the scheduler cannot load must not reach it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import jsonschema
+from airflow.dag_processing.processor import DagFileParsingResult
+from airflow.models.dagwarning import DagWarning
+from airflow.serialization.serialized_objects import DagSerialization
+from airflow.utils.helpers import validate_key
+from fastapi import HTTPException, status
+from pydantic import ValidationError
+
+from airflow_remote_exec.api.datamodels import ParsingResult
+
+EXECUTOR_PATH = "airflow_remote_exec.executor.RemoteExecutor"
+_SCHEMA_REFERENCES = frozenset({"$ref", "$dynamicRef", "$recursiveRef", "$id", "$anchor"})
+
+
+def _refused(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail[:1000])
+
+
+@cache
+def remote_executor_names() -> frozenset[str]:
+    """The names a task may give to run on RemoteExecutor: its class name, path and configured alias."""
+    from airflow.executors.executor_loader import ExecutorLoader
+
+    names = {"RemoteExecutor", EXECUTOR_PATH}
+    for name in ExecutorLoader.get_executor_names():
+        if name.module_path == EXECUTOR_PATH and name.alias:
+            names.add(name.alias)
+    return frozenset(names)
+
+
+def _unwrapped(value: Any) -> Any:
+    """Airflow wraps values as ``{"__type": ..., "__var": value}``."""
+    return value.get("__var") if isinstance(value, dict) and "__var" in value else value
+
+
+def _what_runs_on_the_orchestrator(data: dict) -> str | None:
+    """The first thing in a serialized DAG that the orchestrator would run, import or fetch, in words."""
+    stack: list[Any] = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key == "watchers" and value:
+                return "an asset watcher (its trigger would run on the orchestrator's triggerer)"
+            if key in ("start_from_trigger", "start_trigger_args") and value:
+                return "a task that starts from a trigger (it would run on the orchestrator's triggerer)"
+            if key == "deadline" and value:
+                return "a deadline alert (its callback would run on the orchestrator)"
+            if key == "__classname__":
+                return f"an object decoded by class name ({str(value)[:100]})"
+            if key in _SCHEMA_REFERENCES:
+                return f"a JSON-schema {key} (the orchestrator would resolve it)"
+            if key == "executor_config" and _unwrapped(value):
+                return "an executor_config (RemoteExecutor takes none; other executors act on it)"
+            if key == "executor" and value and value not in remote_executor_names():
+                return f"a task for executor {str(value)[:100]!r} (agents' DAGs run on RemoteExecutor)"
+            stack.append(value)
+    return None
+
+
+def _inside(path: str, file: str) -> bool:
+    """Whether ``path`` is the parsed file or, for a zip file, one of its members."""
+    return path == file or path.startswith(file + "/")
+
+
+def checked_result(body: ParsingResult) -> tuple[DagFileParsingResult, dict[str, str]]:
+    """The result as Airflow's model, and each DAG file's source by its ``fileloc`` on the agent; 422
+    with the reason for anything that may not be persisted."""
+    try:
+        result = DagFileParsingResult.model_validate(body.result)
+    except ValidationError as err:
+        raise _refused(f"result is not a DagFileParsingResult: {err.errors()[0]['msg']}") from None
+    file = body.relative_fileloc
+    for path in result.import_errors or {}:
+        if not _inside(path, file):
+            raise _refused(f"result.import_errors names {path[:200]!r}, outside the parsed file {file!r}")
+    sources: dict[str, str] = {}
+    dag_ids: set[str] = set()
+    for index, dag in enumerate(result.serialized_dags):
+        where = f"result.serialized_dags[{index}]"
+        try:
+            DagSerialization.validate_schema(dag.data)
+        except jsonschema.ValidationError as err:
+            raise _refused(f"{where} breaks the schema: {err.message[:300]}") from None
+        reason = _what_runs_on_the_orchestrator(dag.data)
+        if reason:
+            raise _refused(f"DAG {str(dag.dag_id)[:250]!r} has {reason}; DAGs parsed by agents may not.")
+        relative, fileloc = dag.data["dag"].get("relative_fileloc"), dag.data["dag"].get("fileloc")
+        if not isinstance(relative, str) or not _inside(relative, file) or not isinstance(fileloc, str):
+            raise _refused(f"{where} comes from {str(relative)[:200]!r}, not from the parsed file {file!r}")
+        if relative not in body.sources:
+            raise _refused(f"{where} comes from {relative!r}, whose source is not in sources")
+        sources[fileloc] = body.sources[relative]
+        try:
+            deserialized = DagSerialization.from_dict(dag.data)
+            for key in (deserialized.dag_id, *deserialized.task_ids):
+                validate_key(key)
+        except Exception as err:  # whatever would stop the scheduler from loading it
+            raise _refused(f"{where} cannot be loaded: {type(err).__name__}: {str(err)[:300]}") from None
+        dag_ids.add(deserialized.dag_id)
+    for index, warning in enumerate(result.warnings or []):
+        try:
+            fields = warning if isinstance(warning, dict) else {}
+            DagWarning(**fields)
+        except Exception as err:
+            raise _refused(f"result.warnings[{index}] is not a DAG warning: {str(err)[:200]}") from None
+        if fields.get("dag_id") not in dag_ids:
+            raise _refused(f"result.warnings[{index}] is about a DAG this file does not define")
+    return result, sources

@@ -1,0 +1,305 @@
+"""The dag processor's side of the agent API, in-process: who may publish what, and what is refused."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections.abc import Callable, Iterator
+
+import pytest
+from airflow.dag_processing.processor import DagFileParsingResult
+from airflow.models.dag import DagModel
+from airflow.models.dagbundle import DagBundleModel
+from airflow.models.dagcode import DagCode
+from airflow.models.db_callback_request import DbCallbackRequest
+from airflow.models.errors import ParseImportError
+from airflow.models.serialized_dag import SerializedDagModel
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG
+from airflow.serialization.serialized_objects import DagSerialization, LazyDeserializedDAG
+from sqlalchemy import delete, select
+
+from airflow_remote_exec.api import dag_processing
+from tests.api.conftest import AGENT_VERSIONS, headers
+
+BUNDLE = "team-a"
+FILE = "pipelines/etl.py"
+SOURCE = "# the DAG's source, as the agent read it\n"
+
+
+@pytest.fixture(autouse=True)
+def _clean_airflow_rows(session) -> Iterator[None]:
+    yield
+    from airflow.models.callback import Callback  # noqa: F401  (mapped before deleting requests)
+
+    for model in (DbCallbackRequest, ParseImportError, SerializedDagModel, DagModel, DagBundleModel):
+        session.execute(delete(model))
+    session.commit()
+
+
+@pytest.fixture
+def processor(client, make_token) -> Callable[..., tuple[str, str]]:
+    """Register a dag-processor agent; return (token, session id)."""
+
+    def make(token_name: str = "tok", name: str = "dp-1", token: str | None = None) -> tuple[str, str]:
+        token = token or make_token(token_name, components=["dag-processor"])
+        reply = client.post(
+            "/agents",
+            json={"name": name, "queues": [], "slots": 1, "components": ["dag-processor"], **AGENT_VERSIONS},
+            headers=headers(token),
+        )
+        assert reply.status_code == 200, reply.text
+        return token, reply.json()["session_id"]
+
+    return make
+
+
+def _url(session_id: str, path: str) -> str:
+    return f"/agents/{session_id}/dag-processor{path}"
+
+
+def _claim(client, token: str, session_id: str, *names: str):
+    return client.post(_url(session_id, "/bundles"), json={"names": list(names)}, headers=headers(token))
+
+
+def _dag_data(dag_id: str = "etl", file: str = FILE, **operator_kwargs) -> dict:
+    with DAG(dag_id, schedule=None, start_date=datetime.datetime(2024, 1, 1)) as dag:
+        EmptyOperator(task_id="t", **operator_kwargs)
+    data = DagSerialization.to_dict(dag)
+    data["dag"]["fileloc"] = f"/agent/bundles/{BUNDLE}/{file}"  # a path only the agent has
+    data["dag"]["relative_fileloc"] = file
+    return data
+
+
+def _result(*datas: dict, file: str = FILE, sources: dict | None = None, **result_fields) -> dict:
+    result = DagFileParsingResult(
+        fileloc=f"/agent/bundles/{BUNDLE}/{file}",
+        serialized_dags=[LazyDeserializedDAG(data=d) for d in datas],
+        **result_fields,
+    )
+    return {
+        "relative_fileloc": file,
+        "run_duration": 0.1,
+        "result": result.model_dump(mode="json"),
+        "sources": {file: SOURCE} if sources is None else sources,
+    }
+
+
+def _publish(client, token: str, session_id: str, body: dict, bundle: str = BUNDLE):
+    return client.post(
+        _url(session_id, f"/bundles/{bundle}/parsing-results"), json=body, headers=headers(token)
+    )
+
+
+def test_a_parsed_dag_is_persisted_with_the_source_the_agent_sent(client, processor, session):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    reply = _publish(client, token, sid, _result(_dag_data(), import_errors={"pipelines/etl.py/x": "boom"}))
+    assert reply.status_code == 204, reply.text
+
+    dag = session.get(DagModel, "etl")
+    assert (dag.bundle_name, dag.relative_fileloc, dag.is_stale) == (BUNDLE, FILE, False)
+    assert DagCode.code("etl", session=session) == SOURCE  # never read from the path on the agent
+    assert session.scalar(select(ParseImportError.filename).where(ParseImportError.bundle_name == BUNDLE))
+
+
+def test_only_the_token_that_claimed_a_bundle_may_publish_to_it(client, processor):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    other_token, other_sid = processor("other", name="dp-2")
+
+    refused = _claim(client, other_token, other_sid, BUNDLE)
+    assert refused.status_code == 403 and "another token" in refused.json()["detail"]
+    assert _publish(client, other_token, other_sid, _result(_dag_data())).status_code == 403
+
+    _, same_token_sid = processor(name="dp-3", token=token)  # a second agent of the same token: HA
+    assert _claim(client, token, same_token_sid, BUNDLE).status_code == 204
+    assert _publish(client, token, same_token_sid, _result(_dag_data())).status_code == 204
+
+
+def test_the_orchestrators_own_bundles_cannot_be_claimed(client, processor, session):
+    token, sid = processor()
+    own = _claim(client, token, sid, "dags-folder")  # the default bundle of every Airflow
+    assert own.status_code == 403 and "orchestrator's own" in own.json()["detail"]
+
+    session.add(DagBundleModel(name="legacy"))
+    session.flush()
+    session.add(DagModel(dag_id="old", bundle_name="legacy", fileloc="/x.py"))
+    session.commit()
+    parsed_here = _claim(client, token, sid, "legacy")
+    assert parsed_here.status_code == 403 and "parsed on the orchestrator" in parsed_here.json()["detail"]
+
+
+def test_a_dag_id_of_another_bundle_cannot_be_taken_over(client, processor, session):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    session.add(DagBundleModel(name="legacy"))
+    session.flush()
+    session.add(DagModel(dag_id="etl", bundle_name="legacy", fileloc="/x.py", is_stale=True))
+    session.commit()
+
+    reply = _publish(client, token, sid, _result(_dag_data()))
+    assert reply.status_code == 409 and "another bundle" in reply.json()["detail"]
+    assert session.scalar(select(DagModel.bundle_name).where(DagModel.dag_id == "etl")) == "legacy"
+
+
+def _with(path: tuple, value):
+    def change(data: dict) -> None:
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (_with(("dag", "deadline"), [{"callback": {"path": "os.system"}}]), "deadline alert"),
+        (_with(("dag", "tasks", 0, "__var", "start_from_trigger"), True), "starts from a trigger"),
+        (_with(("dag", "tasks", 0, "__var", "executor"), "LocalExecutor"), "executor 'LocalExecutor'"),
+        (_with(("dag", "tasks", 0, "__var", "executor_config"), {"pod_override": 1}), "executor_config"),
+        (_with(("dag", "params"), [["p", {"schema": {"$ref": "file:///etc/passwd"}}]]), "$ref"),
+        (_with(("dag", "timetable"), {"__classname__": "airflow.models.Variable"}), "class name"),
+        (_with(("dag", "relative_fileloc"), "other.py"), "not from the parsed file"),
+        (_with(("dag", "dag_id"), "x" * 300), "cannot be loaded"),
+    ],
+)
+def test_a_dag_that_would_run_or_break_something_on_the_orchestrator_is_refused(
+    client, processor, session, change, reason
+):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    data = _dag_data()
+    change(data)
+    reply = _publish(client, token, sid, _result(data))
+    assert reply.status_code == 422 and reason in reply.json()["detail"], reply.text
+    assert session.get(DagModel, "etl") is None
+
+
+def test_an_asset_watcher_is_refused(client, processor):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    data = _dag_data()
+    watcher = {"name": "w", "trigger": {"classpath": "os.system", "kwargs": {}}}
+    data["dag"]["timetable"] = {
+        "__type": "x",
+        "__var": {"objects": [{"uri": "s3://b", "watchers": [watcher]}]},
+    }
+    reply = _publish(client, token, sid, _result(data))
+    assert reply.status_code == 422 and "asset watcher" in reply.json()["detail"]
+
+
+def test_results_must_carry_sources_and_stay_inside_their_file(client, processor):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    no_source = _publish(client, token, sid, _result(_dag_data(), sources={}))
+    assert no_source.status_code == 422 and "source" in no_source.json()["detail"]
+    other_error = _publish(client, token, sid, _result(import_errors={"elsewhere.py": "x"}))
+    assert other_error.status_code == 422 and "outside the parsed file" in other_error.json()["detail"]
+    warning = {"dag_id": "not-this-file", "warning_type": "non-existent pool", "message": "m"}
+    foreign_warning = _publish(client, token, sid, _result(_dag_data(), warnings=[warning]))
+    assert foreign_warning.status_code == 422 and "does not define" in foreign_warning.json()["detail"]
+    escape = _result(_dag_data())
+    escape["relative_fileloc"] = "../../etc/passwd"
+    assert _publish(client, token, sid, escape).status_code == 422
+
+
+def test_an_oversized_body_is_refused_while_it_arrives(client, processor, monkeypatch):
+    token, sid = processor()
+    monkeypatch.setattr(dag_processing, "MAX_PARSING_RESULT_BYTES", 10_000)
+    url = _url(sid, f"/bundles/{BUNDLE}/parsing-results")
+    declared = client.post(url, content=b"{" + b" " * 20_000 + b"}", headers=headers(token))
+    assert declared.status_code == 413
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it comes
+        yield b"{"
+        for _ in range(100):
+            yield b" " * 1000
+        yield b"}"
+
+    chunked = client.post(
+        url, content=chunks(), headers={**headers(token), "Content-Type": "application/json"}
+    )
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["detail"]
+
+
+def test_deleted_files_and_stale_dags_are_deactivated_in_the_agents_bundle_only(client, processor, session):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    assert _publish(client, token, sid, _result(_dag_data())).status_code == 204
+    session.add(DagBundleModel(name="theirs"))
+    session.flush()
+    session.add(
+        DagModel(dag_id="theirs", bundle_name="theirs", fileloc="/t", relative_fileloc="t.py", is_stale=False)
+    )
+    session.commit()
+
+    files = client.put(
+        _url(sid, f"/bundles/{BUNDLE}/files"), json={"observed_filelocs": []}, headers=headers(token)
+    )
+    assert files.status_code == 204
+    session.expire_all()
+    assert session.get(DagModel, "etl").is_stale and not session.get(DagModel, "theirs").is_stale
+
+    session.get(DagModel, "etl").is_stale = False
+    session.commit()
+    later = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).isoformat()
+    stale = client.post(
+        _url(sid, f"/bundles/{BUNDLE}/stale-check"),
+        json={"last_parsed": {FILE: later, "t.py": later}},
+        headers=headers(token),
+    )
+    assert stale.status_code == 200 and stale.json() == ["etl"]
+    session.expire_all()
+    assert session.get(DagModel, "etl").is_stale and not session.get(DagModel, "theirs").is_stale
+
+
+def test_callbacks_go_to_the_agents_of_their_bundle_once(client, processor, session):
+    from airflow.callbacks.callback_requests import DagCallbackRequest
+
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    for bundle in (BUNDLE, "theirs"):
+        request = DagCallbackRequest(
+            filepath=FILE,
+            dag_id="etl",
+            run_id="r1",
+            bundle_name=bundle,
+            bundle_version=None,
+            is_failure_callback=True,
+        )
+        session.add(DbCallbackRequest(callback=request, priority_weight=1))
+    session.commit()
+
+    first = client.post(_url(sid, "/callbacks"), headers=headers(token))
+    assert first.status_code == 200
+    assert [c["bundle_name"] for c in first.json()["callbacks"]] == [BUNDLE]
+    assert client.post(_url(sid, "/callbacks"), headers=headers(token)).json()["callbacks"] == []
+
+
+def test_a_worker_agent_cannot_use_the_dag_processor_routes(client, make_token, register):
+    token = make_token("workers")
+    sid = register(token)
+    reply = _claim(client, token, sid, BUNDLE)
+    assert reply.status_code == 403 and "not as a dag-processor" in reply.json()["detail"]
+
+
+def test_a_token_without_the_dag_processor_scope_cannot_register_one(client, make_token):
+    token = make_token("workers")
+    reply = client.post(
+        "/agents",
+        json={"name": "dp", "queues": [], "slots": 1, "components": ["dag-processor"], **AGENT_VERSIONS},
+        headers=headers(token),
+    )
+    assert reply.status_code == 403 and "dag-processor" in reply.json()["detail"]
+
+
+def test_a_deep_copy_of_a_result_is_accepted_twice(client, processor):
+    """Publishing is idempotent: an agent retrying after a lost response changes nothing."""
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    body = _result(_dag_data())
+    assert _publish(client, token, sid, copy.deepcopy(body)).status_code == 204
+    assert _publish(client, token, sid, body).status_code == 204
