@@ -832,13 +832,47 @@ class Orchestrator:
 
 
 def create_agent_token(
-    orch: Orchestrator, name: str, queues: Sequence[str], expires: str | None = None
+    orch: Orchestrator,
+    name: str,
+    queues: Sequence[str],
+    expires: str | None = None,
+    components: Sequence[str] = ("worker",),
 ) -> str:
     """``airflow remote-exec tokens create``; the token is the last line it prints on stdout."""
     args = ["remote-exec", "tokens", "create", "--name", name, "--queues", ",".join(queues)]
+    args += ["--components", ",".join(components)]
     if expires:
         args += ["--expires", expires]
     return orch.airflow(*args).stdout.strip().splitlines()[-1]
+
+
+def agent_env(home: Path, dags_folder: Path, extra_env: Mapping[str, str] | None) -> dict[str, str]:
+    """An agent's environment: no inherited AIRFLOW* settings (so no database URL, no JWT secret), its
+    own AIRFLOW_HOME and DAGs folder, as on a separate machine."""
+    base = {k: v for k, v in os.environ.items() if not k.lstrip("_").startswith("AIRFLOW")}
+    return {
+        **base,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(Path(dags_folder).resolve()),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH": str(Path(home) / "bundles"),
+        **(extra_env or {}),
+    }
+
+
+def local_bundles(**folders: Path) -> str:
+    """``[dag_processor] dag_bundle_config_list`` for LocalDagBundles named by the keywords."""
+    return json.dumps(
+        [
+            {
+                "name": name,
+                "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+                "kwargs": {"path": str(Path(path).resolve()), "refresh_interval": 2},
+            }
+            for name, path in folders.items()
+        ]
+    )
 
 
 class Agent:
@@ -868,15 +902,7 @@ class Agent:
         self.token_file = self.home / "token"
         self.token_file.write_text(token)
         self.health_port = free_port()
-        base = {k: v for k, v in os.environ.items() if not k.lstrip("_").startswith("AIRFLOW")}
-        env = {
-            **base,
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "AIRFLOW_HOME": str(self.home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(Path(dags_folder).resolve()),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            **(extra_env or {}),
-        }
+        env = agent_env(self.home, dags_folder, extra_env)
         command = (
             [str(python), "-m", "airflow_remote_exec.agent.main"]
             if python
@@ -923,6 +949,64 @@ class Agent:
             return httpx.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2).json()
         except (httpx.HTTPError, ValueError):
             return None
+
+    def stop(self, timeout: float = 60) -> None:
+        self.process.stop(timeout)
+
+    def log_tail(self, lines: int = 50) -> str:
+        return self.process.log_tail(lines)
+
+
+class DagProcessorAgent:
+    """An ``airflow-remote-agent dag-processor`` process parsing ``bundles`` (a
+    ``dag_bundle_config_list`` JSON) for the orchestrator at ``api_url``."""
+
+    def __init__(
+        self,
+        api_url: str,
+        home: Path,
+        token: str,
+        name: str,
+        bundles: str,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.home = Path(home).resolve()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.token_file = self.home / "token"
+        self.token_file.write_text(token)
+        self.token_file.chmod(0o400)
+        env = agent_env(self.home, self.home / "no-dags", extra_env)
+        argv = [
+            str(VENV_BIN / "airflow-remote-agent"),
+            "dag-processor",
+            "--api-url",
+            api_url,
+            "--token-file",
+            str(self.token_file),
+            "--name",
+            name,
+            "--dag-bundle-config-list",
+            bundles,
+        ]
+        self.log_file = self.home / "dag-processor.log"
+        self.process = ManagedProcess(f"dag-processor-{name}", argv, env, self.log_file, cwd=self.home)
+
+    def start(self, timeout: float = 90) -> None:
+        """Start and wait until it has claimed its bundles; stop it if it never does."""
+        self.process.start()
+
+        def claimed() -> bool:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"dag processor {self.name} exited early:\n{self.process.log_tail(30)}")
+            return self.log_file.exists() and "Parsing bundles" in self.log_file.read_text(errors="replace")
+
+        try:
+            wait_until(claimed, timeout, what=f"dag processor {self.name} to claim its bundles")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.process.stop()
+            raise
 
     def stop(self, timeout: float = 60) -> None:
         self.process.stop(timeout)

@@ -190,6 +190,10 @@ class AgentClient:
                     return
                 self._answered.wait(min(left, STOP_CHECK_SECONDS))
 
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Any other route under ``/remote/v1``: retried while the orchestrator is unreachable."""
+        return self._call(method, path, body)
+
     def register(self, request: RegisterRequest) -> RegisterResponse:
         """Register once; retries only while unreachable. 409 and 426 are the caller's to handle."""
         return RegisterResponse.model_validate(self._call("POST", "/agents", request))

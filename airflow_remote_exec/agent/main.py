@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 
 ENV_PREFIX = "AIRFLOW_REMOTE_AGENT_"
 TOKEN_ENV = ENV_PREFIX + "TOKEN"
+BUNDLE_CONFIG_ENV = "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"
 PR_SET_DUMPABLE = 4
 
 log = logging.getLogger(__name__)
@@ -25,18 +27,33 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(ENV_PREFIX + name, default)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="airflow-remote-agent", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    worker = commands.add_parser("worker", help="Claim and run task instances")
-    worker.add_argument(
+def _add_connection_args(command: argparse.ArgumentParser) -> None:
+    """What every component needs to reach the orchestrator as this agent."""
+    command.add_argument(
         "--api-url",
         default=_env("API_URL"),
         help="Orchestrator base URL, e.g. https://airflow.example.com [API_URL]",
     )
-    worker.add_argument(
+    command.add_argument(
         "--token-file", default=_env("TOKEN_FILE"), help="File holding the agent token [TOKEN_FILE]"
     )
+    command.add_argument(
+        "--name", default=_env("NAME", socket.gethostname()), help="Agent name (default: hostname) [NAME]"
+    )
+    command.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        default=_env("ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes"),
+        help="Accept an http:// --api-url on a non-loopback host: the token and every task's "
+        "credentials would cross the network in clear text [ALLOW_INSECURE_HTTP]",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="airflow-remote-agent", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    worker = commands.add_parser("worker", help="Claim and run task instances")
+    _add_connection_args(worker)
     worker.add_argument(
         "--queues",
         default=_env("QUEUES", "default"),
@@ -47,9 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("SLOTS", "4")),
         help="Concurrent task slots (default: 4) [SLOTS]",
-    )
-    worker.add_argument(
-        "--name", default=_env("NAME", socket.gethostname()), help="Agent name (default: hostname) [NAME]"
     )
     worker.add_argument(
         "--health-port",
@@ -63,18 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Address for /healthz (default: 0.0.0.0) [HEALTH_HOST]",
     )
     worker.add_argument(
-        "--allow-insecure-http",
-        action="store_true",
-        default=_env("ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes"),
-        help="Accept an http:// --api-url on a non-loopback host: the token and every task's "
-        "credentials would cross the network in clear text [ALLOW_INSECURE_HTTP]",
-    )
-    worker.add_argument(
         "--drain-timeout",
         type=float,
         default=float(_env("DRAIN_TIMEOUT", "300")),
         help="Seconds running tasks get to finish after SIGTERM before they are terminated "
         "(default: 300) [DRAIN_TIMEOUT]",
+    )
+    dag_processor = commands.add_parser(
+        "dag-processor", help="Parse this agent's DAG bundles and publish them to the orchestrator"
+    )
+    _add_connection_args(dag_processor)
+    dag_processor.add_argument(
+        "--dag-bundle-config-list",
+        default=_env("DAG_BUNDLE_CONFIG_LIST"),
+        help="The bundles to parse, as Airflow's [dag_processor] dag_bundle_config_list JSON "
+        "(default: that setting) [DAG_BUNDLE_CONFIG_LIST]",
     )
     return parser
 
@@ -120,11 +137,7 @@ def _hide_process_memory() -> None:
         log.debug("prctl(PR_SET_DUMPABLE) is not available here")
 
 
-def settings_from_args(argv: list[str] | None = None):
-    from airflow_remote_exec.agent.worker import WorkerSettings
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_api_url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     url = urlparse(args.api_url or "")
     if url.scheme not in ("http", "https") or not url.netloc:
         parser.error(
@@ -136,13 +149,46 @@ def settings_from_args(argv: list[str] | None = None):
             "task's credentials would cross the network unencrypted. Use https://, or pass "
             "--allow-insecure-http if the network is already encrypted (a service mesh, a VPN)."
         )
+    return args.api_url.rstrip("/")
+
+
+def _check_bundle_config(parser: argparse.ArgumentParser, text: str | None) -> None:
+    """A bundle list given on the command line becomes Airflow's own setting; a malformed one is a clear
+    error here, not a traceback from Airflow's bundle manager."""
+    if text is None:
+        return
+    try:
+        bundles = json.loads(text)
+    except ValueError as err:
+        parser.error(f"--dag-bundle-config-list is not JSON: {err}")
+    if not isinstance(bundles, list) or not all(
+        isinstance(b, dict) and isinstance(b.get("name"), str) and isinstance(b.get("classpath"), str)
+        for b in bundles
+    ):
+        parser.error(
+            '--dag-bundle-config-list must be a JSON list of {"name": ..., "classpath": ..., "kwargs": {...}}'
+        )
+    os.environ[BUNDLE_CONFIG_ENV] = text
+
+
+def settings_from_args(argv: list[str] | None = None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    api_url = _check_api_url(parser, args)
+    if args.command == "dag-processor":
+        from airflow_remote_exec.agent.dag_processor import DagProcessorSettings
+
+        _check_bundle_config(parser, args.dag_bundle_config_list)
+        return DagProcessorSettings(api_url=api_url, token=_read_token(parser, args), name=args.name)
+    from airflow_remote_exec.agent.worker import WorkerSettings
+
     if args.slots < 1:
         parser.error("--slots must be at least 1")
     queues = sorted({q.strip() for q in args.queues.split(",") if q.strip()})
     if not queues:
         parser.error("--queues needs at least one queue")
     return WorkerSettings(
-        api_url=args.api_url.rstrip("/"),
+        api_url=api_url,
         token=_read_token(parser, args),
         queues=queues,
         slots=args.slots,
@@ -172,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     settings = settings_from_args(argv)
     _hide_process_memory()
+    from airflow_remote_exec.agent.dag_processor import DagProcessorAgent, DagProcessorSettings
+
+    if isinstance(settings, DagProcessorSettings):
+        sys.exit(DagProcessorAgent(settings).run())
     _prefer_prompt_task_exit()
     from airflow_remote_exec.agent.worker import Worker
 

@@ -9,23 +9,16 @@ Threads, each with one job:
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import random
-import re
 import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 
-from airflow_remote_exec import __version__
 from airflow_remote_exec.agent.client import (
     AgentApiError,
     AgentClient,
-    Conflict,
     SessionGone,
     Stopped,
     Unauthorized,
@@ -35,10 +28,17 @@ from airflow_remote_exec.agent.client import (
 from airflow_remote_exec.agent.health import serve_health
 from airflow_remote_exec.agent.heartbeat import Heartbeat
 from airflow_remote_exec.agent.ledger import Holding, Ledger, Session
+from airflow_remote_exec.agent.registration import (
+    installed_versions,
+    register_request,
+    register_until_name_free,
+    use_orchestrator_executors,
+    version_mismatch_message,
+)
 from airflow_remote_exec.agent.reporter import PendingReport, Reporter
 from airflow_remote_exec.agent.runner import STOP_GRACE_SECONDS, Assignment, JobKey, Outcome, RunnerPool
 from airflow_remote_exec.agent.threads import GuardedThreads
-from airflow_remote_exec.api.datamodels import ClaimedJob, RegisterRequest, StateReport
+from airflow_remote_exec.api.datamodels import ClaimedJob, StateReport
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +64,6 @@ class WorkerSettings:
     health_host: str = "0.0.0.0"
     health_port: int | None = None
     drain_timeout: float = 300.0
-
-
-EXECUTOR_ENV = "AIRFLOW__CORE__EXECUTOR"
-# Executor names, module paths and aliases ("alias:module.Class"), comma-separated.
-EXECUTOR_LIST = re.compile(r"[A-Za-z0-9_.:,\-]{1,2000}")
-
-
-@functools.cache
-def installed_versions() -> tuple[str, str]:
-    """Airflow core and Task SDK versions: the orchestrator refuses an agent whose major.minor differ,
-    since the workloads it serialises must parse and run here exactly as there. Read from package
-    metadata: importing Airflow in the agent's own process would cost seconds at every start."""
-    return version("apache-airflow-core"), version("apache-airflow-task-sdk")
 
 
 class Worker:
@@ -171,32 +158,11 @@ class Worker:
     # -- sessions --------------------------------------------------------------------------
     def _register(self) -> None:
         """Register, waiting while another live agent holds our name. Raises on any other refusal."""
-        airflow_version, task_sdk_version = installed_versions()
-        request = RegisterRequest(
-            name=self.settings.name,
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            version=__version__,
-            airflow_version=airflow_version,
-            task_sdk_version=task_sdk_version,
-            queues=self.settings.queues,
-            slots=self.settings.slots,
+        request = register_request(
+            self.settings.name, self.settings.queues, self.settings.slots, ["worker"], installed_versions()
         )
-        while True:
-            started = time.monotonic()
-            try:
-                reply = self.client.register(request)
-                break
-            except Conflict as err:
-                log.warning(
-                    "Agent name %r is held by another live agent (%s); give each agent its own --name. "
-                    "Retrying in %.0fs",
-                    self.settings.name,
-                    err.detail,
-                    NAME_TAKEN_RETRY_SECONDS,
-                )
-                if self._stop.wait(NAME_TAKEN_RETRY_SECONDS * random.uniform(0.8, 1.2)):
-                    raise Stopped("stopped while waiting for the agent name") from err
+        started = time.monotonic()
+        reply = register_until_name_free(self.client, request, self._stop, NAME_TAKEN_RETRY_SECONDS)
         if self._executors is not None and reply.executors != self._executors:
             log.warning(
                 "The orchestrator's [core] executor is now %r; restart the agent to parse DAGs with it",
@@ -214,26 +180,11 @@ class Worker:
         log.info("Registered as %s (session %s)", self.settings.name, reply.session_id)
 
     def _use_orchestrator_executors(self) -> None:
-        """Runners (started after this) parse DAG files with the orchestrator's executor list: a task
-        pinned to an executor by name fails to parse where that name is not configured."""
-        executors = self._executors
-        if not executors or os.environ.get(EXECUTOR_ENV) == executors:
-            return
-        if not EXECUTOR_LIST.fullmatch(executors):
-            log.error(
-                "Ignoring the orchestrator's [core] executor: not a list of executor names: %r", executors
-            )
-            return
-        os.environ[EXECUTOR_ENV] = executors
-        log.info("Parsing DAGs with the orchestrator's executors: %s", executors)
+        use_orchestrator_executors(self._executors)
 
     @staticmethod
     def _version_mismatch(err: VersionMismatch) -> str:
-        airflow_version, task_sdk_version = installed_versions()
-        return (
-            f"Registration refused: this agent has Airflow {airflow_version} / Task SDK {task_sdk_version}, "
-            f"which the orchestrator cannot use ({err.detail}); install its Airflow version here."
-        )
+        return version_mismatch_message(err)
 
     def session_gone(self, gone_session: str) -> None:
         """The orchestrator ended our session (we were declared lost): our jobs went elsewhere."""

@@ -45,6 +45,7 @@ def create_app(prefix: str = "") -> FastAPI:
     app.include_router(agents.router, prefix=prefix)
     app.include_router(jobs.router, prefix=prefix)
     app.include_router(dag_processing.router, prefix=prefix)
+    app.include_router(dag_processing.lookups, prefix=prefix)
     app.add_middleware(BodyLimit, limit_for=_body_limit)
 
     @app.get(f"{prefix}/health", tags=["health"], summary="Liveness of the agent API (no auth)")

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from airflow_remote_exec.agent import registration
 from airflow_remote_exec.agent import worker as worker_module
 from airflow_remote_exec.agent.client import (
     AgentApiError,
@@ -220,11 +221,11 @@ def test_register_name_conflict_retries_and_says_use_own_name(client, pool, capl
 
 def test_runners_parse_dags_with_the_orchestrator_executors(client, pool, monkeypatch, caplog):
     """A task pinned with executor="RemoteExecutor" only parses where that name is configured."""
-    monkeypatch.setenv(worker_module.EXECUTOR_ENV, "LocalExecutor")
+    monkeypatch.setenv(registration.EXECUTOR_ENV, "LocalExecutor")
     worker = Worker(SETTINGS, client=client, pool=pool)
     worker._register()
     worker._use_orchestrator_executors()
-    assert worker_module.os.environ[worker_module.EXECUTOR_ENV] == client.executors
+    assert registration.os.environ[registration.EXECUTOR_ENV] == client.executors
     # A later session keeps what the running runners were started with, and says how to change it.
     client.executors = "CeleryExecutor"
     with caplog.at_level(logging.WARNING):
@@ -232,20 +233,20 @@ def test_runners_parse_dags_with_the_orchestrator_executors(client, pool, monkey
     assert "restart the agent" in caplog.text and "CeleryExecutor" in caplog.text
     worker._use_orchestrator_executors()
     assert (
-        worker_module.os.environ[worker_module.EXECUTOR_ENV]
+        registration.os.environ[registration.EXECUTOR_ENV]
         == "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor"
     )
 
 
 @pytest.mark.parametrize("bad", ["LocalExecutor\x00", "Local;rm -rf /", "x" * 3000])
 def test_an_orchestrator_executor_list_that_is_not_one_is_ignored(client, pool, monkeypatch, caplog, bad):
-    monkeypatch.setenv(worker_module.EXECUTOR_ENV, "LocalExecutor")
+    monkeypatch.setenv(registration.EXECUTOR_ENV, "LocalExecutor")
     client.executors = bad
     worker = Worker(SETTINGS, client=client, pool=pool)
     worker._register()
     with caplog.at_level(logging.ERROR):
         worker._use_orchestrator_executors()
-    assert worker_module.os.environ[worker_module.EXECUTOR_ENV] == "LocalExecutor"
+    assert registration.os.environ[registration.EXECUTOR_ENV] == "LocalExecutor"
     assert "Ignoring the orchestrator's [core] executor" in caplog.text
 
 

@@ -1,0 +1,304 @@
+"""The dag-processor agent: Airflow's own ``DagFileProcessorManager``, parsing the agent's bundles in its
+isolated child processes, with every metadata-database touch sent to the agent API instead.
+
+The manager's override points (AIP-92) carry it: bundle claims, bundle state, parsing results, deleted
+files, stale DAGs, callbacks and priority files go over HTTP; team look-ups, the DB-backed secrets
+context and the warning purge (the orchestrator's to do) are left out. A result the orchestrator
+refuses (a DAG that would run something on the orchestrator, a DAG id of another bundle) is recorded as
+that file's import error, so the user sees why in the UI. A heartbeat thread keeps the agent's session.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from airflow_remote_exec.agent.client import (
+    URL_PREFIX,
+    AgentApiError,
+    AgentClient,
+    SessionGone,
+    Stopped,
+    Unauthorized,
+    Unreachable,
+    VersionMismatch,
+)
+from airflow_remote_exec.agent.registration import (
+    installed_versions,
+    register_request,
+    register_until_name_free,
+    use_orchestrator_executors,
+    version_mismatch_message,
+)
+from airflow_remote_exec.api.datamodels import (
+    API_VERSION,
+    API_VERSION_HEADER,
+    BundlesClaim,
+    BundleState,
+    BundleStateUpdate,
+    HeartbeatRequest,
+    ParsedFiles,
+    ParsingResult,
+    PresentFiles,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_TAKEN_RETRY_SECONDS = 5.0
+# Refusals the orchestrator gives for what a file defines; anything else is the agent's problem.
+_REFUSED_CONTENT = (409, 413, 422)
+
+
+@dataclass(frozen=True)
+class DagProcessorSettings:
+    api_url: str
+    token: str
+    name: str
+
+
+class AgentSession:
+    """This agent's session with the orchestrator: registration, heartbeats, registering again when
+    the orchestrator ends the session (it declared the agent lost)."""
+
+    def __init__(
+        self, settings: DagProcessorSettings, stop: threading.Event, client: AgentClient | None = None
+    ):
+        self.settings = settings
+        self.stop = stop
+        self.client = client or AgentClient(settings.api_url, settings.token, stop=stop)
+        self._lock = threading.Lock()
+        self.session_id = ""
+        self.heartbeat_interval = 10.0
+        self.executors = ""
+
+    def register(self) -> None:
+        request = register_request(self.settings.name, [], 1, ["dag-processor"], installed_versions())
+        reply = register_until_name_free(self.client, request, self.stop, NAME_TAKEN_RETRY_SECONDS)
+        self.session_id, self.heartbeat_interval = reply.session_id, float(reply.heartbeat_interval)
+        self.executors = reply.executors
+        log.info("Registered as %s (session %s)", self.settings.name, reply.session_id)
+
+    def register_again(self, gone: str) -> None:
+        with self._lock:
+            if self.session_id == gone:
+                log.warning("Session %s is over; registering again", gone)
+                self.register()
+
+    def beat_forever(self) -> None:
+        """The heartbeat thread. A rejected token stops the agent (SIGTERM to itself, which the
+        manager turns into a clean exit)."""
+        while not self.stop.wait(self.heartbeat_interval):
+            session_id = self.session_id
+            try:
+                self.client.heartbeat(
+                    session_id, HeartbeatRequest(running=[], free_slots=0), self.heartbeat_interval
+                )
+            except SessionGone:
+                self.register_again(session_id)
+            except Unauthorized as err:
+                log.error("Agent token rejected (%s); stopping", err)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except (AgentApiError, Unreachable) as err:
+                log.warning("Heartbeat failed: %s", err)
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """A dag-processor route of this session; registers again once if the session is over."""
+        session_id = self.session_id
+        try:
+            return self.client.request(method, f"/agents/{session_id}/dag-processor{path}", body)
+        except SessionGone:
+            self.register_again(session_id)
+            return self.client.request(method, f"/agents/{self.session_id}/dag-processor{path}", body)
+
+
+def _manager_class():
+    """Defined on first use: importing Airflow's manager takes seconds, and the agent's command line
+    and registration do not need it."""
+    from airflow.callbacks.callback_requests import CallbackRequest
+    from airflow.dag_processing.manager import BundleState as AirflowBundleState
+    from airflow.dag_processing.manager import DagFileInfo, DagFileProcessorManager
+    from airflow.utils.file import open_maybe_zipped
+    from pydantic import TypeAdapter
+
+    callback_request = TypeAdapter(CallbackRequest)
+
+    @attrs.define
+    class AgentDagFileProcessorManager(DagFileProcessorManager):
+        agent: AgentSession = attrs.field(kw_only=True)
+
+        # -- no database, no server context -------------------------------------------------------
+        @functools.cached_property
+        def client(self):
+            """Parse-time Variable and Connection look-ups that the agent's own secrets backends do not
+            answer go to the agent API, which answers them as Airflow's Execution API would."""
+            from airflow.sdk.api.client import Client
+
+            client = Client(
+                base_url=f"{self.agent.settings.api_url}{URL_PREFIX}/dag-processor/",
+                token=self.agent.settings.token,
+            )
+            client.headers[API_VERSION_HEADER] = API_VERSION
+            return client
+
+        def prepare_server_process_context(self) -> None:
+            """Secrets come from the agent's own backends and environment, never the metadata DB."""
+
+        def _get_team_names(self, bundle_names) -> dict[str, str | None]:
+            return {}
+
+        def purge_inactive_dag_warnings(self) -> None:
+            """The orchestrator's housekeeping: warnings of every bundle live there."""
+
+        def handle_parsing_result(self, file, proc, *, session=None) -> None:
+            # Airflow's own post-processing, without the database session its decorator opens.
+            DagFileProcessorManager.handle_parsing_result.__wrapped__(self, file, proc, session=None)
+
+        # -- bundles ------------------------------------------------------------------------------
+        def sync_bundles(self) -> None:
+            names = [bundle.name for bundle in self.get_all_bundles()]
+            if self.bundle_names_to_parse:
+                names = [name for name in names if name in self.bundle_names_to_parse]
+            if not names:
+                raise SystemExit("No DAG bundles to parse: set [dag_processor] dag_bundle_config_list.")
+            self.agent.call("POST", "/bundles", BundlesClaim(names=names))
+            log.info("Parsing bundles %s for the orchestrator", ", ".join(names))
+
+        def get_bundle_state(self, bundle_name: str, *, session=None):
+            state = BundleState.model_validate(self.agent.call("GET", f"/bundles/{bundle_name}/state"))
+            return AirflowBundleState(last_refreshed=state.last_refreshed, version=state.version)
+
+        def update_bundle_state(self, bundle_name: str, *, last_refreshed, version, session=None) -> None:
+            body = BundleStateUpdate(last_refreshed=last_refreshed, version=version)
+            self.agent.call("PUT", f"/bundles/{bundle_name}/state", body)
+
+        def deactivate_deleted_dags(self, bundle_name: str, present) -> None:
+            observed = sorted(self._get_observed_filelocs(present))
+            self.agent.call("PUT", f"/bundles/{bundle_name}/files", PresentFiles(observed_filelocs=observed))
+
+        def clear_orphaned_import_errors(self, bundle_name: str, observed_filelocs, *, session=None) -> None:
+            """Done by the orchestrator with the files of ``deactivate_deleted_dags``."""
+
+        def deactivate_stale_dags(self, last_parsed: dict, *, session=None) -> None:
+            by_bundle: dict[str, dict[str, datetime]] = defaultdict(dict)
+            for file, finished in last_parsed.items():
+                if finished is not None:
+                    by_bundle[file.bundle_name][str(file.rel_path)] = finished
+            for bundle_name, files in by_bundle.items():
+                stale = self.agent.call(
+                    "POST", f"/bundles/{bundle_name}/stale-check", ParsedFiles(last_parsed=files)
+                )
+                if stale:
+                    log.info("Deactivated DAGs no longer in their files: %s", ", ".join(stale))
+
+        # -- what users and the scheduler ask for ---------------------------------------------------
+        def fetch_callbacks(self) -> list:
+            reply = self.agent.call("POST", "/callbacks")
+            return [callback_request.validate_python(c) for c in reply["callbacks"]]
+
+        def claim_priority_files(self) -> list:
+            bundles = {bundle.name: bundle for bundle in self._dag_bundles}
+            return [
+                DagFileInfo(
+                    rel_path=Path(f["relative_fileloc"]),
+                    bundle_name=f["bundle_name"],
+                    bundle_path=bundles[f["bundle_name"]].path,
+                )
+                for f in self.agent.call("POST", "/priority-files")["files"]
+                if f["bundle_name"] in bundles
+            ]
+
+        # -- results -------------------------------------------------------------------------------
+        def persist_parsing_result(
+            self,
+            *,
+            bundle_name,
+            bundle_version,
+            version_data,
+            parsing_result,
+            run_duration,
+            relative_fileloc,
+            session=None,
+        ) -> None:
+            sources = {}
+            for dag in parsing_result.serialized_dags:
+                with open_maybe_zipped(dag.data["dag"]["fileloc"], "r") as source:
+                    sources[dag.data["dag"]["relative_fileloc"]] = source.read()
+            body = ParsingResult(
+                bundle_version=bundle_version,
+                version_data=version_data,
+                relative_fileloc=relative_fileloc,
+                run_duration=run_duration,
+                result=parsing_result.model_dump(mode="json"),
+                sources=sources,
+            )
+            path = f"/bundles/{bundle_name}/parsing-results"
+            try:
+                self.agent.call("POST", path, body)
+            except AgentApiError as err:
+                if err.status_code not in _REFUSED_CONTENT:
+                    raise
+                log.error(
+                    "The orchestrator refused %s of bundle %s: %s", relative_fileloc, bundle_name, err.detail
+                )
+                refused = parsing_result.model_copy(
+                    update={
+                        "serialized_dags": [],
+                        "warnings": [],
+                        "import_errors": {relative_fileloc: err.detail},
+                    }
+                )
+                body.result, body.sources = refused.model_dump(mode="json"), {}
+                self.agent.call("POST", path, body)
+
+    return AgentDagFileProcessorManager
+
+
+def conf_num_runs() -> int:
+    """``[scheduler] num_runs``, as ``airflow dag-processor`` uses it (-1: parse forever)."""
+    from airflow.configuration import conf
+
+    return conf.getint("scheduler", "num_runs")
+
+
+class DagProcessorAgent:
+    def __init__(self, settings: DagProcessorSettings, client: AgentClient | None = None):
+        self.stop = threading.Event()
+        self.session = AgentSession(settings, self.stop, client)
+
+    def run(self) -> int:
+        try:
+            self.session.register()
+        except VersionMismatch as err:
+            log.error(version_mismatch_message(err))
+            return 1
+        except AgentApiError as err:
+            log.error("Registration refused: %s", err)
+            return 1
+        except Stopped:
+            return 0
+        use_orchestrator_executors(self.session.executors)
+        threading.Thread(target=self.session.beat_forever, name="heartbeat", daemon=True).start()
+        manager = _manager_class()(max_runs=conf_num_runs(), agent=self.session)
+        try:
+            manager.run()
+        except AgentApiError as err:
+            log.error("The orchestrator refused this dag processor: %s", err)
+            return 1
+        finally:
+            self.stop.set()
+            try:
+                self.session.client.deregister(self.session.session_id)
+            except (AgentApiError, Unreachable) as err:
+                log.warning("Could not deregister: %s", err)
+        return 0
