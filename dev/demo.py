@@ -1,4 +1,5 @@
-"""The one-command demo: stock Airflow on SQLite with the RemoteExecutor, one worker agent, one DAG.
+"""The one-command demo: stock Airflow on SQLite with the RemoteExecutor and no DAG files, a
+dag-processor agent that parses the example DAG, and a worker agent that runs it.
 
 Run through ``./dev/demo``; ``--keep`` leaves the stack up, ``--stop`` stops a kept stack.
 """
@@ -17,12 +18,23 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from dev.stack import REPO_ROOT, Agent, Orchestrator, create_agent_token, free_port, wait_until
+from dev.stack import (
+    REPO_ROOT,
+    Agent,
+    DagProcessorAgent,
+    Orchestrator,
+    create_agent_token,
+    free_port,
+    local_bundles,
+    wait_until,
+)
 
 DEMO_HOME = REPO_ROOT / ".demo"
 PIDS_FILE = DEMO_HOME / "pids.json"
 DAG_ID = "example_remote"
 EXECUTOR = "airflow_remote_exec.executor.RemoteExecutor"
+# The agents' DAG bundle: the example DAGs, parsed and run on the agents' side only.
+BUNDLES = local_bundles(demo=REPO_ROOT / "dev" / "dags")
 
 
 def _port(preferred: int = 8080) -> int:
@@ -46,25 +58,39 @@ def run(keep: bool) -> int:
         )
         return 1
     home = DEMO_HOME / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    no_dags = home / "orchestrator" / "dags"
+    no_dags.mkdir(parents=True)
     orch = Orchestrator(
         home=home / "orchestrator",
         db_url=f"sqlite:///{home / 'orchestrator' / 'airflow.db'}",
-        dags_folder=REPO_ROOT / "dev" / "dags",
+        dags_folder=no_dags,
         executor=EXECUTOR,
         port=_port(),
         # SQLite serialises writers: keep the demo gentle.
         extra_env={"AIRFLOW__CORE__PARALLELISM": "4"},
+        components=("api-server", "scheduler"),
     )
     agent: Agent | None = None
+    parser: DagProcessorAgent | None = None
     started = time.monotonic()
     try:
         _say(f"orchestrator: airflow db migrate (SQLite) in {orch.home}")
         orch.migrate()
-        token = create_agent_token(orch, "demo-agent", ["default"])
-        _say(f"orchestrator: api-server on {orch.api_url}, scheduler, dag-processor")
+        token = create_agent_token(orch, "demo-agent", ["default"], components=["worker", "dag-processor"])
+        _say(f"orchestrator: api-server on {orch.api_url} and scheduler; no dag-processor, no DAG files")
         orch.start()
+        parser = DagProcessorAgent(orch.api_url, home / "dag-processor", token, "demo-dags", BUNDLES)
+        _say("agent: airflow-remote-agent dag-processor parses dev/dags and publishes it over the API")
+        parser.start()
         agent = Agent(
-            orch.api_url, home / "agent", REPO_ROOT / "dev" / "dags", token, "demo-agent", ["default"], 2
+            orch.api_url,
+            home / "agent",
+            REPO_ROOT / "dev" / "dags",
+            token,
+            "demo-agent",
+            ["default"],
+            2,
+            {"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": BUNDLES},
         )
         _say("agent: airflow-remote-agent worker (only the API URL and a token; no DB access)")
         agent.start()
@@ -79,20 +105,22 @@ def run(keep: bool) -> int:
         if not ok:
             print(orch.logs(20), "\n--- agent:\n", agent.log_tail(40), file=sys.stderr)
         if keep:
-            _keep(orch, agent)
+            _keep(orch, agent, parser)
             return 0 if ok else 1
         return 0 if ok else 1
     except Exception as err:  # the demo's user wants the reason, not a traceback
         print(f"demo failed: {err}", file=sys.stderr)
-        if agent is not None:
-            print(f"--- agent log:\n{agent.log_tail(30)}", file=sys.stderr)
+        for process in (parser, agent):
+            if process is not None:
+                print(f"--- {process.name} log:\n{process.log_tail(30)}", file=sys.stderr)
         keep = False
         return 1
     finally:
         if not keep:
-            _say("stopping agent and orchestrator")
-            if agent is not None:
-                agent.stop()
+            _say("stopping agents and orchestrator")
+            for process in (agent, parser):
+                if process is not None:
+                    process.stop()
             orch.stop()
 
 
@@ -124,11 +152,11 @@ def _print_results(state: str, tis: list[dict], agents: dict, elapsed: float) ->
     print()
 
 
-def _keep(orch: Orchestrator, agent: Agent) -> None:
-    pids = [p.pid for p in orch.processes.values()] + [agent.process.pid]
+def _keep(orch: Orchestrator, agent: Agent, parser: DagProcessorAgent) -> None:
+    pids = [p.pid for p in orch.processes.values()] + [agent.process.pid, parser.process.pid]
     PIDS_FILE.write_text(json.dumps(pids))
     print(f"The stack keeps running. Airflow UI: {orch.api_url}  (login admin / admin)")
-    print(f"Logs: {orch.logs_dir} and {agent.home / 'agent.log'}")
+    print(f"Logs: {orch.logs_dir}, {agent.home / 'agent.log'} and {parser.log_file}")
     print("Stop it with: ./dev/demo --stop")
 
 

@@ -994,12 +994,15 @@ class DagProcessorAgent:
 
     def start(self, timeout: float = 90) -> None:
         """Start and wait until it has claimed its bundles; stop it if it never does."""
+        earlier = self.log_file.stat().st_size if self.log_file.exists() else 0
         self.process.start()
 
         def claimed() -> bool:
             if self.process.returncode is not None:
                 raise RuntimeError(f"dag processor {self.name} exited early:\n{self.process.log_tail(30)}")
-            return self.log_file.exists() and "Parsing bundles" in self.log_file.read_text(errors="replace")
+            with self.log_file.open("rb") as log:
+                log.seek(earlier)
+                return b"Parsing bundles" in log.read()
 
         try:
             wait_until(claimed, timeout, what=f"dag processor {self.name} to claim its bundles")

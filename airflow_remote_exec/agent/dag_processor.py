@@ -180,7 +180,7 @@ def _manager_class():
 
         def update_bundle_state(self, bundle_name: str, *, last_refreshed, version, session=None) -> None:
             body = BundleStateUpdate(last_refreshed=last_refreshed, version=version)
-            self.agent.call("PUT", f"/bundles/{bundle_name}/state", body)
+            self.agent.call("POST", f"/bundles/{bundle_name}/refreshed", body)
 
         def deactivate_deleted_dags(self, bundle_name: str, present) -> None:
             observed = sorted(self._get_observed_filelocs(present))

@@ -64,11 +64,13 @@ from airflow_remote_exec.tokens import token_is_live
 router = APIRouter(
     prefix="/agents/{session_id}/dag-processor",
     tags=["dag-processor"],
-    responses=error_responses(400, 401, 403, 410),
+    responses=error_responses(400, 401, 403, 404, 410),
 )
 # Variables and connections a DAG file reads while it is parsed, answered as Airflow's Execution API
 # answers a task (the dag processor's own client calls these paths): the token is enough, no session.
-lookups = APIRouter(prefix="/dag-processor", tags=["dag-processor"], responses=error_responses(400, 401, 403))
+lookups = APIRouter(
+    prefix="/dag-processor", tags=["dag-processor"], responses=error_responses(400, 401, 403, 404)
+)
 BundlePath = Annotated[str, PathParam(pattern=BUNDLE_NAME)]
 LookupKey = Annotated[str, PathParam(min_length=1, max_length=250)]
 MAX_PARSING_RESULT_BYTES = 16 * 1024 * 1024
@@ -200,14 +202,15 @@ def _persist(secret: str, session_id: str, name: str, body: ParsingResult) -> No
     with create_session(scoped=False) as session:
         agent = _dag_processor(session, secret, session_id)
         _own_bundle(session, agent, name)
-        result, sources = checked_result(body)
+        token = session.get(RemoteToken, agent.token_id)
+        result, sources = checked_result(body, token.queue_list)
         foreign = _foreign_dag_ids(session, agent, name, [dag.dag_id for dag in result.serialized_dags])
         if foreign:
             raise HTTPException(
                 status.HTTP_409_CONFLICT,
                 f"DAG id(s) {foreign} are defined by another bundle; rename them in bundle {name!r}.",
             )
-        token = _agent_sources.set(sources)
+        sources_set = _agent_sources.set(sources)
         try:
             _airflow_dag_processor().persist_parsing_result(
                 bundle_name=name,
@@ -219,7 +222,7 @@ def _persist(secret: str, session_id: str, name: str, body: ParsingResult) -> No
                 session=session,
             )
         finally:
-            _agent_sources.reset(token)
+            _agent_sources.reset(sources_set)
 
 
 def _get_state(secret: str, session_id: str, name: str) -> BundleState:
@@ -331,8 +334,10 @@ async def bundle_state(session_id: SessionIdPath, bundle_name: BundlePath, secre
     return await run_db(_get_state, secret, session_id, bundle_name)
 
 
-@router.put(
-    "/bundles/{bundle_name}/state", status_code=status.HTTP_204_NO_CONTENT, summary="Record a bundle refresh"
+@router.post(
+    "/bundles/{bundle_name}/refreshed",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Record a bundle refresh",
 )
 async def update_bundle_state(
     session_id: SessionIdPath, bundle_name: BundlePath, body: BundleStateUpdate, secret: SecretDep

@@ -6,7 +6,7 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 # 2 adds batched reports (on a claim too): an agent that sends them must not meet an orchestrator
 # that would silently drop them, so it says 2, which an older orchestrator refuses. 1 still works.
@@ -230,6 +230,16 @@ def _relative_path(value: str) -> str:
 RelativePath = Annotated[str, Field(min_length=1, max_length=2000)]
 
 
+def _iso_text(value: object) -> object:
+    """JSON carries a time as an ISO 8601 string: a number is not one (lax parsing would take it)."""
+    if not isinstance(value, (str, datetime)):  # a datetime: built in Python by the agent itself
+        raise ValueError("a time must be an ISO 8601 string")
+    return value
+
+
+IsoDatetime = Annotated[datetime, Field(strict=False), BeforeValidator(_iso_text)]
+
+
 class BundlesClaim(AgentRequest):
     names: list[Annotated[str, Field(pattern=_NAME)]] = Field(min_length=1, max_length=100)
 
@@ -240,7 +250,7 @@ class BundleState(BaseModel):
 
 
 class BundleStateUpdate(AgentRequest):
-    last_refreshed: datetime = Field(strict=False)
+    last_refreshed: IsoDatetime
     version: str | None = Field(default=None, max_length=200)
 
 
@@ -251,7 +261,7 @@ class ParsingResult(AgentRequest):
     bundle_version: str | None = Field(default=None, max_length=200)
     version_data: dict | None = Field(default=None, strict=False)
     relative_fileloc: RelativePath
-    run_duration: float = Field(ge=0, le=86400, strict=False)
+    run_duration: float = Field(ge=0, le=86400)
     # Airflow's own model (it holds datetimes and lazily read DAGs, so not strict); checked further on
     # the server against this orchestrator's serialization schema.
     result: dict = Field(strict=False)
@@ -281,7 +291,7 @@ class ParsedFiles(AgentRequest):
     """When each file of the bundle was last parsed: a DAG not seen in a parse of its file that ended
     ``stale_dag_threshold`` after the DAG's own last parse is gone from the file."""
 
-    last_parsed: dict[RelativePath, Annotated[datetime, Field(strict=False)]] = Field(max_length=MAX_FILES)
+    last_parsed: dict[RelativePath, IsoDatetime] = Field(max_length=MAX_FILES)
 
 
 class CallbacksResponse(BaseModel):

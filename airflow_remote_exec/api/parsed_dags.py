@@ -11,7 +11,8 @@ fetch something the DAG names:
   which the api-server and scheduler would resolve by opening a URL or a file;
 * a task sent to an executor other than RemoteExecutor, or with an ``executor_config`` (a pod override
   for a Kubernetes executor, say);
-* a DAG whose file did not come with its source, or whose file lies outside the parsed file.
+* a DAG whose file did not come with its source, or whose file lies outside the parsed file;
+* a task on a queue outside the token's queues (the agents of other queues are not its to use).
 
 What is left is also checked against this orchestrator's serialization schema and fully deserialized,
 as the scheduler will: a DAG the scheduler cannot load must not reach it.
@@ -91,9 +92,10 @@ def _inside(path: str, file: str) -> bool:
     return path == file or path.startswith(file + "/")
 
 
-def checked_result(body: ParsingResult) -> tuple[DagFileParsingResult, dict[str, str]]:
+def checked_result(body: ParsingResult, queues: list[str]) -> tuple[DagFileParsingResult, dict[str, str]]:
     """The result as Airflow's model, and each DAG file's source by its ``fileloc`` on the agent; 422
-    with the reason for anything that may not be persisted."""
+    with the reason for anything that may not be persisted, including a task on a queue outside the
+    token's ``queues``."""
     try:
         result = DagFileParsingResult.model_validate(body.result)
     except ValidationError as err:
@@ -125,6 +127,11 @@ def checked_result(body: ParsingResult) -> tuple[DagFileParsingResult, dict[str,
                 validate_key(key)
         except Exception as err:  # whatever would stop the scheduler from loading it
             raise _refused(f"{where} cannot be loaded: {type(err).__name__}: {str(err)[:300]}") from None
+        outside = sorted({task.queue for task in deserialized.tasks} - set(queues))
+        if outside:
+            raise _refused(
+                f"DAG {deserialized.dag_id!r} queues tasks on {outside}, outside its token's queues {queues}"
+            )
         dag_ids.add(deserialized.dag_id)
     for index, warning in enumerate(result.warnings or []):
         try:

@@ -164,6 +164,7 @@ def _with(path: tuple, value):
         (_with(("dag", "timetable"), {"__classname__": "airflow.models.Variable"}), "class name"),
         (_with(("dag", "relative_fileloc"), "other.py"), "not from the parsed file"),
         (_with(("dag", "dag_id"), "x" * 300), "cannot be loaded"),
+        (_with(("dag", "tasks", 0, "__var", "queue"), "etl"), "outside its token's queues"),
     ],
 )
 def test_a_dag_that_would_run_or_break_something_on_the_orchestrator_is_refused(
