@@ -17,7 +17,6 @@ import signal
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +127,7 @@ def _manager_class():
     from airflow.callbacks.callback_requests import CallbackRequest
     from airflow.dag_processing.manager import BundleState as AirflowBundleState
     from airflow.dag_processing.manager import DagFileInfo, DagFileProcessorManager
+    from airflow.utils import timezone
     from airflow.utils.file import open_maybe_zipped
     from pydantic import TypeAdapter
 
@@ -190,14 +190,16 @@ def _manager_class():
             """Done by the orchestrator with the files of ``deactivate_deleted_dags``."""
 
         def deactivate_stale_dags(self, last_parsed: dict, *, session=None) -> None:
-            by_bundle: dict[str, dict[str, datetime]] = defaultdict(dict)
+            now = timezone.utcnow()
+            by_bundle: dict[str, dict[str, float]] = defaultdict(dict)
             for file, finished in last_parsed.items():
                 if finished is not None:
-                    by_bundle[file.bundle_name][str(file.rel_path)] = finished
-            for bundle_name, files in by_bundle.items():
-                stale = self.agent.call(
-                    "POST", f"/bundles/{bundle_name}/stale-check", ParsedFiles(last_parsed=files)
-                )
+                    by_bundle[file.bundle_name][str(file.rel_path)] = max(
+                        0.0, (now - finished).total_seconds()
+                    )
+            for bundle_name, ages in by_bundle.items():
+                body = ParsedFiles(seconds_since_parsed=ages)
+                stale = self.agent.call("POST", f"/bundles/{bundle_name}/stale-check", body)
                 if stale:
                     log.info("Deactivated DAGs no longer in their files: %s", ", ".join(stale))
 

@@ -46,7 +46,7 @@ def create_app(prefix: str = "") -> FastAPI:
     app.include_router(jobs.router, prefix=prefix)
     app.include_router(dag_processing.router, prefix=prefix)
     app.include_router(dag_processing.lookups, prefix=prefix)
-    app.add_middleware(BodyLimit, limit_for=_body_limit)
+    app.add_middleware(BodyLimit, limit_for=_body_limit, admit=dag_processing.admit_upload)
 
     @app.get(f"{prefix}/health", tags=["health"], summary="Liveness of the agent API (no auth)")
     async def health() -> dict[str, str]:

@@ -2,13 +2,16 @@
 
 Why: FastAPI reads a whole body into memory before it validates anything, and a client sending with
 ``Transfer-Encoding: chunked`` declares no length. Counting bytes as they come turns an oversized
-body into a 413 after at most the limit has been read, whatever the client declared.
+body into a 413 after at most the limit has been read, whatever the client declared. A route that
+takes more than ``DEFAULT_LIMIT`` reads a body that may be larger (a declared length above it, or
+none) only once ``admit`` has accepted the caller (its token), so nobody without a token can make
+the server parse megabytes of JSON.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,22 +27,42 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, _detail(limit))
 
 
-class BodyLimit:
-    """ASGI middleware: a body longer than ``limit_for(path)`` bytes gets 413 ``{"detail": ...}``."""
+# A refusal: status, detail and headers of the response.
+Refusal = tuple[int, str, dict[str, str]]
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]):
+
+class BodyLimit:
+    """ASGI middleware: a body longer than ``limit_for(path)`` bytes gets 413 ``{"detail": ...}``, and
+    a route taking more than ``DEFAULT_LIMIT`` first asks ``admit(headers)`` (None: go on)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit_for: Callable[[str], int],
+        admit: Callable[[dict[bytes, bytes]], Awaitable[Refusal | None]],
+    ):
         self.app = app
         self.limit_for = limit_for
+        self.admit = admit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await _too_large(send, limit)
             return
+        if limit > DEFAULT_LIMIT and not (declared.isdigit() and int(declared) <= DEFAULT_LIMIT):
+            try:
+                refusal = await self.admit(headers)
+            except HTTPException as err:  # no database thread in time, say
+                refusal = (err.status_code, str(err.detail), dict(err.headers or {}))
+            if refusal is not None:
+                await _respond(send, *refusal)
+                return
         received, started = 0, False
 
         async def counting_receive() -> Message:
@@ -69,12 +92,12 @@ def _detail(limit: int) -> str:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": _detail(limit)}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    await _respond(send, 413, _detail(limit), {})
+
+
+async def _respond(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})

@@ -13,11 +13,11 @@ reads a path an agent names from its own disk.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from airflow.configuration import conf
 from airflow.dag_processing.bundles.manager import DagBundlesManager
@@ -55,11 +55,11 @@ from airflow_remote_exec.api.datamodels import (
     PriorityFilesResponse,
     error_responses,
 )
-from airflow_remote_exec.api.db_threads import run_db
+from airflow_remote_exec.api.db_threads import PARSING, run_db
 from airflow_remote_exec.api.parsed_dags import checked_result
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import Component, RemoteBundle, RemoteToken
-from airflow_remote_exec.tokens import token_is_live
+from airflow_remote_exec.tokens import find_valid_token, token_is_live
 
 router = APIRouter(
     prefix="/agents/{session_id}/dag-processor",
@@ -75,6 +75,7 @@ BundlePath = Annotated[str, PathParam(pattern=BUNDLE_NAME)]
 LookupKey = Annotated[str, PathParam(min_length=1, max_length=250)]
 MAX_PARSING_RESULT_BYTES = 16 * 1024 * 1024
 MAX_CALLBACKS = 100
+_T = TypeVar("_T")
 
 
 def body_limit(path: str) -> int | None:
@@ -82,6 +83,29 @@ def body_limit(path: str) -> int | None:
     if "/dag-processor/" not in path:
         return None
     return MAX_PARSING_RESULT_BYTES if path.endswith("/parsing-results") else 4 * 1024 * 1024
+
+
+async def admit_upload(headers: dict[bytes, bytes]) -> tuple[int, str, dict[str, str]] | None:
+    """A dag-processor route's large body is read only for a live token with the dag-processor
+    component: 401 or 403 before the first byte of it otherwise."""
+    scheme, _, secret = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        return (
+            401,
+            "Missing agent token: send 'Authorization: Bearer <token>'.",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    return await _on_parsing_threads(_upload_refusal, secret.strip())
+
+
+def _upload_refusal(secret: str) -> tuple[int, str, dict[str, str]] | None:
+    with create_session(scoped=False) as session:
+        token = find_valid_token(session, secret)
+        if token is None:
+            return 401, "Agent token is unknown, expired or revoked.", {"WWW-Authenticate": "Bearer"}
+        if Component.DAG_PROCESSOR not in token.component_list:
+            return 403, f"Token {token.name!r} does not allow the dag-processor component.", {}
+    return None
 
 
 # -- DAG code from the agent, never from the orchestrator's disk -------------------------------------
@@ -199,6 +223,19 @@ def _foreign_dag_ids(session: Session, agent: AgentOfRequest, bundle: str, dag_i
 
 
 def _persist(secret: str, session_id: str, name: str, body: ParsingResult) -> None:
+    try:
+        _persist_once(secret, session_id, name, body)
+    except IntegrityError:
+        # Two agents of the bundle's token wrote the same file's DAGs at once (a DAG version, say):
+        # a retry finds the other's rows, as a stock dag processor's next parse would.
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "Another agent wrote these DAGs at the same moment; retry.",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+def _persist_once(secret: str, session_id: str, name: str, body: ParsingResult) -> None:
     with create_session(scoped=False) as session:
         agent = _dag_processor(session, secret, session_id)
         _own_bundle(session, agent, name)
@@ -260,10 +297,13 @@ def _present_files(secret: str, session_id: str, name: str, body: PresentFiles) 
 
 def _deactivate_stale(secret: str, session_id: str, name: str, body: ParsedFiles) -> list[str]:
     """Airflow's time-based stale check (``deactivate_stale_dags``) for this bundle's DAGs: a DAG whose
-    file was parsed ``stale_dag_threshold`` after the DAG itself was last seen is gone from the file."""
+    file was parsed ``stale_dag_threshold`` after the DAG itself was last seen is gone from the file.
+    The parse times are the agent's ages read against the database's clock, as the DAGs' own are."""
     threshold = timedelta(seconds=conf.getint("dag_processor", "stale_dag_threshold"))
     with create_session(scoped=False) as session:
         _own_bundle(session, _dag_processor(session, secret, session_id), name)
+        now = db_now(session)
+        finished = {path: now - timedelta(seconds=age) for path, age in body.seconds_since_parsed.items()}
         rows = session.execute(
             select(DagModel.dag_id, DagModel.relative_fileloc, DagModel.last_parsed_time).where(
                 DagModel.bundle_name == name, ~DagModel.is_stale
@@ -273,10 +313,9 @@ def _deactivate_stale(secret: str, session_id: str, name: str, body: ParsedFiles
         for dag_id, relative_fileloc, last_parsed_time in rows:
             if relative_fileloc is None or last_parsed_time is None:
                 continue
-            finished = body.last_parsed.get(relative_fileloc) or body.last_parsed.get(
-                str(Path(relative_fileloc).parent)  # a DAG of a zip file is keyed by the archive
-            )
-            if finished and last_parsed_time + threshold < finished:
+            # A DAG of a zip file is keyed by the archive.
+            parsed = finished.get(relative_fileloc) or finished.get(str(Path(relative_fileloc).parent))
+            if parsed and last_parsed_time + threshold < parsed:
                 stale.append(dag_id)
         if stale:
             session.execute(update(DagModel).where(DagModel.dag_id.in_(stale)).values(is_stale=True))
@@ -319,6 +358,11 @@ def _claim_priority_files(secret: str, session_id: str) -> PriorityFilesResponse
 # -- routes -------------------------------------------------------------------------------------------
 
 
+async def _on_parsing_threads(function: Callable[..., _T], *args: object) -> _T:
+    """Dag-processor work runs on threads of its own: a slow persist never holds up claims."""
+    return await run_db(function, *args, lane=PARSING)
+
+
 @router.post(
     "/bundles",
     status_code=status.HTTP_204_NO_CONTENT,
@@ -326,12 +370,12 @@ def _claim_priority_files(secret: str, session_id: str) -> PriorityFilesResponse
     responses=error_responses(409),
 )
 async def claim_bundles(session_id: SessionIdPath, body: BundlesClaim, secret: SecretDep) -> None:
-    await run_db(_claim_bundles, secret, session_id, body.names)
+    await _on_parsing_threads(_claim_bundles, secret, session_id, body.names)
 
 
 @router.get("/bundles/{bundle_name}/state", response_model=BundleState, summary="A bundle's refresh state")
 async def bundle_state(session_id: SessionIdPath, bundle_name: BundlePath, secret: SecretDep) -> BundleState:
-    return await run_db(_get_state, secret, session_id, bundle_name)
+    return await _on_parsing_threads(_get_state, secret, session_id, bundle_name)
 
 
 @router.post(
@@ -342,7 +386,7 @@ async def bundle_state(session_id: SessionIdPath, bundle_name: BundlePath, secre
 async def update_bundle_state(
     session_id: SessionIdPath, bundle_name: BundlePath, body: BundleStateUpdate, secret: SecretDep
 ) -> None:
-    await run_db(_put_state, secret, session_id, bundle_name, body)
+    await _on_parsing_threads(_put_state, secret, session_id, bundle_name, body)
 
 
 @router.put(
@@ -354,7 +398,7 @@ async def update_bundle_state(
 async def present_files(
     session_id: SessionIdPath, bundle_name: BundlePath, body: PresentFiles, secret: SecretDep
 ) -> None:
-    await run_db(_present_files, secret, session_id, bundle_name, body)
+    await _on_parsing_threads(_present_files, secret, session_id, bundle_name, body)
 
 
 @router.post(
@@ -366,7 +410,7 @@ async def present_files(
 async def stale_check(
     session_id: SessionIdPath, bundle_name: BundlePath, body: ParsedFiles, secret: SecretDep
 ) -> list[str]:
-    return await run_db(_deactivate_stale, secret, session_id, bundle_name, body)
+    return await _on_parsing_threads(_deactivate_stale, secret, session_id, bundle_name, body)
 
 
 @router.post(
@@ -378,14 +422,14 @@ async def stale_check(
 async def parsing_result(
     session_id: SessionIdPath, bundle_name: BundlePath, body: ParsingResult, secret: SecretDep
 ) -> None:
-    await run_db(_persist, secret, session_id, bundle_name, body)
+    await _on_parsing_threads(_persist, secret, session_id, bundle_name, body)
 
 
 @router.post(
     "/callbacks", response_model=CallbacksResponse, summary="Take the callbacks of the token's bundles"
 )
 async def callbacks(session_id: SessionIdPath, secret: SecretDep) -> CallbacksResponse:
-    return await run_db(_fetch_callbacks, secret, session_id)
+    return await _on_parsing_threads(_fetch_callbacks, secret, session_id)
 
 
 @router.post(
@@ -394,7 +438,7 @@ async def callbacks(session_id: SessionIdPath, secret: SecretDep) -> CallbacksRe
     summary="Take the files users asked to reparse, in the token's bundles",
 )
 async def priority_files(session_id: SessionIdPath, secret: SecretDep) -> PriorityFilesResponse:
-    return await run_db(_claim_priority_files, secret, session_id)
+    return await _on_parsing_threads(_claim_priority_files, secret, session_id)
 
 
 def _lookup_token(session: Session, secret: str) -> None:
@@ -442,7 +486,7 @@ def _connection(secret: str, conn_id: str) -> dict:
     responses=error_responses(404),
 )
 async def variable(key: LookupKey, secret: SecretDep) -> dict:
-    return await run_db(_variable, secret, key)
+    return await _on_parsing_threads(_variable, secret, key)
 
 
 @lookups.get(
@@ -451,4 +495,4 @@ async def variable(key: LookupKey, secret: SecretDep) -> dict:
     responses=error_responses(404),
 )
 async def connection(conn_id: LookupKey, secret: SecretDep) -> dict:
-    return await run_db(_connection, secret, conn_id)
+    return await _on_parsing_threads(_connection, secret, conn_id)

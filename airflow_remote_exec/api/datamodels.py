@@ -288,10 +288,13 @@ class PresentFiles(AgentRequest):
 
 
 class ParsedFiles(AgentRequest):
-    """When each file of the bundle was last parsed: a DAG not seen in a parse of its file that ended
-    ``stale_dag_threshold`` after the DAG's own last parse is gone from the file."""
+    """How long ago each file of the bundle was last parsed, in seconds: a DAG not seen in a parse of
+    its file that ended ``stale_dag_threshold`` after the DAG's own last parse is gone from the file.
+    Ages, not times: the orchestrator compares them with its own clock, never with the agent's."""
 
-    last_parsed: dict[RelativePath, IsoDatetime] = Field(max_length=MAX_FILES)
+    seconds_since_parsed: dict[RelativePath, Annotated[float, Field(ge=0, le=10 * 365 * 86400)]] = Field(
+        max_length=MAX_FILES
+    )
 
 
 class CallbacksResponse(BaseModel):

@@ -10,6 +10,10 @@ times over. How many is ``[remote_exec] api_db_threads``.
 A request waits at most ``SLOT_WAIT_SECONDS`` for a thread and is then answered 503, which agents
 retry: when threads hang on locks or on a dead connection, work does not pile up behind them to run
 long after its agent stopped waiting.
+
+Dag-processor agents' work (a parsing result is deserialized and persisted, which can take seconds)
+runs on ``PARSING_THREADS`` threads of its own, so that it never holds the threads that claims and
+reports of running tasks need.
 """
 
 from __future__ import annotations
@@ -27,31 +31,34 @@ from fastapi import HTTPException, status
 from airflow_remote_exec import config
 
 SLOT_WAIT_SECONDS = 5.0
+PARSING_THREADS = 2
+AGENTS, PARSING = "agents", "parsing"  # the lanes
 
 _T = TypeVar("_T")
 # Forgotten with their loop (a test's, a restarted server's).
-_limiters: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]
-] = weakref.WeakKeyDictionary()
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, anyio.CapacityLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _limiters_of_loop() -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
-    """This event loop's limiters (a limiter belongs to the loop it was made on): the API's few
+def _limiters_of_loop(lane: str = AGENTS) -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
+    """This event loop's limiters (a limiter belongs to the loop it was made on): the lane's few
     threads, and an unbounded one to run the work under, so that it never also waits for the shared
     pool's threads, which anyio's default limiter would make it do."""
     loop = asyncio.get_running_loop()
     limiters = _limiters.get(loop)
     if limiters is None:
-        limiters = _limiters[loop] = (
-            anyio.CapacityLimiter(config.api_db_threads()),
-            anyio.CapacityLimiter(math.inf),
-        )
-    return limiters
+        limiters = _limiters[loop] = {
+            AGENTS: anyio.CapacityLimiter(config.api_db_threads()),
+            PARSING: anyio.CapacityLimiter(PARSING_THREADS),
+            "unbounded": anyio.CapacityLimiter(math.inf),
+        }
+    return limiters[lane], limiters["unbounded"]
 
 
-async def run_db(function: Callable[..., _T], *args: object) -> _T:
-    """Run ``function(*args)``, which does the request's database work, on one of the API's threads."""
-    (limiter, unbounded), acquired = _limiters_of_loop(), False
+async def run_db(function: Callable[..., _T], *args: object, lane: str = AGENTS) -> _T:
+    """Run ``function(*args)``, which does the request's database work, on one of the lane's threads."""
+    (limiter, unbounded), acquired = _limiters_of_loop(lane), False
     with anyio.move_on_after(SLOT_WAIT_SECONDS):
         await limiter.acquire()
         acquired = True

@@ -7,8 +7,9 @@ fetch something the DAG names:
 
 * asset watchers, tasks that start from a trigger, and deadline alerts: their triggers and callbacks run
   on the orchestrator's triggerer or scheduler;
-* any object Airflow decodes by class name (``__classname__``), and JSON-schema references in params,
-  which the api-server and scheduler would resolve by opening a URL or a file;
+* any object Airflow decodes by class name (``__classname__``), and JSON-schema references and regular
+  expressions in params, which the api-server and scheduler would resolve by opening a URL or a file,
+  or run (a crafted pattern can take years);
 * a task sent to an executor other than RemoteExecutor, or with an ``executor_config`` (a pod override
   for a Kubernetes executor, say);
 * a DAG whose file did not come with its source, or whose file lies outside the parsed file;
@@ -20,6 +21,7 @@ as the scheduler will: a DAG the scheduler cannot load must not reach it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -35,6 +37,7 @@ from airflow_remote_exec.api.datamodels import ParsingResult
 
 EXECUTOR_PATH = "airflow_remote_exec.executor.RemoteExecutor"
 _SCHEMA_REFERENCES = frozenset({"$ref", "$dynamicRef", "$recursiveRef", "$id", "$anchor"})
+_REGEX_KEYWORDS = frozenset({"pattern", "patternProperties"})
 
 
 def _refused(detail: str) -> HTTPException:
@@ -53,37 +56,66 @@ def remote_executor_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def _unwrapped(value: Any) -> Any:
-    """Airflow wraps values as ``{"__type": ..., "__var": value}``."""
-    return value.get("__var") if isinstance(value, dict) and "__var" in value else value
-
-
-def _what_runs_on_the_orchestrator(data: dict) -> str | None:
-    """The first thing in a serialized DAG that the orchestrator would run, import or fetch, in words."""
-    stack: list[Any] = [data]
+def _dicts(value: Any) -> Iterator[dict]:
+    """Every dict inside ``value``, without recursion (a deep body cannot exhaust the stack)."""
+    stack = [value]
     while stack:
         node = stack.pop()
-        if isinstance(node, list):
+        if isinstance(node, dict):
+            yield node
+            stack.extend(node.values())
+        elif isinstance(node, list):
             stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        for key, value in node.items():
-            if key == "watchers" and value:
-                return "an asset watcher (its trigger would run on the orchestrator's triggerer)"
-            if key in ("start_from_trigger", "start_trigger_args") and value:
-                return "a task that starts from a trigger (it would run on the orchestrator's triggerer)"
-            if key == "deadline" and value:
-                return "a deadline alert (its callback would run on the orchestrator)"
-            if key == "__classname__":
-                return f"an object decoded by class name ({str(value)[:100]})"
-            if key in _SCHEMA_REFERENCES:
-                return f"a JSON-schema {key} (the orchestrator would resolve it)"
-            if key == "executor_config" and _unwrapped(value):
-                return "an executor_config (RemoteExecutor takes none; other executors act on it)"
-            if key == "executor" and value and value not in remote_executor_names():
-                return f"a task for executor {str(value)[:100]!r} (agents' DAGs run on RemoteExecutor)"
-            stack.append(value)
+
+
+def _decoded_on_load(data: dict) -> str | None:
+    """What loading the DAG would already make the orchestrator import or start: checked on the JSON,
+    before anything deserializes it."""
+    if (data.get("dag") or {}).get("deadline"):
+        return "a deadline alert (its callback would run on the orchestrator)"
+    for node in _dicts(data):
+        if "__classname__" in node:
+            return f"an object decoded by class name ({str(node['__classname__'])[:100]})"
+        if node.get("watchers") and ("uri" in node or node.get("__type") == "asset"):
+            return "an asset watcher (its trigger would run on the orchestrator's triggerer)"
+    return None
+
+
+def _schema_problem(params: Any) -> str | None:
+    """Param schemas are validated on the orchestrator (scheduler, api-server): no references it would
+    fetch, no regular expressions it would run (one crafted pattern can take it years)."""
+    for name in params:
+        for node in _dicts(params.get_param(name).schema):
+            for key in node:
+                if key in _SCHEMA_REFERENCES:
+                    return f"a JSON-schema {key} in param {name!r} (the orchestrator would resolve it)"
+                if key in _REGEX_KEYWORDS or (key == "format" and node[key] == "regex"):
+                    return (
+                        f"a regular expression ({key}) in the schema of param {name!r} (the orchestrator "
+                        "validates params; check the value in the task instead)"
+                    )
+    return None
+
+
+def _run_on_the_orchestrator(dag: Any) -> str | None:
+    """What the loaded DAG would make the orchestrator run: read from Airflow's own objects, so that a
+    task's fields count wherever the JSON keeps them (a mapped task's ``partial_kwargs``, say)."""
+    problem = _schema_problem(dag.params)
+    if problem:
+        return problem
+    for task in dag.tasks:
+        name, executor = repr(task.task_id), task.executor
+        if task.start_from_trigger or task.start_trigger_args:
+            return f"task {name} starting from a trigger (it would run on the orchestrator's triggerer)"
+        if executor is not None and (
+            not isinstance(executor, str) or executor not in remote_executor_names()
+        ):
+            return f"task {name} on executor {str(executor)[:100]!r} (agents' DAGs run on RemoteExecutor)"
+        if task.executor_config:
+            return f"task {name} with an executor_config (RemoteExecutor takes none; others act on it)"
+        problem = _schema_problem(task.params)
+        if problem:
+            return problem
     return None
 
 
@@ -112,7 +144,7 @@ def checked_result(body: ParsingResult, queues: list[str]) -> tuple[DagFileParsi
             DagSerialization.validate_schema(dag.data)
         except jsonschema.ValidationError as err:
             raise _refused(f"{where} breaks the schema: {err.message[:300]}") from None
-        reason = _what_runs_on_the_orchestrator(dag.data)
+        reason = _decoded_on_load(dag.data)
         if reason:
             raise _refused(f"DAG {str(dag.dag_id)[:250]!r} has {reason}; DAGs parsed by agents may not.")
         relative, fileloc = dag.data["dag"].get("relative_fileloc"), dag.data["dag"].get("fileloc")
@@ -127,6 +159,9 @@ def checked_result(body: ParsingResult, queues: list[str]) -> tuple[DagFileParsi
                 validate_key(key)
         except Exception as err:  # whatever would stop the scheduler from loading it
             raise _refused(f"{where} cannot be loaded: {type(err).__name__}: {str(err)[:300]}") from None
+        reason = _run_on_the_orchestrator(deserialized)
+        if reason:
+            raise _refused(f"DAG {deserialized.dag_id!r} has {reason}; DAGs parsed by agents may not.")
         outside = sorted({task.queue for task in deserialized.tasks} - set(queues))
         if outside:
             raise _refused(

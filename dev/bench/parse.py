@@ -101,9 +101,10 @@ def main() -> None:
             folder.mkdir()
             _write_dags(folder, args.dags, args.tasks)
             if name == "stock":
-                orch = _stack(pg, work, name, folder, ("api-server", "scheduler", "dag-processor"))
-                started = time.monotonic()
+                orch = _stack(pg, work, name, folder, ("api-server", "scheduler"))
                 orch.start()
+                started = time.monotonic()
+                orch.start_process("dag-processor")
                 processor = None
             else:
                 empty = work / "orchestrator-dags"

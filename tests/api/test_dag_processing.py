@@ -17,7 +17,7 @@ from airflow.models.serialized_dag import SerializedDagModel
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG
 from airflow.serialization.serialized_objects import DagSerialization, LazyDeserializedDAG
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from airflow_remote_exec.api import dag_processing
 from tests.api.conftest import AGENT_VERSIONS, headers
@@ -143,6 +143,16 @@ def test_a_dag_id_of_another_bundle_cannot_be_taken_over(client, processor, sess
     assert session.scalar(select(DagModel.bundle_name).where(DagModel.dag_id == "etl")) == "legacy"
 
 
+def _encoded(value: dict) -> dict:
+    return {"__var": value, "__type": "dict"}
+
+
+def _param(schema: dict) -> list:
+    """DAG params as Airflow serializes them, with this schema."""
+    param = {"__class": "airflow.sdk.definitions.param.Param", "default": "a", "description": None}
+    return [["p", {**param, "schema": _encoded(schema), "source": None}]]
+
+
 def _with(path: tuple, value):
     def change(data: dict) -> None:
         node = data
@@ -157,10 +167,16 @@ def _with(path: tuple, value):
     ("change", "reason"),
     [
         (_with(("dag", "deadline"), [{"callback": {"path": "os.system"}}]), "deadline alert"),
-        (_with(("dag", "tasks", 0, "__var", "start_from_trigger"), True), "starts from a trigger"),
+        (_with(("dag", "tasks", 0, "__var", "start_from_trigger"), True), "starting from a trigger"),
         (_with(("dag", "tasks", 0, "__var", "executor"), "LocalExecutor"), "executor 'LocalExecutor'"),
-        (_with(("dag", "tasks", 0, "__var", "executor_config"), {"pod_override": 1}), "executor_config"),
-        (_with(("dag", "params"), [["p", {"schema": {"$ref": "file:///etc/passwd"}}]]), "$ref"),
+        (_with(("dag", "tasks", 0, "__var", "executor"), {"not": "a name"}), "on executor \"{'not'"),
+        (
+            _with(("dag", "tasks", 0, "__var", "executor_config"), _encoded({"pod_override": 1})),
+            "executor_config",
+        ),
+        (_with(("dag", "params"), _param({"$ref": "file:///etc/passwd"})), "$ref"),
+        (_with(("dag", "params"), _param({"type": "string", "pattern": "^(a+)+$"})), "regular expression"),
+        (_with(("dag", "params"), _param({"format": "regex"})), "regular expression"),
         (_with(("dag", "timetable"), {"__classname__": "airflow.models.Variable"}), "class name"),
         (_with(("dag", "relative_fileloc"), "other.py"), "not from the parsed file"),
         (_with(("dag", "dag_id"), "x" * 300), "cannot be loaded"),
@@ -177,6 +193,27 @@ def test_a_dag_that_would_run_or_break_something_on_the_orchestrator_is_refused(
     reply = _publish(client, token, sid, _result(data))
     assert reply.status_code == 422 and reason in reply.json()["detail"], reply.text
     assert session.get(DagModel, "etl") is None
+
+
+def test_a_mapped_tasks_executor_config_is_refused_and_user_values_are_not_mistaken_for_fields(
+    client, processor
+):
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    with DAG("etl", schedule=None, start_date=datetime.datetime(2024, 1, 1)) as dag:
+        BashOperator.partial(task_id="m", executor_config={"pod_override": 1}).expand(bash_command=["a"])
+    mapped = DagSerialization.to_dict(dag)
+    mapped["dag"].update(fileloc=f"/agent/{FILE}", relative_fileloc=FILE)
+    reply = _publish(client, token, sid, _result(mapped))
+    assert reply.status_code == 422 and "executor_config" in reply.json()["detail"], reply.text
+
+    with DAG("etl", schedule=None, start_date=datetime.datetime(2024, 1, 1)) as dag:
+        BashOperator(task_id="b", bash_command="env", env={"executor": "x", "deadline": "y", "watchers": "z"})
+    plain = DagSerialization.to_dict(dag)
+    plain["dag"].update(fileloc=f"/agent/{FILE}", relative_fileloc=FILE)
+    assert _publish(client, token, sid, _result(plain)).status_code == 204
 
 
 def test_an_asset_watcher_is_refused(client, processor):
@@ -246,12 +283,21 @@ def test_deleted_files_and_stale_dags_are_deactivated_in_the_agents_bundle_only(
 
     session.get(DagModel, "etl").is_stale = False
     session.commit()
-    later = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).isoformat()
-    stale = client.post(
-        _url(sid, f"/bundles/{BUNDLE}/stale-check"),
-        json={"last_parsed": {FILE: later, "t.py": later}},
-        headers=headers(token),
+
+    def stale_check(age: float):
+        body = {"seconds_since_parsed": {FILE: age, "t.py": age}}
+        return client.post(_url(sid, f"/bundles/{BUNDLE}/stale-check"), json=body, headers=headers(token))
+
+    # The DAG was parsed just now: a parse of its file that ended now, or 40 s before it (the default
+    # threshold is 50 s), does not make it stale, whatever the agent's clock says.
+    assert stale_check(0).json() == [] and stale_check(40).json() == []
+    session.execute(
+        update(DagModel)
+        .where(DagModel.dag_id == "etl")
+        .values(last_parsed_time=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5))
     )
+    session.commit()
+    stale = stale_check(0)  # its file parsed now, 5 minutes after the DAG was last seen in it
     assert stale.status_code == 200 and stale.json() == ["etl"]
     session.expire_all()
     assert session.get(DagModel, "etl").is_stale and not session.get(DagModel, "theirs").is_stale
@@ -304,3 +350,35 @@ def test_a_deep_copy_of_a_result_is_accepted_twice(client, processor):
     body = _result(_dag_data())
     assert _publish(client, token, sid, copy.deepcopy(body)).status_code == 204
     assert _publish(client, token, sid, body).status_code == 204
+
+
+def test_two_agents_writing_the_same_dags_at_once_get_a_retry_not_a_500(client, processor, monkeypatch):
+    from sqlalchemy.exc import IntegrityError
+
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+
+    def concurrent_write(*args):
+        raise IntegrityError("INSERT INTO dag_version ...", {}, Exception("duplicate key"))
+
+    monkeypatch.setattr(dag_processing, "_persist_once", concurrent_write)
+    reply = _publish(client, token, sid, _result(_dag_data()))
+    assert reply.status_code == 503 and reply.headers["Retry-After"] == "1"
+
+
+def test_a_large_body_is_read_only_for_a_token_that_may_send_one(client, processor, make_token, monkeypatch):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    read = []
+    monkeypatch.setattr(dag_processing, "checked_result", lambda *args: read.append(args) or 1 / 0)
+    url = _url(sid, f"/bundles/{BUNDLE}/parsing-results")
+    big = b'{"padding": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+
+    nobody = client.post(url, content=big, headers=headers("rex_not-a-real-token"))
+    assert nobody.status_code == 401 and nobody.headers["WWW-Authenticate"] == "Bearer"
+    worker = client.post(url, content=big, headers=headers(make_token("workers")))
+    assert worker.status_code == 403 and "dag-processor component" in worker.json()["detail"]
+    assert client.post(url, content=big, headers={"Remote-Exec-Api-Version": "2"}).status_code == 401
+    assert read == []
+    # The token that may send it gets its body read (and refused on its content, not its size).
+    assert client.post(url, content=big, headers=headers(token)).status_code == 422

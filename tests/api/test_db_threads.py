@@ -131,7 +131,48 @@ def test_each_event_loop_keeps_its_own_limiter_while_another_loop_runs_work():
 
         mine = first.run_until_complete(limiters())
         second.run_until_complete(limiters())
-        assert first.run_until_complete(limiters()) is mine
+        assert all(
+            again is before for again, before in zip(first.run_until_complete(limiters()), mine, strict=True)
+        )
     finally:
         first.close()
         second.close()
+
+
+def test_dag_processor_work_never_takes_the_threads_claims_and_reports_need(client, monkeypatch, make_token):
+    """Parsing results persist on threads of their own: with those all busy, a report still runs."""
+    from airflow_remote_exec.api import dag_processing
+
+    release, persisting = threading.Event(), []
+
+    def slow_persist(*args: object) -> None:
+        persisting.append(args)
+        release.wait(10)
+        raise HTTPException(409, "stand-in")
+
+    def report(*args: object) -> None:
+        raise HTTPException(409, "report ran")
+
+    monkeypatch.setattr(dag_processing, "_persist", slow_persist)
+    monkeypatch.setattr(jobs, "_apply", report)
+    monkeypatch.setattr(config, "api_db_threads", lambda: 1)
+    monkeypatch.setattr(db_threads, "SLOT_WAIT_SECONDS", 0.5)
+    result = {"relative_fileloc": "a.py", "run_duration": 0.1, "result": {}, "sources": {}}
+    upload = f"/agents/{SESSION}/dag-processor/bundles/b/parsing-results"
+    token = make_token("parser", components=["dag-processor"])
+    with ThreadPoolExecutor(db_threads.PARSING_THREADS + 1) as pool:
+        uploads = [
+            pool.submit(client.post, upload, json=result, headers=headers(token))
+            for _ in range(db_threads.PARSING_THREADS + 1)
+        ]
+        deadline = time.monotonic() + 10
+        while len(persisting) < db_threads.PARSING_THREADS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reply = client.post(
+            f"/agents/{SESSION}/jobs/reports", json={"reports": []}, headers=headers("some-token")
+        )
+        time.sleep(2 * db_threads.SLOT_WAIT_SECONDS)  # the upload without a thread gives up meanwhile
+        release.set()
+        statuses = sorted(u.result(timeout=10).status_code for u in uploads)
+    assert reply.json()["detail"] == "report ran"
+    assert statuses == [409] * db_threads.PARSING_THREADS + [503]  # the parsing lane's own limit
