@@ -190,9 +190,18 @@ class AgentClient:
                     return
                 self._answered.wait(min(left, STOP_CHECK_SECONDS))
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """Any other route under ``/remote/v1``: retried while the orchestrator is unreachable."""
-        return self._call(method, path, body)
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout: httpx.Timeout | None = None,
+        max_tries: int | None = None,
+    ) -> Any:
+        """Any other route under ``/remote/v1``: retried while the orchestrator is unreachable (at most
+        ``max_tries`` times if given)."""
+        return self._call(method, path, body, timeout=timeout, max_tries=max_tries)
 
     def register(self, request: RegisterRequest) -> RegisterResponse:
         """Register once; retries only while unreachable. 409 and 426 are the caller's to handle."""

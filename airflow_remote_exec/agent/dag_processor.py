@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 
 from airflow_remote_exec.agent.client import (
     URL_PREFIX,
@@ -42,6 +43,7 @@ from airflow_remote_exec.agent.registration import (
 from airflow_remote_exec.api.datamodels import (
     API_VERSION,
     API_VERSION_HEADER,
+    BundleNames,
     BundlesClaim,
     BundleState,
     BundleStateUpdate,
@@ -54,6 +56,10 @@ from airflow_remote_exec.api.datamodels import (
 log = logging.getLogger(__name__)
 
 NAME_TAKEN_RETRY_SECONDS = 5.0
+# A parsing result is persisted in seconds, a large one in tens of them; a result the orchestrator
+# keeps failing on is given up after a few tries, and the file is parsed and sent again later.
+RESULT_TIMEOUT = httpx.Timeout(15.0, read=120.0)
+RESULT_TRIES = 5
 # Refusals the orchestrator gives for what a file defines; anything else is the agent's problem.
 _REFUSED_CONTENT = (409, 413, 422)
 
@@ -111,14 +117,16 @@ class AgentSession:
             except (AgentApiError, Unreachable) as err:
                 log.warning("Heartbeat failed: %s", err)
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
         """A dag-processor route of this session; registers again once if the session is over."""
         session_id = self.session_id
         try:
-            return self.client.request(method, f"/agents/{session_id}/dag-processor{path}", body)
+            return self.client.request(method, f"/agents/{session_id}/dag-processor{path}", body, **options)
         except SessionGone:
             self.register_again(session_id)
-            return self.client.request(method, f"/agents/{self.session_id}/dag-processor{path}", body)
+            return self.client.request(
+                method, f"/agents/{self.session_id}/dag-processor{path}", body, **options
+            )
 
 
 def _manager_class():
@@ -184,7 +192,9 @@ def _manager_class():
 
         def deactivate_deleted_dags(self, bundle_name: str, present) -> None:
             observed = sorted(self._get_observed_filelocs(present))
-            self.agent.call("PUT", f"/bundles/{bundle_name}/files", PresentFiles(observed_filelocs=observed))
+            self._asked(
+                "PUT", f"/bundles/{bundle_name}/files", PresentFiles(observed_filelocs=observed), None
+            )
 
         def clear_orphaned_import_errors(self, bundle_name: str, observed_filelocs, *, session=None) -> None:
             """Done by the orchestrator with the files of ``deactivate_deleted_dags``."""
@@ -199,26 +209,47 @@ def _manager_class():
                     )
             for bundle_name, ages in by_bundle.items():
                 body = ParsedFiles(seconds_since_parsed=ages)
-                stale = self.agent.call("POST", f"/bundles/{bundle_name}/stale-check", body)
+                stale = self._asked("POST", f"/bundles/{bundle_name}/stale-check", body, [])
                 if stale:
                     log.info("Deactivated DAGs no longer in their files: %s", ", ".join(stale))
 
         # -- what users and the scheduler ask for ---------------------------------------------------
+        def _our_bundles(self) -> BundleNames:
+            return BundleNames(bundles=[bundle.name for bundle in self._dag_bundles])
+
         def fetch_callbacks(self) -> list:
-            reply = self.agent.call("POST", "/callbacks")
-            return [callback_request.validate_python(c) for c in reply["callbacks"]]
+            callbacks = []
+            for callback in self._asked("POST", "/callbacks", self._our_bundles(), {"callbacks": []})[
+                "callbacks"
+            ]:
+                try:
+                    callbacks.append(callback_request.validate_python(callback))
+                except ValueError as err:  # a callback of another Airflow version, say
+                    log.error("Skipping a callback this agent cannot read: %s", err)
+            return callbacks
 
         def claim_priority_files(self) -> list:
             bundles = {bundle.name: bundle for bundle in self._dag_bundles}
+            files = self._asked("POST", "/priority-files", self._our_bundles(), {"files": []})["files"]
             return [
                 DagFileInfo(
                     rel_path=Path(f["relative_fileloc"]),
                     bundle_name=f["bundle_name"],
                     bundle_path=bundles[f["bundle_name"]].path,
                 )
-                for f in self.agent.call("POST", "/priority-files")["files"]
+                for f in files
                 if f["bundle_name"] in bundles
             ]
+
+        def _asked(self, method: str, path: str, body: Any, otherwise: Any) -> Any:
+            """A call the parsing loop can do without this time round: a refusal is logged, not fatal,
+            as Airflow's own manager treats a failed bundle refresh (a revoked token stops the agent
+            through its heartbeat)."""
+            try:
+                return self.agent.call(method, path, body)
+            except AgentApiError as err:
+                log.error("The orchestrator refused %s %s: %s", method, path, err)
+                return otherwise
 
         # -- results -------------------------------------------------------------------------------
         def persist_parsing_result(
@@ -245,8 +276,9 @@ def _manager_class():
                 sources=sources,
             )
             path = f"/bundles/{bundle_name}/parsing-results"
+            options = {"timeout": RESULT_TIMEOUT, "max_tries": RESULT_TRIES}
             try:
-                self.agent.call("POST", path, body)
+                self.agent.call("POST", path, body, **options)
             except AgentApiError as err:
                 if err.status_code not in _REFUSED_CONTENT:
                     raise
@@ -261,7 +293,7 @@ def _manager_class():
                     }
                 )
                 body.result, body.sources = refused.model_dump(mode="json"), {}
-                self.agent.call("POST", path, body)
+                self.agent.call("POST", path, body, **options)
 
     return AgentDagFileProcessorManager
 

@@ -27,7 +27,7 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(ENV_PREFIX + name, default)
 
 
-def _add_connection_args(command: argparse.ArgumentParser) -> None:
+def _add_connection_args(command: argparse.ArgumentParser, default_name: str) -> None:
     """What every component needs to reach the orchestrator as this agent."""
     command.add_argument(
         "--api-url",
@@ -38,7 +38,7 @@ def _add_connection_args(command: argparse.ArgumentParser) -> None:
         "--token-file", default=_env("TOKEN_FILE"), help="File holding the agent token [TOKEN_FILE]"
     )
     command.add_argument(
-        "--name", default=_env("NAME", socket.gethostname()), help="Agent name (default: hostname) [NAME]"
+        "--name", default=_env("NAME", default_name), help=f"Agent name (default: {default_name}) [NAME]"
     )
     command.add_argument(
         "--allow-insecure-http",
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="airflow-remote-agent", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     worker = commands.add_parser("worker", help="Claim and run task instances")
-    _add_connection_args(worker)
+    _add_connection_args(worker, socket.gethostname())
     worker.add_argument(
         "--queues",
         default=_env("QUEUES", "default"),
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     dag_processor = commands.add_parser(
         "dag-processor", help="Parse this agent's DAG bundles and publish them to the orchestrator"
     )
-    _add_connection_args(dag_processor)
+    # Its own default name: a worker on the same host keeps the hostname.
+    _add_connection_args(dag_processor, f"{socket.gethostname()}-dag-processor")
     dag_processor.add_argument(
         "--dag-bundle-config-list",
         default=_env("DAG_BUNDLE_CONFIG_LIST"),

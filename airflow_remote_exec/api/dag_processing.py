@@ -29,6 +29,7 @@ from airflow.models.dagbundle import DagBundleModel
 from airflow.models.dagcode import DagCode
 from airflow.models.db_callback_request import DbCallbackRequest
 from airflow.models.errors import ParseImportError
+from airflow.utils import timezone
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
 from fastapi import Path as PathParam
@@ -45,6 +46,7 @@ from airflow_remote_exec.api.auth import (
 )
 from airflow_remote_exec.api.datamodels import (
     BUNDLE_NAME,
+    BundleNames,
     BundlesClaim,
     BundleState,
     BundleStateUpdate,
@@ -146,14 +148,19 @@ def _forbidden(detail: str) -> HTTPException:
 
 
 def _own_bundle(session: Session, agent: AgentOfRequest, name: str) -> None:
-    """403 unless the agent's token owns the bundle (the same answer whether it exists or not)."""
+    """403 unless the agent's token owns the bundle (the same answer whether it exists or not), and the
+    orchestrator has not been configured with a bundle of that name since it was claimed."""
     owner = session.scalar(select(RemoteBundle.token_id).where(RemoteBundle.name == name))
-    if owner != agent.token_id:
+    if owner != agent.token_id or name in _orchestrator_bundles():
         raise _forbidden(f"Bundle {name!r} is not claimed by this agent's token; claim it first.")
 
 
-def _own_bundle_names(session: Session, agent: AgentOfRequest) -> list[str]:
-    return list(session.scalars(select(RemoteBundle.name).where(RemoteBundle.token_id == agent.token_id)))
+def _own_bundle_names(session: Session, agent: AgentOfRequest, asked: list[str]) -> list[str]:
+    """Of the bundles the agent asks about, those its token owns."""
+    owned = select(RemoteBundle.name).where(
+        RemoteBundle.token_id == agent.token_id, RemoteBundle.name.in_(asked)
+    )
+    return list(session.scalars(owned))
 
 
 @cache
@@ -298,11 +305,12 @@ def _present_files(secret: str, session_id: str, name: str, body: PresentFiles) 
 def _deactivate_stale(secret: str, session_id: str, name: str, body: ParsedFiles) -> list[str]:
     """Airflow's time-based stale check (``deactivate_stale_dags``) for this bundle's DAGs: a DAG whose
     file was parsed ``stale_dag_threshold`` after the DAG itself was last seen is gone from the file.
-    The parse times are the agent's ages read against the database's clock, as the DAGs' own are."""
+    The parse times are the agent's ages read against this host's clock, which is the clock Airflow's
+    persistence stamps a DAG's ``last_parsed_time`` with (never the agent's)."""
     threshold = timedelta(seconds=conf.getint("dag_processor", "stale_dag_threshold"))
     with create_session(scoped=False) as session:
         _own_bundle(session, _dag_processor(session, secret, session_id), name)
-        now = db_now(session)
+        now = timezone.utcnow()
         finished = {path: now - timedelta(seconds=age) for path, age in body.seconds_since_parsed.items()}
         rows = session.execute(
             select(DagModel.dag_id, DagModel.relative_fileloc, DagModel.last_parsed_time).where(
@@ -322,11 +330,11 @@ def _deactivate_stale(secret: str, session_id: str, name: str, body: ParsedFiles
         return stale
 
 
-def _fetch_callbacks(secret: str, session_id: str) -> CallbacksResponse:
+def _fetch_callbacks(secret: str, session_id: str, asked: BundleNames) -> CallbacksResponse:
     """Airflow's ``_fetch_callbacks_from_db`` for the token's bundles: each callback is handed out once
     (a stock dag processor deletes them as it fetches them too)."""
     with create_session(scoped=False) as session:
-        bundles = _own_bundle_names(session, _dag_processor(session, secret, session_id))
+        bundles = _own_bundle_names(session, _dag_processor(session, secret, session_id), asked.bundles)
         rows: Sequence[DbCallbackRequest] = session.scalars(
             select(DbCallbackRequest)
             .where(DbCallbackRequest.bundle_name.in_(bundles))
@@ -341,9 +349,9 @@ def _fetch_callbacks(secret: str, session_id: str) -> CallbacksResponse:
         return CallbacksResponse(callbacks=callbacks)
 
 
-def _claim_priority_files(secret: str, session_id: str) -> PriorityFilesResponse:
+def _claim_priority_files(secret: str, session_id: str, asked: BundleNames) -> PriorityFilesResponse:
     with create_session(scoped=False) as session:
-        bundles = _own_bundle_names(session, _dag_processor(session, secret, session_id))
+        bundles = _own_bundle_names(session, _dag_processor(session, secret, session_id), asked.bundles)
         rows = session.scalars(
             select(DagPriorityParsingRequest)
             .where(DagPriorityParsingRequest.bundle_name.in_(bundles))
@@ -428,8 +436,8 @@ async def parsing_result(
 @router.post(
     "/callbacks", response_model=CallbacksResponse, summary="Take the callbacks of the token's bundles"
 )
-async def callbacks(session_id: SessionIdPath, secret: SecretDep) -> CallbacksResponse:
-    return await _on_parsing_threads(_fetch_callbacks, secret, session_id)
+async def callbacks(session_id: SessionIdPath, body: BundleNames, secret: SecretDep) -> CallbacksResponse:
+    return await _on_parsing_threads(_fetch_callbacks, secret, session_id, body)
 
 
 @router.post(
@@ -437,8 +445,10 @@ async def callbacks(session_id: SessionIdPath, secret: SecretDep) -> CallbacksRe
     response_model=PriorityFilesResponse,
     summary="Take the files users asked to reparse, in the token's bundles",
 )
-async def priority_files(session_id: SessionIdPath, secret: SecretDep) -> PriorityFilesResponse:
-    return await _on_parsing_threads(_claim_priority_files, secret, session_id)
+async def priority_files(
+    session_id: SessionIdPath, body: BundleNames, secret: SecretDep
+) -> PriorityFilesResponse:
+    return await _on_parsing_threads(_claim_priority_files, secret, session_id, body)
 
 
 def _lookup_token(session: Session, secret: str) -> None:

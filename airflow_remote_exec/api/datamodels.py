@@ -297,6 +297,13 @@ class ParsedFiles(AgentRequest):
     )
 
 
+class BundleNames(AgentRequest):
+    """The bundles the asking agent parses: it gets only their callbacks and reparse requests (another
+    agent of the token may parse others)."""
+
+    bundles: list[Annotated[str, Field(pattern=_NAME)]] = Field(min_length=1, max_length=100)
+
+
 class CallbacksResponse(BaseModel):
     callbacks: list[dict] = Field(
         description="Airflow CallbackRequest objects (DAG or task callbacks) for the token's bundles, "

@@ -130,6 +130,15 @@ def test_the_orchestrators_own_bundles_cannot_be_claimed(client, processor, sess
     assert parsed_here.status_code == 403 and "parsed on the orchestrator" in parsed_here.json()["detail"]
 
 
+def test_a_bundle_the_orchestrator_is_configured_with_later_is_no_longer_the_agents(
+    client, processor, monkeypatch
+):
+    token, sid = processor()
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    monkeypatch.setattr(dag_processing, "_orchestrator_bundles", lambda: frozenset({"dags-folder", BUNDLE}))
+    assert _publish(client, token, sid, _result(_dag_data())).status_code == 403
+
+
 def test_a_dag_id_of_another_bundle_cannot_be_taken_over(client, processor, session):
     token, sid = processor()
     assert _claim(client, token, sid, BUNDLE).status_code == 204
@@ -303,12 +312,12 @@ def test_deleted_files_and_stale_dags_are_deactivated_in_the_agents_bundle_only(
     assert session.get(DagModel, "etl").is_stale and not session.get(DagModel, "theirs").is_stale
 
 
-def test_callbacks_go_to_the_agents_of_their_bundle_once(client, processor, session):
+def test_callbacks_go_to_an_agent_parsing_their_bundle_once(client, processor, session):
     from airflow.callbacks.callback_requests import DagCallbackRequest
 
     token, sid = processor()
-    assert _claim(client, token, sid, BUNDLE).status_code == 204
-    for bundle in (BUNDLE, "theirs"):
+    assert _claim(client, token, sid, BUNDLE, "second").status_code == 204
+    for bundle in (BUNDLE, "second", "theirs"):
         request = DagCallbackRequest(
             filepath=FILE,
             dag_id="etl",
@@ -320,10 +329,17 @@ def test_callbacks_go_to_the_agents_of_their_bundle_once(client, processor, sess
         session.add(DbCallbackRequest(callback=request, priority_weight=1))
     session.commit()
 
-    first = client.post(_url(sid, "/callbacks"), headers=headers(token))
-    assert first.status_code == 200
-    assert [c["bundle_name"] for c in first.json()["callbacks"]] == [BUNDLE]
-    assert client.post(_url(sid, "/callbacks"), headers=headers(token)).json()["callbacks"] == []
+    def take(*bundles: str) -> list[str]:
+        reply = client.post(_url(sid, "/callbacks"), json={"bundles": list(bundles)}, headers=headers(token))
+        assert reply.status_code == 200, reply.text
+        return [c["bundle_name"] for c in reply.json()["callbacks"]]
+
+    # An agent gets the callbacks of the bundles it parses, never those of the token's other bundles
+    # (another agent of the token parses them) nor of another token's.
+    assert take(BUNDLE, "theirs") == [BUNDLE]
+    assert take(BUNDLE) == []
+    assert take("second") == ["second"]
+    assert session.scalar(select(DbCallbackRequest.id)) is not None  # "theirs" stays for its own agents
 
 
 def test_a_worker_agent_cannot_use_the_dag_processor_routes(client, make_token, register):
