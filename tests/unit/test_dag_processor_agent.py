@@ -47,8 +47,7 @@ def test_a_refused_callback_fetch_is_logged_and_the_loop_goes_on(manager_for, ca
     assert "refused POST /callbacks" in caplog.text
 
 
-def test_a_refused_file_becomes_that_files_import_error(manager_for, tmp_path):
-    manager, session = manager_for(AgentApiError(422, "DAG 'x' has a deadline alert"), None)
+def _persist(manager, tmp_path: Path) -> None:
     result = DagFileParsingResult(fileloc=str(tmp_path / "x.py"), serialized_dags=[], import_errors={})
     manager.persist_parsing_result(
         bundle_name="b",
@@ -58,6 +57,11 @@ def test_a_refused_file_becomes_that_files_import_error(manager_for, tmp_path):
         run_duration=0.1,
         relative_fileloc="x.py",
     )
+
+
+def test_a_refused_file_becomes_that_files_import_error(manager_for, tmp_path):
+    manager, session = manager_for(AgentApiError(422, "DAG 'x' has a deadline alert"), None)
+    _persist(manager, tmp_path)
     (_, _, first), (_, path, second) = session.calls
     assert path == "/bundles/b/parsing-results"
     assert second.result["serialized_dags"] == [] and second.sources == {}
@@ -66,16 +70,8 @@ def test_a_refused_file_becomes_that_files_import_error(manager_for, tmp_path):
 
 def test_a_failure_other_than_a_refused_file_is_raised_for_airflow_to_log(manager_for, tmp_path):
     manager, _ = manager_for(AgentApiError(403, "bundle not claimed"))
-    result = DagFileParsingResult(fileloc=str(tmp_path / "x.py"), serialized_dags=[])
     with pytest.raises(AgentApiError):
-        manager.persist_parsing_result(
-            bundle_name="b",
-            bundle_version=None,
-            version_data=None,
-            parsing_result=result,
-            run_duration=0.1,
-            relative_fileloc="x.py",
-        )
+        _persist(manager, tmp_path)
 
 
 def test_the_stale_check_sends_ages_not_the_agents_clock(manager_for):
