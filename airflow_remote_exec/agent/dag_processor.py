@@ -60,6 +60,7 @@ NAME_TAKEN_RETRY_SECONDS = 5.0
 # keeps failing on is given up after a few tries, and the file is parsed and sent again later.
 RESULT_TIMEOUT = httpx.Timeout(15.0, read=120.0)
 RESULT_TRIES = 5
+STALE_CHECK_TIMEOUT = httpx.Timeout(10.0)
 # Refusals the orchestrator gives for what a file defines; anything else is the agent's problem.
 _REFUSED_CONTENT = (409, 413, 422)
 
@@ -208,8 +209,11 @@ def _manager_class():
                         0.0, (now - finished).total_seconds()
                     )
             for bundle_name, ages in by_bundle.items():
+                # Tried once: ages delivered late would make fresh DAGs look stale. Airflow checks again
+                # at its next cleanup interval, with ages counted then.
                 body = ParsedFiles(seconds_since_parsed=ages)
-                stale = self._asked("POST", f"/bundles/{bundle_name}/stale-check", body, [])
+                path = f"/bundles/{bundle_name}/stale-check"
+                stale = self._asked("POST", path, body, [], timeout=STALE_CHECK_TIMEOUT, max_tries=1)
                 if stale:
                     log.info("Deactivated DAGs no longer in their files: %s", ", ".join(stale))
 
@@ -241,14 +245,14 @@ def _manager_class():
                 if f["bundle_name"] in bundles
             ]
 
-        def _asked(self, method: str, path: str, body: Any, otherwise: Any) -> Any:
+        def _asked(self, method: str, path: str, body: Any, otherwise: Any, **options: Any) -> Any:
             """A call the parsing loop can do without this time round: a refusal is logged, not fatal,
             as Airflow's own manager treats a failed bundle refresh (a revoked token stops the agent
             through its heartbeat)."""
             try:
-                return self.agent.call(method, path, body)
-            except AgentApiError as err:
-                log.error("The orchestrator refused %s %s: %s", method, path, err)
+                return self.agent.call(method, path, body, **options)
+            except (AgentApiError, Unreachable) as err:
+                log.error("%s %s failed: %s", method, path, err)
                 return otherwise
 
         # -- results -------------------------------------------------------------------------------

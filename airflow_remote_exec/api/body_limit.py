@@ -3,9 +3,9 @@
 Why: FastAPI reads a whole body into memory before it validates anything, and a client sending with
 ``Transfer-Encoding: chunked`` declares no length. Counting bytes as they come turns an oversized
 body into a 413 after at most the limit has been read, whatever the client declared. A route that
-takes more than ``DEFAULT_LIMIT`` reads a body that may be larger (a declared length above it, or
-none) only once ``admit`` has accepted the caller (its token), so nobody without a token can make
-the server parse megabytes of JSON.
+takes more than ``DEFAULT_LIMIT`` reads a body that may be larger (a declared length above it, or a
+chunked one) only once ``admit`` has accepted the caller (its token), so nobody without a token can
+make the server parse megabytes of JSON.
 """
 
 from __future__ import annotations
@@ -55,14 +55,19 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > limit:
             await _too_large(send, limit)
             return
-        if limit > DEFAULT_LIMIT and not (declared.isdigit() and int(declared) <= DEFAULT_LIMIT):
-            try:
-                refusal = await self.admit(headers)
-            except HTTPException as err:  # no database thread in time, say
-                refusal = (err.status_code, str(err.detail), dict(err.headers or {}))
-            if refusal is not None:
-                await _respond(send, *refusal)
-                return
+        # A body larger than the default comes with a declared length above it, or in chunks; only
+        # then is the caller asked for, and any other body is held to the default.
+        if b"transfer-encoding" in headers or (declared.isdigit() and int(declared) > DEFAULT_LIMIT):
+            if limit > DEFAULT_LIMIT:
+                try:
+                    refusal = await self.admit(headers)
+                except HTTPException as err:  # no database thread in time, say
+                    refusal = (err.status_code, str(err.detail), dict(err.headers or {}))
+                if refusal is not None:
+                    await _respond(send, *refusal)
+                    return
+        else:
+            limit = min(limit, DEFAULT_LIMIT)
         received, started = 0, False
 
         async def counting_receive() -> Message:

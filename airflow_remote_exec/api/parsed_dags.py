@@ -28,6 +28,7 @@ from typing import Any
 import jsonschema
 from airflow.dag_processing.processor import DagFileParsingResult
 from airflow.models.dagwarning import DagWarning
+from airflow.serialization.enums import DagAttributeTypes
 from airflow.serialization.serialized_objects import DagSerialization
 from airflow.utils.helpers import validate_key
 from fastapi import HTTPException, status
@@ -64,8 +65,41 @@ def _dicts(value: Any) -> Iterator[dict]:
         if isinstance(node, dict):
             yield node
             stack.extend(node.values())
-        elif isinstance(node, list):
+        elif isinstance(node, (list, tuple)):
             stack.extend(node)
+
+
+# Values Airflow decodes by their "__type" while it loads a DAG, that a DAG's own fields are made of.
+# Any other type Airflow knows (a deadline alert, a pod, a connection, an exception, a callback request)
+# makes it decode, import or build objects as it loads the DAG, wherever the JSON holds it. Types that
+# are class paths (timetables, partition mappers) are decoded only if registered on the orchestrator.
+_SAFE_TYPES = frozenset(
+    {
+        DagAttributeTypes.DAG,
+        DagAttributeTypes.OP,
+        DagAttributeTypes.DATETIME,
+        DagAttributeTypes.TIMEDELTA,
+        DagAttributeTypes.TIMEZONE,
+        DagAttributeTypes.RELATIVEDELTA,
+        DagAttributeTypes.DICT,
+        DagAttributeTypes.SET,
+        DagAttributeTypes.TUPLE,
+        DagAttributeTypes.TASK_GROUP,
+        DagAttributeTypes.EDGE_INFO,
+        DagAttributeTypes.PARAM,
+        DagAttributeTypes.XCOM_REF,
+        DagAttributeTypes.ASSET,
+        DagAttributeTypes.ASSET_ALIAS,
+        DagAttributeTypes.ASSET_ANY,
+        DagAttributeTypes.ASSET_ALL,
+        DagAttributeTypes.ASSET_REF,
+        DagAttributeTypes.ASSET_UNIQUE_KEY,
+        DagAttributeTypes.ASSET_ALIAS_UNIQUE_KEY,
+        DagAttributeTypes.ARG_NOT_SET,
+        DagAttributeTypes.MAPPED_ARGUMENT,
+    }
+)
+_KNOWN_TYPES = frozenset(t.value for t in DagAttributeTypes)
 
 
 def _decoded_on_load(data: dict) -> str | None:
@@ -74,18 +108,63 @@ def _decoded_on_load(data: dict) -> str | None:
     if (data.get("dag") or {}).get("deadline"):
         return "a deadline alert (its callback would run on the orchestrator)"
     for node in _dicts(data):
-        if "__classname__" in node:
-            return f"an object decoded by class name ({str(node['__classname__'])[:100]})"
-        if node.get("watchers") and ("uri" in node or node.get("__type") == "asset"):
+        if "__classname__" in node or "__class_path" in node:
+            name = node.get("__classname__", node.get("__class_path"))
+            return f"an object decoded by class name ({str(name)[:100]})"
+        kind = node.get("__type")
+        if isinstance(kind, str) and kind in _KNOWN_TYPES and kind not in _SAFE_TYPES:
+            return f"an object of type {kind!r} (the orchestrator would build it as it loads the DAG)"
+        if node.get("watchers") and ("uri" in node or kind == "asset"):
             return "an asset watcher (its trigger would run on the orchestrator's triggerer)"
     return None
+
+
+# JSON-schema keywords whose value is a schema, a list of schemas, or a map of names to schemas:
+# everything else in a schema (enum, const, default, examples, property names) is data.
+_SUBSCHEMA = frozenset(
+    {
+        "additionalItems",
+        "additionalProperties",
+        "contains",
+        "contentSchema",
+        "else",
+        "if",
+        "items",
+        "not",
+        "propertyNames",
+        "then",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+    }
+)
+_SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems", "items"})
+_SUBSCHEMA_MAPS = frozenset(
+    {"properties", "patternProperties", "dependentSchemas", "dependencies", "$defs", "definitions"}
+)
+
+
+def _schemas(schema: Any) -> Iterator[dict]:
+    """Every schema inside ``schema`` (itself included), as jsonschema walks it: never into data."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        yield node
+        for key, value in node.items():
+            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+                stack.extend(value.values())
+            elif key in _SUBSCHEMA_LISTS and isinstance(value, (list, tuple)):
+                stack.extend(value)
+            elif key in _SUBSCHEMA:
+                stack.append(value)
 
 
 def _schema_problem(params: Any) -> str | None:
     """Param schemas are validated on the orchestrator (scheduler, api-server): no references it would
     fetch, no regular expressions it would run (one crafted pattern can take it years)."""
     for name in params:
-        for node in _dicts(params.get_param(name).schema):
+        for node in _schemas(params.get_param(name).schema):
             for key in node:
                 if key in _SCHEMA_REFERENCES:
                     return f"a JSON-schema {key} in param {name!r} (the orchestrator would resolve it)"

@@ -186,6 +186,16 @@ def _with(path: tuple, value):
         (_with(("dag", "params"), _param({"$ref": "file:///etc/passwd"})), "$ref"),
         (_with(("dag", "params"), _param({"type": "string", "pattern": "^(a+)+$"})), "regular expression"),
         (_with(("dag", "params"), _param({"format": "regex"})), "regular expression"),
+        (
+            _with(("dag", "params"), _param({"type": "array", "items": _encoded({"pattern": "^(a+)+$"})})),
+            "regular expression",
+        ),
+        (
+            _with(("dag", "tasks", 0, "__var", "zzz"), {"__type": "deadline_alert", "__var": {}}),
+            "'deadline_alert'",
+        ),
+        (_with(("dag", "default_args"), {"__type": "connection", "__var": {"conn_id": "x"}}), "'connection'"),
+        (_with(("dag", "tasks", 0, "__var", "ref"), {"__class_path": "os.system"}), "class name"),
         (_with(("dag", "timetable"), {"__classname__": "airflow.models.Variable"}), "class name"),
         (_with(("dag", "relative_fileloc"), "other.py"), "not from the parsed file"),
         (_with(("dag", "dag_id"), "x" * 300), "cannot be loaded"),
@@ -218,7 +228,16 @@ def test_a_mapped_tasks_executor_config_is_refused_and_user_values_are_not_mista
     reply = _publish(client, token, sid, _result(mapped))
     assert reply.status_code == 422 and "executor_config" in reply.json()["detail"], reply.text
 
-    with DAG("etl", schedule=None, start_date=datetime.datetime(2024, 1, 1)) as dag:
+    from airflow.sdk import Param
+
+    # A property named "pattern" and an enum of dicts are data, not a regular expression to run.
+    schema_with_data = {"properties": {"pattern": {"type": "string"}}, "enum": [{"pattern": "(a+)+"}]}
+    with DAG(
+        "etl",
+        schedule=None,
+        start_date=datetime.datetime(2024, 1, 1),
+        params={"p": Param({}, **schema_with_data)},
+    ) as dag:
         BashOperator(task_id="b", bash_command="env", env={"executor": "x", "deadline": "y", "watchers": "z"})
     plain = DagSerialization.to_dict(dag)
     plain["dag"].update(fileloc=f"/agent/{FILE}", relative_fileloc=FILE)

@@ -99,7 +99,11 @@ def stack(postgres, tmp_path_factory):
     try:
         token = create_agent_token(orch, "parsing", ["default"], components=["dag-processor", "worker"])
         bundles = {"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundles(bundle, repo)}
-        processor = DagProcessorAgent(orch.api_url, home / "dp", token, "dp-1", _bundles(bundle, repo))
+        # A variable only the agent's own secrets backend (its environment) knows.
+        agent_only = {"AIRFLOW_VAR_AGENT_ONLY": "from the agent's own secrets"}
+        processor = DagProcessorAgent(
+            orch.api_url, home / "dp", token, "dp-1", _bundles(bundle, repo), agent_only
+        )
         processor.start()
         started.append(processor)
         worker = Agent(orch.api_url, home / "worker", bundle, token, "worker-1", ["default"], 2, bundles)
@@ -127,11 +131,18 @@ def test_a_dag_file_on_the_agent_appears_and_runs_on_a_worker_agent(stack):
     with orch.client() as client:
         client.request("POST", "/variables", json={"key": "greeting", "value": "hi from the orchestrator"})
     (bundle / "hello.py").write_text(HELLO.format(dag_id="agent_hello"))
+    (bundle / "local_secret.py").write_text(
+        HELLO.format(dag_id="agent_local_secret").replace(
+            'Variable.get("greeting"', 'Variable.get("agent_only"'
+        )
+    )
     written = time.monotonic()
     wait_until(lambda: _dag(orch, "agent_hello"), 90, what="the agent's DAG in the REST API")
     print(f"\nDAG file written -> in the REST API: {time.monotonic() - written:.1f} s")
     dag = _dag(orch, "agent_hello")
     assert dag["bundle_name"] == BUNDLE and dag["description"] == "hi from the orchestrator"
+    wait_until(lambda: _dag(orch, "agent_local_secret"), 60, what="agent_local_secret in the REST API")
+    assert _dag(orch, "agent_local_secret")["description"] == "from the agent's own secrets"
     with orch.client() as client:
         source = client.get("/dagSources/agent_hello")["content"]
         assert 'BashOperator(task_id="hello"' in source
@@ -232,7 +243,9 @@ def test_a_run_keeps_its_git_version_after_a_newer_commit(stack):
     orch, _, _, _, home, repo = stack
     go, marker = home / "versioned.go", home / "versioned.out"
     first = _commit(repo, "versioned.py", VERSIONED.format(version=1, go=go, marker=marker))
+    committed = time.monotonic()
     wait_until(lambda: _dag(orch, "agent_versioned"), 90, what="agent_versioned from the git bundle")
+    print(f"\ngit commit -> DAG in the REST API: {time.monotonic() - committed:.1f} s")
     assert [v["bundle_version"] for v in _dag_versions(orch, "agent_versioned")] == [first]
     with orch.client() as client:
         old_run = client.trigger("agent_versioned")
@@ -243,7 +256,9 @@ def test_a_run_keeps_its_git_version_after_a_newer_commit(stack):
 
         wait_until(waiting, 120, what="the first run's wait task to run")
         second = _commit(repo, "versioned.py", VERSIONED.format(version=2, go=go, marker=marker))
+        committed = time.monotonic()
         wait_until(lambda: len(_dag_versions(orch, "agent_versioned")) == 2, 90, what="version 2 parsed")
+        print(f"git commit -> new DAG version in the REST API: {time.monotonic() - committed:.1f} s")
         assert _dag_versions(orch, "agent_versioned")[-1]["bundle_version"] == second
         go.write_text("go")
         assert client.wait_for_run("agent_versioned", old_run, timeout=120) == "success", orch.logs()

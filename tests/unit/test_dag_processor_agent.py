@@ -44,7 +44,7 @@ def test_a_refused_callback_fetch_is_logged_and_the_loop_goes_on(manager_for, ca
     manager._dag_bundles = [SimpleNamespace(name="b", path=Path("/bundle"))]
     assert manager.fetch_callbacks() == []
     assert session.calls[0][2].bundles == ["b"]  # only the bundles this agent parses
-    assert "refused POST /callbacks" in caplog.text
+    assert "POST /callbacks failed" in caplog.text
 
 
 def _persist(manager, tmp_path: Path) -> None:
