@@ -302,6 +302,22 @@ def _manager_class():
     return AgentDagFileProcessorManager
 
 
+def bundle_config_problem() -> str | None:
+    """What is wrong with the bundles this agent would parse, in one line, before it registers: a
+    bundle class that does not import is the user's to fix, not a traceback from deep in Airflow."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+
+    try:
+        names = list(DagBundlesManager().get_all_bundle_names())
+    except Exception as err:  # AirflowConfigException, ImportError of a classpath, ...
+        return f"[dag_processor] dag_bundle_config_list is not usable: {err}"
+    if not names:
+        return (
+            "No DAG bundles to parse: set --dag-bundle-config-list or [dag_processor] dag_bundle_config_list."
+        )
+    return None
+
+
 def conf_num_runs() -> int:
     """``[scheduler] num_runs``, as ``airflow dag-processor`` uses it (-1: parse forever)."""
     from airflow.configuration import conf
@@ -315,6 +331,10 @@ class DagProcessorAgent:
         self.session = AgentSession(settings, self.stop, client)
 
     def run(self) -> int:
+        problem = bundle_config_problem()
+        if problem:
+            log.error(problem)
+            return 1
         try:
             self.session.register()
         except VersionMismatch as err:

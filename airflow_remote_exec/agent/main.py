@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     from airflow_remote_exec.agent.dag_processor import DagProcessorAgent, DagProcessorSettings
 
     if isinstance(settings, DagProcessorSettings):
+        # Airflow's example DAGs are a bundle of the orchestrator's; the agent parses only its own.
+        os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
         sys.exit(DagProcessorAgent(settings).run())
     _prefer_prompt_task_exit()
     from airflow_remote_exec.agent.worker import Worker

@@ -4,6 +4,7 @@ call is refused."""
 from __future__ import annotations
 
 import datetime
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,3 +83,24 @@ def test_the_stale_check_sends_ages_not_the_agents_clock(manager_for):
     ((method, path, body),) = session.calls
     assert (method, path) == ("POST", "/bundles/b/stale-check")
     assert 29 <= body.seconds_since_parsed["a.py"] < 60
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ('[{"name": "b", "classpath": "no.such.Bundle", "kwargs": {}}]', "No module named 'no'"),
+        ('[{"name": "b"}]', "failed validation"),
+        ("[]", "No DAG bundles to parse"),
+    ],
+)
+def test_an_unusable_bundle_list_is_one_clear_line_before_registering(monkeypatch, caplog, config, says):
+    from airflow_remote_exec.agent.dag_processor import DagProcessorAgent, DagProcessorSettings
+
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", config)
+    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    agent = DagProcessorAgent(DagProcessorSettings("http://127.0.0.1:9", "token", "dp"))
+    with caplog.at_level(logging.ERROR):
+        assert agent.run() == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and says in errors[0], errors
+    assert agent.session.session_id == ""  # never registered
