@@ -17,6 +17,7 @@ import signal
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,6 @@ def _manager_class():
     from airflow.callbacks.callback_requests import CallbackRequest
     from airflow.dag_processing.manager import BundleState as AirflowBundleState
     from airflow.dag_processing.manager import DagFileInfo, DagFileProcessorManager
-    from airflow.utils import timezone
     from airflow.utils.file import open_maybe_zipped
     from pydantic import TypeAdapter
 
@@ -201,7 +201,7 @@ def _manager_class():
             """Done by the orchestrator with the files of ``deactivate_deleted_dags``."""
 
         def deactivate_stale_dags(self, last_parsed: dict, *, session=None) -> None:
-            now = timezone.utcnow()
+            now = datetime.now(UTC)
             by_bundle: dict[str, dict[str, float]] = defaultdict(dict)
             for file, finished in last_parsed.items():
                 if finished is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -29,7 +29,6 @@ from airflow.models.dagbundle import DagBundleModel
 from airflow.models.dagcode import DagCode
 from airflow.models.db_callback_request import DbCallbackRequest
 from airflow.models.errors import ParseImportError
-from airflow.utils import timezone
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, status
 from fastapi import Path as PathParam
@@ -310,7 +309,7 @@ def _deactivate_stale(secret: str, session_id: str, name: str, body: ParsedFiles
     threshold = timedelta(seconds=conf.getint("dag_processor", "stale_dag_threshold"))
     with create_session(scoped=False) as session:
         _own_bundle(session, _dag_processor(session, secret, session_id), name)
-        now = timezone.utcnow()
+        now = datetime.now(UTC)
         finished = {path: now - timedelta(seconds=age) for path, age in body.seconds_since_parsed.items()}
         rows = session.execute(
             select(DagModel.dag_id, DagModel.relative_fileloc, DagModel.last_parsed_time).where(
