@@ -111,7 +111,10 @@ class AgentSession:
                     session_id, HeartbeatRequest(running=[], free_slots=0), self.heartbeat_interval
                 )
             except SessionGone:
-                self.register_again(session_id)
+                try:
+                    self.register_again(session_id)
+                except (AgentApiError, Unreachable) as err:  # tried again at the next beat
+                    log.error("Could not register again: %s", err)
             except Unauthorized as err:
                 log.error("Agent token rejected (%s); stopping", err)
                 os.kill(os.getpid(), signal.SIGTERM)

@@ -104,3 +104,31 @@ def test_an_unusable_bundle_list_is_one_clear_line_before_registering(monkeypatc
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and says in errors[0], errors
     assert agent.session.session_id == ""  # never registered
+
+
+def test_the_heartbeat_thread_survives_a_refused_re_registration(caplog):
+    import threading
+
+    from airflow_remote_exec.agent.client import SessionGone
+    from airflow_remote_exec.agent.dag_processor import AgentSession, DagProcessorSettings
+
+    class Client:
+        beats = 0
+
+        def heartbeat(self, session_id, request, interval):
+            self.beats += 1
+            if self.beats >= 3:
+                stop.set()
+            raise SessionGone(410, "declared lost")
+
+        def register(self, request):
+            raise AgentApiError(403, "component not allowed any more")
+
+    stop = threading.Event()
+    session = AgentSession(DagProcessorSettings("http://127.0.0.1:9", "t", "dp"), stop, Client())
+    session.heartbeat_interval = 0.01
+    thread = threading.Thread(target=session.beat_forever)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and session.client.beats == 3  # kept beating after each refusal
+    assert "Could not register again" in caplog.text
