@@ -123,6 +123,12 @@ class RemoteAgent(Base):
     last_heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
     state_changed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, nullable=False)
     drain_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # A triggerer agent's session is an Airflow triggerer job: trigger rows name it as their triggerer,
+    # and Airflow's own liveness (the job's heartbeat) decides when another triggerer takes them.
+    triggerer_job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The last batch of trigger events applied for this agent: a batch sent again after its answer was
+    # lost is not applied twice.
+    last_event_batch: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
     @property
     def queue_list(self) -> list[str]:

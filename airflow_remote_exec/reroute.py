@@ -10,7 +10,10 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
+from airflow.jobs.job import Job
+from airflow.jobs.job import JobState as AirflowJobState
 from airflow.models.taskinstance import TaskInstance
+from airflow.utils import timezone
 from airflow.utils.state import TaskInstanceState
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -90,12 +93,29 @@ def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetim
         )
 
 
-def release_agent_jobs(session: Session, agent_name: str, reason: str, now: datetime | None = None) -> None:
-    """Hand back everything an agent holds (see ``release_jobs``)."""
+def release_agent_jobs(
+    session: Session, agent_name: str, reason: str, now: datetime | None = None, lost: bool = False
+) -> None:
+    """Hand back everything an agent holds: its jobs (see ``release_jobs``) and its triggers."""
     held = session.scalars(
         select(RemoteJob.id).where(RemoteJob.agent_name == agent_name, RemoteJob.state.in_(JobState.HELD))
     ).all()
     release_jobs(session, list(held), reason, now or db_now(session))
+    end_triggerer_job(session, agent_name, AirflowJobState.FAILED if lost else AirflowJobState.SUCCESS)
+
+
+def end_triggerer_job(session: Session, agent_name: str, state: str) -> None:
+    """End the Airflow triggerer job of an agent's session that is over: other triggerers take its
+    triggers at their next sync instead of after ``[triggerer] triggerer_health_check_threshold``."""
+    job_id = session.scalar(select(RemoteAgent.triggerer_job_id).where(RemoteAgent.name == agent_name))
+    if job_id is None:
+        return
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.end_date.is_(None))
+        .values(state=state, end_date=timezone.utcnow())
+    )
+    session.execute(update(RemoteAgent).where(RemoteAgent.name == agent_name).values(triggerer_job_id=None))
 
 
 def agent_api_up_since(session: Session, now: datetime) -> datetime | None:
@@ -127,7 +147,7 @@ def mark_lost_agents(session: Session) -> list[str]:
         quiet_for = int((now - agent.last_heartbeat_at).total_seconds())
         reason = f"agent {agent.name} lost: no heartbeat for {quiet_for}s"
         agent.set_state(session, AgentState.LOST, reason, now=now)
-        release_agent_jobs(session, agent.name, reason, now)
+        release_agent_jobs(session, agent.name, reason, now, lost=True)
     return [agent.name for agent in agents]
 
 

@@ -957,18 +957,14 @@ class Agent:
         return self.process.log_tail(lines)
 
 
-class DagProcessorAgent:
-    """An ``airflow-remote-agent dag-processor`` process parsing ``bundles`` (a
-    ``dag_bundle_config_list`` JSON) for the orchestrator at ``api_url``."""
+class _ComponentAgent:
+    """An ``airflow-remote-agent <component>`` process; ``start`` waits for ``ready_line`` in its log."""
+
+    component = ""
+    ready_line = b""
 
     def __init__(
-        self,
-        api_url: str,
-        home: Path,
-        token: str,
-        name: str,
-        bundles: str,
-        extra_env: Mapping[str, str] | None = None,
+        self, api_url: str, home: Path, token: str, name: str, args: Sequence[str], env: Mapping[str, str]
     ) -> None:
         self.name = name
         self.home = Path(home).resolve()
@@ -976,36 +972,36 @@ class DagProcessorAgent:
         self.token_file = self.home / "token"
         self.token_file.write_text(token)
         self.token_file.chmod(0o400)
-        env = agent_env(self.home, self.home / "no-dags", extra_env)
         argv = [
             str(VENV_BIN / "airflow-remote-agent"),
-            "dag-processor",
+            self.component,
             "--api-url",
             api_url,
             "--token-file",
             str(self.token_file),
             "--name",
             name,
-            "--dag-bundle-config-list",
-            bundles,
+            *args,
         ]
-        self.log_file = self.home / "dag-processor.log"
-        self.process = ManagedProcess(f"dag-processor-{name}", argv, env, self.log_file, cwd=self.home)
+        self.log_file = self.home / f"{self.component}.log"
+        self.process = ManagedProcess(
+            f"{self.component}-{name}", argv, dict(env), self.log_file, cwd=self.home
+        )
 
     def start(self, timeout: float = 90) -> None:
-        """Start and wait until it has claimed its bundles; stop it if it never does."""
+        """Start and wait until it says it is at work; stop it if it never does."""
         earlier = self.log_file.stat().st_size if self.log_file.exists() else 0
         self.process.start()
 
-        def claimed() -> bool:
+        def ready() -> bool:
             if self.process.returncode is not None:
-                raise RuntimeError(f"dag processor {self.name} exited early:\n{self.process.log_tail(30)}")
+                raise RuntimeError(f"{self.component} {self.name} exited early:\n{self.process.log_tail(30)}")
             with self.log_file.open("rb") as log:
                 log.seek(earlier)
-                return b"Parsing bundles" in log.read()
+                return self.ready_line in log.read()
 
         try:
-            wait_until(claimed, timeout, what=f"dag processor {self.name} to claim its bundles")
+            wait_until(ready, timeout, what=f"{self.component} {self.name} to start")
         except BaseException:
             with contextlib.suppress(Exception):
                 self.process.stop()
@@ -1016,3 +1012,44 @@ class DagProcessorAgent:
 
     def log_tail(self, lines: int = 50) -> str:
         return self.process.log_tail(lines)
+
+
+class DagProcessorAgent(_ComponentAgent):
+    """An ``airflow-remote-agent dag-processor`` process parsing ``bundles`` (a
+    ``dag_bundle_config_list`` JSON) for the orchestrator at ``api_url``."""
+
+    component = "dag-processor"
+    ready_line = b"Parsing bundles"
+
+    def __init__(
+        self,
+        api_url: str,
+        home: Path,
+        token: str,
+        name: str,
+        bundles: str,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = agent_env(Path(home).resolve(), Path(home).resolve() / "no-dags", extra_env)
+        super().__init__(api_url, home, token, name, ["--dag-bundle-config-list", bundles], env)
+
+
+class TriggererAgent(_ComponentAgent):
+    """An ``airflow-remote-agent triggerer`` process running the triggers of ``queues``."""
+
+    component = "triggerer"
+    ready_line = b"Running up to"
+
+    def __init__(
+        self,
+        api_url: str,
+        home: Path,
+        token: str,
+        name: str,
+        queues: Sequence[str] = ("default",),
+        capacity: int = 1000,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = agent_env(Path(home).resolve(), Path(home).resolve() / "no-dags", extra_env)
+        args = ["--queues", ",".join(queues), "--capacity", str(capacity)]
+        super().__init__(api_url, home, token, name, args, env)

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,19 +25,10 @@ from airflow_remote_exec.agent.client import (
     URL_PREFIX,
     AgentApiError,
     AgentClient,
-    SessionGone,
-    Stopped,
-    Unauthorized,
     Unreachable,
-    VersionMismatch,
 )
-from airflow_remote_exec.agent.registration import (
-    installed_versions,
-    register_request,
-    register_until_name_free,
-    use_orchestrator_executors,
-    version_mismatch_message,
-)
+from airflow_remote_exec.agent.registration import use_orchestrator_executors
+from airflow_remote_exec.agent.session import AgentSession, ComponentSettings, register_or_explain
 from airflow_remote_exec.api.datamodels import (
     API_VERSION,
     API_VERSION_HEADER,
@@ -48,7 +36,6 @@ from airflow_remote_exec.api.datamodels import (
     BundlesClaim,
     BundleState,
     BundleStateUpdate,
-    HeartbeatRequest,
     ParsedFiles,
     ParsingResult,
     PresentFiles,
@@ -56,7 +43,6 @@ from airflow_remote_exec.api.datamodels import (
 
 log = logging.getLogger(__name__)
 
-NAME_TAKEN_RETRY_SECONDS = 5.0
 # A parsing result is persisted in seconds, a large one in tens of them; a result the orchestrator
 # keeps failing on is given up after a few tries, and the file is parsed and sent again later.
 RESULT_TIMEOUT = httpx.Timeout(15.0, read=120.0)
@@ -64,74 +50,6 @@ RESULT_TRIES = 5
 STALE_CHECK_TIMEOUT = httpx.Timeout(10.0)
 # Refusals the orchestrator gives for what a file defines; anything else is the agent's problem.
 _REFUSED_CONTENT = (409, 413, 422)
-
-
-@dataclass(frozen=True)
-class DagProcessorSettings:
-    api_url: str
-    token: str
-    name: str
-
-
-class AgentSession:
-    """This agent's session with the orchestrator: registration, heartbeats, registering again when
-    the orchestrator ends the session (it declared the agent lost)."""
-
-    def __init__(
-        self, settings: DagProcessorSettings, stop: threading.Event, client: AgentClient | None = None
-    ):
-        self.settings = settings
-        self.stop = stop
-        self.client = client or AgentClient(settings.api_url, settings.token, stop=stop)
-        self._lock = threading.Lock()
-        self.session_id = ""
-        self.heartbeat_interval = 10.0
-        self.executors = ""
-
-    def register(self) -> None:
-        request = register_request(self.settings.name, [], 1, ["dag-processor"], installed_versions())
-        reply = register_until_name_free(self.client, request, self.stop, NAME_TAKEN_RETRY_SECONDS)
-        self.session_id, self.heartbeat_interval = reply.session_id, float(reply.heartbeat_interval)
-        self.executors = reply.executors
-        log.info("Registered as %s (session %s)", self.settings.name, reply.session_id)
-
-    def register_again(self, gone: str) -> None:
-        with self._lock:
-            if self.session_id == gone:
-                log.warning("Session %s is over; registering again", gone)
-                self.register()
-
-    def beat_forever(self) -> None:
-        """The heartbeat thread. A rejected token stops the agent (SIGTERM to itself, which the
-        manager turns into a clean exit)."""
-        while not self.stop.wait(self.heartbeat_interval):
-            session_id = self.session_id
-            try:
-                self.client.heartbeat(
-                    session_id, HeartbeatRequest(running=[], free_slots=0), self.heartbeat_interval
-                )
-            except SessionGone:
-                try:
-                    self.register_again(session_id)
-                except (AgentApiError, Unreachable) as err:  # tried again at the next beat
-                    log.error("Could not register again: %s", err)
-            except Unauthorized as err:
-                log.error("Agent token rejected (%s); stopping", err)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            except (AgentApiError, Unreachable) as err:
-                log.warning("Heartbeat failed: %s", err)
-
-    def call(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
-        """A dag-processor route of this session; registers again once if the session is over."""
-        session_id = self.session_id
-        try:
-            return self.client.request(method, f"/agents/{session_id}/dag-processor{path}", body, **options)
-        except SessionGone:
-            self.register_again(session_id)
-            return self.client.request(
-                method, f"/agents/{self.session_id}/dag-processor{path}", body, **options
-            )
 
 
 def _manager_class():
@@ -329,7 +247,7 @@ def conf_num_runs() -> int:
 
 
 class DagProcessorAgent:
-    def __init__(self, settings: DagProcessorSettings, client: AgentClient | None = None):
+    def __init__(self, settings: ComponentSettings, client: AgentClient | None = None):
         self.stop = threading.Event()
         self.session = AgentSession(settings, self.stop, client)
 
@@ -338,18 +256,11 @@ class DagProcessorAgent:
         if problem:
             log.error(problem)
             return 1
-        try:
-            self.session.register()
-        except VersionMismatch as err:
-            log.error(version_mismatch_message(err))
-            return 1
-        except AgentApiError as err:
-            log.error("Registration refused: %s", err)
-            return 1
-        except Stopped:
-            return 0
+        refused = register_or_explain(self.session)
+        if refused is not None:
+            return refused
         use_orchestrator_executors(self.session.executors)
-        threading.Thread(target=self.session.beat_forever, name="heartbeat", daemon=True).start()
+        self.session.start_heartbeats()
         manager = _manager_class()(max_runs=conf_num_runs(), agent=self.session)
         try:
             manager.run()
@@ -358,8 +269,5 @@ class DagProcessorAgent:
             return 1
         finally:
             self.stop.set()
-            try:
-                self.session.client.deregister(self.session.session_id)
-            except (AgentApiError, Unreachable) as err:
-                log.warning("Could not deregister: %s", err)
+            self.session.deregister()
         return 0

@@ -15,10 +15,13 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from airflow_remote_exec.agent.session import ComponentSettings
+
 ENV_PREFIX = "AIRFLOW_REMOTE_AGENT_"
 TOKEN_ENV = ENV_PREFIX + "TOKEN"
 BUNDLE_CONFIG_ENV = "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"
 PR_SET_DUMPABLE = 4
+MAX_TRIGGERER_CAPACITY = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="The bundles to parse, as Airflow's [dag_processor] dag_bundle_config_list JSON "
         "(default: that setting) [DAG_BUNDLE_CONFIG_LIST]",
     )
+    triggerer = commands.add_parser(
+        "triggerer", help="Run the triggers of deferred tasks and asset watchers of this agent's scope"
+    )
+    _add_connection_args(triggerer, f"{socket.gethostname()}-triggerer")
+    triggerer.add_argument(
+        "--queues",
+        default=_env("QUEUES", "default"),
+        help="Comma-separated queues whose deferred tasks' triggers it runs (default: default) [QUEUES]",
+    )
+    triggerer.add_argument(
+        "--capacity",
+        type=int,
+        default=int(_env("CAPACITY", "1000")),
+        help="Most triggers run at once, as Airflow's [triggerer] capacity (default: 1000) [CAPACITY]",
+    )
     return parser
+
+
+def _queues(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    queues = sorted({q.strip() for q in text.split(",") if q.strip()})
+    if not queues:
+        parser.error("--queues needs at least one queue")
+    return queues
 
 
 def _read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -177,17 +202,24 @@ def settings_from_args(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     api_url = _check_api_url(parser, args)
     if args.command == "dag-processor":
-        from airflow_remote_exec.agent.dag_processor import DagProcessorSettings
-
         _check_bundle_config(parser, args.dag_bundle_config_list)
-        return DagProcessorSettings(api_url=api_url, token=_read_token(parser, args), name=args.name)
+        return ComponentSettings(api_url, _read_token(parser, args), args.name, "dag-processor")
+    if args.command == "triggerer":
+        if not 1 <= args.capacity <= MAX_TRIGGERER_CAPACITY:
+            parser.error(f"--capacity must be between 1 and {MAX_TRIGGERER_CAPACITY}")
+        return ComponentSettings(
+            api_url,
+            _read_token(parser, args),
+            args.name,
+            "triggerer",
+            queues=_queues(parser, args.queues),
+            capacity=args.capacity,
+        )
     from airflow_remote_exec.agent.worker import WorkerSettings
 
     if args.slots < 1:
         parser.error("--slots must be at least 1")
-    queues = sorted({q.strip() for q in args.queues.split(",") if q.strip()})
-    if not queues:
-        parser.error("--queues needs at least one queue")
+    queues = _queues(parser, args.queues)
     return WorkerSettings(
         api_url=api_url,
         token=_read_token(parser, args),
@@ -219,12 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     settings = settings_from_args(argv)
     _hide_process_memory()
-    from airflow_remote_exec.agent.dag_processor import DagProcessorAgent, DagProcessorSettings
+    if isinstance(settings, ComponentSettings) and settings.component == "dag-processor":
+        from airflow_remote_exec.agent.dag_processor import DagProcessorAgent
 
-    if isinstance(settings, DagProcessorSettings):
         # Airflow's example DAGs are a bundle of the orchestrator's; the agent parses only its own.
         os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
         sys.exit(DagProcessorAgent(settings).run())
+    if isinstance(settings, ComponentSettings):
+        from airflow_remote_exec.agent.triggerer import TriggererAgent
+
+        sys.exit(TriggererAgent(settings).run())
     _prefer_prompt_task_exit()
     from airflow_remote_exec.agent.worker import Worker
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from airflow_remote_exec import __version__
-from airflow_remote_exec.api import agents, dag_processing, jobs
+from airflow_remote_exec.api import agents, dag_processing, jobs, lookups, triggers
 from airflow_remote_exec.api.body_limit import DEFAULT_LIMIT, BodyLimit
 from airflow_remote_exec.api.presence import ensure_presence, stop_presence
 
@@ -45,7 +45,9 @@ def create_app(prefix: str = "") -> FastAPI:
     app.include_router(agents.router, prefix=prefix)
     app.include_router(jobs.router, prefix=prefix)
     app.include_router(dag_processing.router, prefix=prefix)
-    app.include_router(dag_processing.lookups, prefix=prefix)
+    app.include_router(lookups.dag_processor_lookups, prefix=prefix)
+    app.include_router(triggers.router, prefix=prefix)
+    app.include_router(lookups.triggerer_lookups, prefix=prefix)
     app.add_middleware(BodyLimit, limit_for=_body_limit, admit=dag_processing.admit_upload)
 
     @app.get(f"{prefix}/health", tags=["health"], summary="Liveness of the agent API (no auth)")

@@ -40,7 +40,6 @@ from airflow_remote_exec.api.auth import (
     AgentOfRequest,
     SecretDep,
     SessionIdPath,
-    authenticate,
     authorize_agent,
 )
 from airflow_remote_exec.api.datamodels import (
@@ -58,6 +57,7 @@ from airflow_remote_exec.api.datamodels import (
 )
 from airflow_remote_exec.api.db_threads import PARSING, run_db
 from airflow_remote_exec.api.parsed_dags import checked_result
+from airflow_remote_exec.api.triggers import keep_watchers_on_agents
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import Component, RemoteBundle, RemoteToken
 from airflow_remote_exec.tokens import find_valid_token, token_is_live
@@ -67,13 +67,7 @@ router = APIRouter(
     tags=["dag-processor"],
     responses=error_responses(400, 401, 403, 404, 410),
 )
-# Variables and connections a DAG file reads while it is parsed, answered as Airflow's Execution API
-# answers a task (the dag processor's own client calls these paths): the token is enough, no session.
-lookups = APIRouter(
-    prefix="/dag-processor", tags=["dag-processor"], responses=error_responses(400, 401, 403, 404)
-)
 BundlePath = Annotated[str, PathParam(pattern=BUNDLE_NAME)]
-LookupKey = Annotated[str, PathParam(min_length=1, max_length=250)]
 MAX_PARSING_RESULT_BYTES = 16 * 1024 * 1024
 MAX_CALLBACKS = 100
 _T = TypeVar("_T")
@@ -266,6 +260,7 @@ def _persist_once(secret: str, session_id: str, name: str, body: ParsingResult) 
             )
         finally:
             _agent_sources.reset(sources_set)
+        keep_watchers_on_agents(session, name)
 
 
 def _get_state(secret: str, session_id: str, name: str) -> BundleState:
@@ -448,60 +443,3 @@ async def priority_files(
     session_id: SessionIdPath, body: BundleNames, secret: SecretDep
 ) -> PriorityFilesResponse:
     return await _on_parsing_threads(_claim_priority_files, secret, session_id, body)
-
-
-def _lookup_token(session: Session, secret: str) -> None:
-    token = authenticate(session, secret)
-    if Component.DAG_PROCESSOR not in token.component_list:
-        raise _forbidden(f"Token {token.name!r} does not allow the dag-processor component.")
-
-
-def _variable(secret: str, key: str) -> dict:
-    from airflow.models.variable import Variable
-
-    with create_session(scoped=False) as session:
-        _lookup_token(session, secret)
-    value = Variable.get_variable_from_secrets(key)
-    if value is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Variable {key!r} not found")
-    return {"key": key, "value": value}
-
-
-def _connection(secret: str, conn_id: str) -> dict:
-    from airflow.exceptions import AirflowNotFoundException
-    from airflow.models.connection import Connection
-
-    with create_session(scoped=False) as session:
-        _lookup_token(session, secret)
-    try:
-        conn = Connection.get_connection_from_secrets(conn_id)
-    except AirflowNotFoundException:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Connection {conn_id!r} not found") from None
-    return {
-        "conn_id": conn.conn_id,
-        "conn_type": conn.conn_type,
-        "host": conn.host,
-        "schema": conn.schema,
-        "login": conn.login,
-        "password": conn.password,
-        "port": conn.port,
-        "extra": conn.extra,
-    }
-
-
-@lookups.get(
-    "/variables/{key}",
-    summary="A variable a DAG file reads while it is parsed",
-    responses=error_responses(404),
-)
-async def variable(key: LookupKey, secret: SecretDep) -> dict:
-    return await _on_parsing_threads(_variable, secret, key)
-
-
-@lookups.get(
-    "/connections/{conn_id}",
-    summary="A connection a DAG file reads while it is parsed",
-    responses=error_responses(404),
-)
-async def connection(conn_id: LookupKey, secret: SecretDep) -> dict:
-    return await _on_parsing_threads(_connection, secret, conn_id)

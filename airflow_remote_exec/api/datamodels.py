@@ -6,7 +6,15 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 # 2 adds batched reports (on a claim too): an agent that sends them must not meet an orchestrator
 # that would silently drop them, so it says 2, which an older orchestrator refuses. 1 still works.
@@ -314,4 +322,66 @@ class CallbacksResponse(BaseModel):
 class PriorityFilesResponse(BaseModel):
     files: list[dict[str, str]] = Field(
         description="Files users asked to reparse: bundle_name and relative_fileloc of each."
+    )
+
+
+# -- triggerer ----------------------------------------------------------------------------------------
+
+TriggerId = Annotated[int, Field(ge=1, le=_INT32)]
+MAX_TRIGGERS = 10_000  # the largest --capacity
+MAX_TRIGGER_REPORTS = 1000
+_UUID = r"^[0-9a-fA-F-]{36}$"
+
+
+class TriggerSync(AgentRequest):
+    """What a triggerer agent runs and can run: the orchestrator assigns it more triggers up to its
+    capacity and answers with all its triggers, with the workload of each it does not know yet."""
+
+    capacity: int = Field(ge=1, le=MAX_TRIGGERS)
+    known: list[TriggerId] = Field(
+        max_length=MAX_TRIGGERS,
+        description="Triggers the agent runs, or has events or failures of that it has not reported yet.",
+    )
+
+
+class OfferedTrigger(BaseModel):
+    workload: dict = Field(
+        description="Airflow's RunTrigger workload; its kwargs are plain JSON (TLS protects them on the "
+        "way), since the agent does not hold the orchestrator's Fernet key."
+    )
+    log_path: str | None = Field(description="The trigger's log file, relative to the agent's log folder.")
+
+
+class TriggerAssignment(BaseModel):
+    trigger_ids: list[int] = Field(description="Every trigger assigned to this agent: it cancels others.")
+    new: list[OfferedTrigger]
+
+
+class FiredEvent(AgentRequest):
+    trigger_id: TriggerId
+    kind: Literal["_event_", "success", "failed", "skipped"] = Field(
+        description="A TriggerEvent (the task resumes on a worker), or the state a task ends in."
+    )
+    payload: JsonValue = Field(default=None, description="Airflow's BaseSerialization JSON.")
+    xcoms: dict[str, JsonValue] | None = None
+
+
+class TriggerFailure(AgentRequest):
+    trigger_id: TriggerId
+    traceback: list[Annotated[str, Field(max_length=100_000)]] | None = Field(default=None, max_length=1000)
+
+
+class TriggerReports(AgentRequest):
+    """Events and failures of the agent's triggers. A batch is applied once: sent again with the same
+    ``batch_id`` (its answer was lost), it changes nothing."""
+
+    batch_id: str = Field(pattern=_UUID)
+    events: list[FiredEvent] = Field(default_factory=list, max_length=MAX_TRIGGER_REPORTS)
+    failures: list[TriggerFailure] = Field(default_factory=list, max_length=MAX_TRIGGER_REPORTS)
+
+
+class TriggerReportsResponse(BaseModel):
+    refused: list[int] = Field(
+        description="Triggers not assigned to this agent any more (another triggerer runs them): their "
+        "events and failures were not applied."
     )

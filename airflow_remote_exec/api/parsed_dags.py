@@ -5,8 +5,8 @@ api-server and triggerer act on what is persisted. So a result is refused (422, 
 as the file's import error) when it holds anything that would make the orchestrator run, import or
 fetch something the DAG names:
 
-* asset watchers, tasks that start from a trigger, and deadline alerts: their triggers and callbacks run
-  on the orchestrator's triggerer or scheduler;
+* tasks that start from a trigger, and deadline alerts: their triggers and callbacks would run on the
+  orchestrator (asset watchers are allowed: their triggers run on the token's triggerer agents only);
 * any object Airflow decodes by class name (``__classname__``), and JSON-schema references and regular
   expressions in params, which the api-server and scheduler would resolve by opening a URL or a file,
   or run (a crafted pattern can take years);
@@ -57,7 +57,7 @@ def remote_executor_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def _dicts(value: Any) -> Iterator[dict]:
+def dicts_in(value: Any) -> Iterator[dict]:
     """Every dict inside ``value``, without recursion (a deep body cannot exhaust the stack)."""
     stack = [value]
     while stack:
@@ -107,15 +107,13 @@ def _decoded_on_load(data: dict) -> str | None:
     before anything deserializes it."""
     if (data.get("dag") or {}).get("deadline"):
         return "a deadline alert (its callback would run on the orchestrator)"
-    for node in _dicts(data):
+    for node in dicts_in(data):
         if "__classname__" in node or "__class_path" in node:
             name = node.get("__classname__", node.get("__class_path"))
             return f"an object decoded by class name ({str(name)[:100]})"
         kind = node.get("__type")
         if isinstance(kind, str) and kind in _KNOWN_TYPES and kind not in _SAFE_TYPES:
             return f"an object of type {kind!r} (the orchestrator would build it as it loads the DAG)"
-        if node.get("watchers") and ("uri" in node or kind == "asset"):
-            return "an asset watcher (its trigger would run on the orchestrator's triggerer)"
     return None
 
 

@@ -244,17 +244,26 @@ def test_a_mapped_tasks_executor_config_is_refused_and_user_values_are_not_mista
     assert _publish(client, token, sid, _result(plain)).status_code == 204
 
 
-def test_an_asset_watcher_is_refused(client, processor):
+def test_an_asset_watchers_trigger_is_kept_off_stock_triggerers(client, processor, session):
+    from airflow.models.trigger import Trigger
+    from airflow.providers.standard.triggers.file import FileDeleteTrigger
+    from airflow.sdk import Asset, AssetWatcher
+
     token, sid = processor()
     assert _claim(client, token, sid, BUNDLE).status_code == 204
-    data = _dag_data()
-    watcher = {"name": "w", "trigger": {"classpath": "os.system", "kwargs": {}}}
-    data["dag"]["timetable"] = {
-        "__type": "x",
-        "__var": {"objects": [{"uri": "s3://b", "watchers": [watcher]}]},
-    }
-    reply = _publish(client, token, sid, _result(data))
-    assert reply.status_code == 422 and "asset watcher" in reply.json()["detail"]
+    watched = Asset("watched", watchers=[AssetWatcher(name="w", trigger=FileDeleteTrigger(filepath="/x"))])
+    with DAG("etl", schedule=[watched], start_date=datetime.datetime(2024, 1, 1)) as dag:
+        EmptyOperator(task_id="b")
+    data = DagSerialization.to_dict(dag)
+    data["dag"].update(fileloc=f"/agent/{FILE}", relative_fileloc=FILE)
+    assert _publish(client, token, sid, _result(data)).status_code == 204
+    session.execute(update(DagModel).where(DagModel.dag_id == "etl").values(is_paused=False))
+    session.commit()  # Airflow creates the triggers of unpaused DAGs' watchers, at the next parse
+    assert _publish(client, token, sid, _result(data)).status_code == 204
+    session.expire_all()
+    triggers = session.query(Trigger).filter(Trigger.classpath.like("%FileDeleteTrigger")).all()
+    # Created by Airflow's persistence, with a queue that stock triggerers (no --queues) never take.
+    assert [t.queue for t in triggers] == ["remote-exec-agents"]
 
 
 def test_results_must_carry_sources_and_stay_inside_their_file(client, processor):

@@ -94,11 +94,12 @@ def test_the_stale_check_sends_ages_not_the_agents_clock(manager_for):
     ],
 )
 def test_an_unusable_bundle_list_is_one_clear_line_before_registering(monkeypatch, caplog, config, says):
-    from airflow_remote_exec.agent.dag_processor import DagProcessorAgent, DagProcessorSettings
+    from airflow_remote_exec.agent.dag_processor import DagProcessorAgent
+    from airflow_remote_exec.agent.session import ComponentSettings
 
     monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", config)
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    agent = DagProcessorAgent(DagProcessorSettings("http://127.0.0.1:9", "token", "dp"))
+    agent = DagProcessorAgent(ComponentSettings("http://127.0.0.1:9", "token", "dp", "dag-processor"))
     with caplog.at_level(logging.ERROR):
         assert agent.run() == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -110,7 +111,7 @@ def test_the_heartbeat_thread_survives_a_refused_re_registration(caplog):
     import threading
 
     from airflow_remote_exec.agent.client import SessionGone
-    from airflow_remote_exec.agent.dag_processor import AgentSession, DagProcessorSettings
+    from airflow_remote_exec.agent.session import AgentSession, ComponentSettings
 
     class Client:
         beats = 0
@@ -125,7 +126,8 @@ def test_the_heartbeat_thread_survives_a_refused_re_registration(caplog):
             raise AgentApiError(403, "component not allowed any more")
 
     stop = threading.Event()
-    session = AgentSession(DagProcessorSettings("http://127.0.0.1:9", "t", "dp"), stop, Client())
+    settings = ComponentSettings("http://127.0.0.1:9", "t", "dp", "dag-processor")
+    session = AgentSession(settings, stop, Client())
     session.heartbeat_interval = 0.01
     thread = threading.Thread(target=session.beat_forever)
     thread.start()

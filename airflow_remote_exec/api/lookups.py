@@ -1,0 +1,83 @@
+"""Variables and connections that DAG files (while they are parsed) and triggers read, answered as
+Airflow's Execution API answers a task: the SDK client of Airflow's dag processor and triggerer calls
+these paths. The token is enough (no session), and it must allow the component asking.
+
+Each agent asks its own secrets backends and environment first; only what they do not hold comes here,
+from the orchestrator's secrets backends and metadata DB.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from airflow.utils.session import create_session
+from fastapi import APIRouter, HTTPException, status
+from fastapi import Path as PathParam
+
+from airflow_remote_exec.api.auth import SecretDep, authenticate
+from airflow_remote_exec.api.datamodels import error_responses
+from airflow_remote_exec.api.db_threads import AGENTS, PARSING, run_db
+from airflow_remote_exec.models import Component
+
+LookupKey = Annotated[str, PathParam(min_length=1, max_length=250)]
+
+
+def _check_token(secret: str, component: str) -> None:
+    with create_session(scoped=False) as session:
+        token = authenticate(session, secret)
+        if component not in token.component_list:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, f"Token {token.name!r} does not allow the {component} component."
+            )
+
+
+def _variable(secret: str, component: str, key: str) -> dict:
+    from airflow.models.variable import Variable
+
+    _check_token(secret, component)
+    value = Variable.get_variable_from_secrets(key)
+    if value is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Variable {key!r} not found")
+    return {"key": key, "value": value}
+
+
+def _connection(secret: str, component: str, conn_id: str) -> dict:
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.models.connection import Connection
+
+    _check_token(secret, component)
+    try:
+        conn = Connection.get_connection_from_secrets(conn_id)
+    except AirflowNotFoundException:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Connection {conn_id!r} not found") from None
+    return {
+        "conn_id": conn.conn_id,
+        "conn_type": conn.conn_type,
+        "host": conn.host,
+        "schema": conn.schema,
+        "login": conn.login,
+        "password": conn.password,
+        "port": conn.port,
+        "extra": conn.extra,
+    }
+
+
+def lookup_router(component: str, lane: str) -> APIRouter:
+    """``/{component}/variables/{key}`` and ``/{component}/connections/{conn_id}``, run on ``lane``."""
+    router = APIRouter(
+        prefix=f"/{component}", tags=[component], responses=error_responses(400, 401, 403, 404)
+    )
+
+    @router.get("/variables/{key}", summary=f"A variable the {component} reads")
+    async def variable(key: LookupKey, secret: SecretDep) -> dict:
+        return await run_db(_variable, secret, component, key, lane=lane)
+
+    @router.get("/connections/{conn_id}", summary=f"A connection the {component} reads")
+    async def connection(conn_id: LookupKey, secret: SecretDep) -> dict:
+        return await run_db(_connection, secret, component, conn_id, lane=lane)
+
+    return router
+
+
+dag_processor_lookups = lookup_router(Component.DAG_PROCESSOR, PARSING)
+triggerer_lookups = lookup_router(Component.TRIGGERER, AGENTS)
