@@ -1,11 +1,12 @@
 """Conformance: under RemoteExecutor, DAGs behave as they do under Airflow's stock LocalExecutor.
 
-One set of DAGs (dags/conformance_dags.py) runs on two stacks that differ only in the executor: stock
-LocalExecutor, and RemoteExecutor with one agent (queue ``default``, 4 slots, default settings); both
-have a stock triggerer.  Each scenario runs on both stacks at once; the test checks what LocalExecutor
-did, then asserts the user sees the same thing under RemoteExecutor: the same final task
-states, the same try numbers (task instance and its list of tries) and comparable timings (Remote may
-be slower only within a generous margin).  Scenarios: clearing a running task, retries (plain and
+One set of DAGs (dags/conformance_dags.py) runs on two stacks that differ only in where work runs:
+stock LocalExecutor with a stock triggerer, and RemoteExecutor with one worker agent (queue
+``default``, 4 slots, default settings) and one triggerer agent, the orchestrator running no triggerer.
+Each scenario runs on both stacks at once; the test checks what LocalExecutor did, then asserts the
+user sees the same thing under RemoteExecutor: the same final task states, the same try numbers (task
+instance and its list of tries) and comparable timings (Remote may be slower only within a generous
+margin).  Scenarios: clearing a running task, retries (plain and
 mapped), a deferrable sensor, a reschedule-mode sensor, a deadline alert's SyncCallback, and a task
 that needs more pool slots than one.
 """
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dev.stack import Agent, AirflowClient, Orchestrator, create_agent_token, wait_until
+from dev.stack import Agent, AirflowClient, Orchestrator, TriggererAgent, create_agent_token, wait_until
 from tests.conftest import make_orchestrator
 from tests.e2e.dags import conformance_dags as dags
 
@@ -36,7 +37,8 @@ pytestmark = pytest.mark.e2e
 DAG_FILE = Path(dags.__file__)
 LOCAL_EXECUTOR = "LocalExecutor"
 REMOTE_EXECUTOR = "airflow_remote_exec.executor.RemoteExecutor"
-COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+LOCAL_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+REMOTE_COMPONENTS = ("api-server", "scheduler", "dag-processor")
 AGENT_NAME = "agent-1"
 AGENT_SLOTS = 4
 # Remote may be slower than Local by this much, never more (a loaded 2-core machine: keep it generous).
@@ -53,6 +55,7 @@ class Stack:
     orch: Orchestrator
     markers: Path
     agent: Agent | None = None
+    triggerer: TriggererAgent | None = None
 
     def client(self) -> AirflowClient:
         return self.orch.client()
@@ -64,25 +67,31 @@ class Stack:
 
 @contextlib.contextmanager
 def _running_stack(name, executor, postgres, home: Path, dags_folder: Path) -> Iterator[Stack]:
-    """Orchestrator (with triggerer) and, for RemoteExecutor, one agent; all stopped on exit."""
+    """Orchestrator (with a triggerer for LocalExecutor) and, for RemoteExecutor, a worker agent and a
+    triggerer agent; all stopped on exit."""
     markers = home / "markers"
     markers.mkdir(parents=True)
     env = {"CONFORMANCE_MARKER_DIR": str(markers), "CONFORMANCE_RUNNER": "orchestrator"}
     db_url = postgres.create_database(f"airflow_{uuid.uuid4().hex[:12]}")
-    orch = make_orchestrator(home / "orchestrator", db_url, executor, dags_folder, env, COMPONENTS)
-    agent = None
+    remote = executor == REMOTE_EXECUTOR
+    components = REMOTE_COMPONENTS if remote else LOCAL_COMPONENTS
+    orch = make_orchestrator(home / "orchestrator", db_url, executor, dags_folder, env, components)
+    agent = triggerer = None
     try:
-        if executor == REMOTE_EXECUTOR:
-            token = create_agent_token(orch, "conformance", ["default"])
+        if remote:
+            token = create_agent_token(orch, "conformance", ["default"], components=["worker", "triggerer"])
             agent_env = {**env, "CONFORMANCE_RUNNER": AGENT_NAME}
             agent = Agent(orch.api_url, home / AGENT_NAME, dags_folder, token, AGENT_NAME,
                           ["default"], AGENT_SLOTS, extra_env=agent_env)  # fmt: skip
             agent.start()
-        yield Stack(name, orch, markers, agent)
+            triggerer = TriggererAgent(orch.api_url, home / "triggerer", token, "triggerer-1")
+            triggerer.start()
+        yield Stack(name, orch, markers, agent, triggerer)
     finally:
         try:
-            if agent is not None:
-                agent.stop()
+            for process in (triggerer, agent):
+                if process is not None:
+                    process.stop()
         finally:
             orch.stop()
 
@@ -130,7 +139,7 @@ def _side_by_side(
 
 def _check_alive(stack: Stack) -> None:
     """Fail at once, with the log, if the scheduler (or the agent) died: no point waiting further."""
-    procs = [stack.scheduler] + ([stack.agent.process] if stack.agent else [])
+    procs = [stack.scheduler] + [a.process for a in (stack.agent, stack.triggerer) if a is not None]
     for proc in procs:
         if not proc.alive:
             raise AssertionError(
@@ -360,7 +369,15 @@ def _run_deferral_dag(stack: Stack) -> dict[str, Any]:
     run_id = _trigger(stack, dag_id)
     try:
         run, seen = _watch_states(stack, dag_id, run_id, "wait")
-        return {"run": run, "outcome": _outcome(stack, dag_id, run_id), "sensor_states": seen}
+        fires_at = run["data_interval_end"] or run["run_after"]  # the sensor's base time, plus its delta
+        resumed_at = _ti(stack, dag_id, run_id, "wait")["end_date"]
+        fired_to_resumed = _seconds(fires_at, resumed_at) - dags.DEFERRAL_SECONDS
+        return {
+            "run": run,
+            "outcome": _outcome(stack, dag_id, run_id),
+            "sensor_states": seen,
+            "fired_to_resumed_seconds": fired_to_resumed,
+        }
     finally:
         _abandon_unfinished(stack, dag_id, run_id)
 
