@@ -1,5 +1,6 @@
-"""The one-command demo: stock Airflow on SQLite with the RemoteExecutor and no DAG files, a
-dag-processor agent that parses the example DAG, and a worker agent that runs it.
+"""The one-command demo: stock Airflow on SQLite with the RemoteExecutor, no DAG files and no
+triggerer; a dag-processor agent that parses the example DAG, a worker agent that runs it, and a
+triggerer agent that runs its deferred sensor's trigger.
 
 Run through ``./dev/demo``; ``--keep`` leaves the stack up, ``--stop`` stops a kept stack.
 """
@@ -23,6 +24,7 @@ from dev.stack import (
     Agent,
     DagProcessorAgent,
     Orchestrator,
+    TriggererAgent,
     create_agent_token,
     free_port,
     local_bundles,
@@ -72,12 +74,15 @@ def run(keep: bool) -> int:
     )
     agent: Agent | None = None
     parser: DagProcessorAgent | None = None
+    triggerer: TriggererAgent | None = None
     started = time.monotonic()
     try:
         _say(f"orchestrator: airflow db migrate (SQLite) in {orch.home}")
         orch.migrate()
-        token = create_agent_token(orch, "demo-agent", ["default"], components=["worker", "dag-processor"])
-        _say(f"orchestrator: api-server on {orch.api_url} and scheduler; no dag-processor, no DAG files")
+        token = create_agent_token(
+            orch, "demo-agent", ["default"], components=["worker", "dag-processor", "triggerer"]
+        )
+        _say(f"orchestrator: api-server on {orch.api_url} and scheduler; no dag-processor, triggerer or DAGs")
         orch.start()
         parser = DagProcessorAgent(orch.api_url, home / "dag-processor", token, "demo-dags", BUNDLES)
         _say("agent: airflow-remote-agent dag-processor parses dev/dags and publishes it over the API")
@@ -94,6 +99,9 @@ def run(keep: bool) -> int:
         )
         _say("agent: airflow-remote-agent worker (only the API URL and a token; no DB access)")
         agent.start()
+        triggerer = TriggererAgent(orch.api_url, home / "triggerer", token, "demo-triggerer")
+        _say("agent: airflow-remote-agent triggerer runs the triggers of deferred tasks")
+        triggerer.start()
         with orch.client() as client:
             client.wait_for_dag(DAG_ID)
             run_id = client.trigger(DAG_ID)
@@ -105,12 +113,12 @@ def run(keep: bool) -> int:
         if not ok:
             print(orch.logs(20), "\n--- agent:\n", agent.log_tail(40), file=sys.stderr)
         if keep:
-            _keep(orch, agent, parser)
+            _keep(orch, agent, parser, triggerer)
             return 0 if ok else 1
         return 0 if ok else 1
     except Exception as err:  # the demo's user wants the reason, not a traceback
         print(f"demo failed: {err}", file=sys.stderr)
-        for process in (parser, agent):
+        for process in (parser, agent, triggerer):
             if process is not None:
                 print(f"--- {process.name} log:\n{process.log_tail(30)}", file=sys.stderr)
         keep = False
@@ -118,7 +126,7 @@ def run(keep: bool) -> int:
     finally:
         if not keep:
             _say("stopping agents and orchestrator")
-            for process in (agent, parser):
+            for process in (triggerer, agent, parser):
                 if process is not None:
                     process.stop()
             orch.stop()
@@ -152,11 +160,11 @@ def _print_results(state: str, tis: list[dict], agents: dict, elapsed: float) ->
     print()
 
 
-def _keep(orch: Orchestrator, agent: Agent, parser: DagProcessorAgent) -> None:
-    pids = [p.pid for p in orch.processes.values()] + [agent.process.pid, parser.process.pid]
-    PIDS_FILE.write_text(json.dumps(pids))
+def _keep(orch: Orchestrator, agent: Agent, parser: DagProcessorAgent, triggerer: TriggererAgent) -> None:
+    agents = [agent.process.pid, parser.process.pid, triggerer.process.pid]
+    PIDS_FILE.write_text(json.dumps([p.pid for p in orch.processes.values()] + agents))
     print(f"The stack keeps running. Airflow UI: {orch.api_url}  (login admin / admin)")
-    print(f"Logs: {orch.logs_dir}, {agent.home / 'agent.log'} and {parser.log_file}")
+    print(f"Logs: {orch.logs_dir}, {agent.home / 'agent.log'}, {parser.log_file} and {triggerer.log_file}")
     print("Stop it with: ./dev/demo --stop")
 
 

@@ -1,9 +1,11 @@
-"""Example DAG run by ``./dev/demo``: fan-out, XCom between tasks, and a task that fails once."""
+"""Example DAG run by ``./dev/demo``: fan-out, XCom between tasks, a task that fails once, and a
+deferrable sensor whose trigger runs on the triggerer agent."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from airflow.providers.standard.sensors.time_delta import TimeDeltaSensor
 from airflow.sdk import dag, get_current_context, task
 
 
@@ -36,7 +38,9 @@ def example_remote():
         print(message)
         return message
 
-    report(flaky_total(square.expand(value=extract())))
+    # Hands its wait to the triggerer agent, freeing its worker slot, then resumes in the same try.
+    wait = TimeDeltaSensor(task_id="deferred_wait", delta=timedelta(seconds=3), deferrable=True)
+    wait >> report(flaky_total(square.expand(value=extract())))
 
 
 example_remote()
