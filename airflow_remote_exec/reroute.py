@@ -8,12 +8,11 @@ job is held by an agent that is not live). Every time here comes from the databa
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from airflow.jobs.job import Job
 from airflow.jobs.job import JobState as AirflowJobState
 from airflow.models.taskinstance import TaskInstance
-from airflow.utils import timezone
 from airflow.utils.state import TaskInstanceState
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -113,7 +112,7 @@ def end_triggerer_job(session: Session, agent_name: str, state: str) -> None:
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.end_date.is_(None))
-        .values(state=state, end_date=timezone.utcnow())
+        .values(state=state, end_date=datetime.now(UTC))
     )
     session.execute(update(RemoteAgent).where(RemoteAgent.name == agent_name).values(triggerer_job_id=None))
 

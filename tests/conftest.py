@@ -27,6 +27,7 @@ os.environ.update(
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "airflow_remote_exec.executor.RemoteExecutor",
         "AIRFLOW__API_AUTH__JWT_SECRET": "unit-test-secret-" + "x" * 64,
+        "AIRFLOW__CORE__FERNET_KEY": "dW5pdC10ZXN0LWZlcm5ldC1rZXktMzItYnl0ZXMhISE=",  # 32 bytes, base64
         "AIRFLOW__REMOTE_EXEC__WAKEUP_POLL_INTERVAL": "0.05",
     }
 )

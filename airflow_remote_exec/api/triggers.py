@@ -15,7 +15,7 @@ sent again after a lost answer is applied once.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,7 +31,6 @@ from airflow.models.trigger import Trigger
 from airflow.serialization.enums import DagAttributeTypes
 from airflow.serialization.serialized_objects import BaseSerialization
 from airflow.triggers.base import TaskFailedEvent, TaskSkippedEvent, TaskSuccessEvent, TriggerEvent
-from airflow.utils import timezone
 from airflow.utils.helpers import log_filename_template_renderer
 from airflow.utils.session import create_session
 from fastapi import APIRouter
@@ -90,7 +89,7 @@ def _health_threshold() -> timedelta:
 
 def _triggerer_job(session: Session, agent: RemoteAgent) -> int:
     """The Airflow job of this agent session, started at its first sync, heartbeated at every one."""
-    now = timezone.utcnow()
+    now = datetime.now(UTC)
     if agent.triggerer_job_id is None:
         agent.triggerer_job_id = session.execute(
             insert(Job)
@@ -145,7 +144,7 @@ def _assign(session: Session, agent: RemoteAgent, job_id: int, capacity: int) ->
         return
     alive = select(Job.id).where(
         Job.end_date.is_(None),
-        Job.latest_heartbeat > timezone.utcnow() - _health_threshold(),
+        Job.latest_heartbeat > datetime.now(UTC) - _health_threshold(),
         Job.job_type == TRIGGERER_JOB,
     )
     unowned = or_(Trigger.triggerer_id.is_(None), Trigger.triggerer_id.not_in(alive))

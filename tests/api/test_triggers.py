@@ -1,0 +1,247 @@
+"""The triggerer routes of the agent API: assignment within the agent's scope, Airflow's triggerer job
+per session, events applied once and only from the triggerer a trigger is assigned to."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from airflow.jobs.job import Job
+from airflow.models.dag import DagModel
+from airflow.models.dagbag import DBDagBag
+from airflow.models.dagbundle import DagBundleModel
+from airflow.models.dagrun import DagRun
+from airflow.models.serialized_dag import SerializedDagModel
+from airflow.models.taskinstance import TaskInstance
+from airflow.models.trigger import Trigger
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.providers.standard.triggers.file import FileDeleteTrigger
+from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+from airflow.sdk import DAG, Asset, AssetWatcher
+from airflow.sdk.serde import deserialize
+from airflow.serialization.serialized_objects import BaseSerialization, DagSerialization
+from airflow.utils.state import DagRunState, TaskInstanceState
+from airflow.utils.types import DagRunTriggeredByType, DagRunType
+from sqlalchemy import delete, select, update
+
+from tests.api.conftest import AGENT_VERSIONS, headers
+from tests.api.test_dag_processing import BUNDLE, FILE, _claim, _publish, _result
+
+START = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+@pytest.fixture(autouse=True)
+def _clean_airflow_rows(session) -> Iterator[None]:
+    yield
+    from airflow.models.asset import AssetModel, AssetWatcherModel, DagScheduleAssetReference
+
+    for model in (TaskInstance, DagRun, Trigger, AssetWatcherModel, DagScheduleAssetReference, AssetModel):
+        session.execute(delete(model))
+    for model in (SerializedDagModel, DagModel, DagBundleModel, Job):
+        session.execute(delete(model))
+    session.commit()
+
+
+@pytest.fixture
+def owner(client, make_token) -> str:
+    """The token whose dag-processor agent publishes the tests' DAGs (it owns bundle ``BUNDLE``)."""
+    token = make_token("owner", queues=("default", "other"), components=["dag-processor", "triggerer"])
+    body = {"name": "dp-1", "queues": [], "slots": 1, "components": ["dag-processor"], **AGENT_VERSIONS}
+    sid = client.post("/agents", json=body, headers=headers(token)).json()["session_id"]
+    assert _claim(client, token, sid, BUNDLE).status_code == 204
+    _publishers[token] = sid
+    return token
+
+
+_publishers: dict[str, str] = {}
+
+
+@pytest.fixture
+def triggerer(client, owner) -> Callable[..., str]:
+    """Register a triggerer agent (of the owner's token unless told); return its session id."""
+
+    def make(name: str = "trig-1", token: str | None = None, queues=("default",), components=("triggerer",)):
+        body = {"name": name, "queues": list(queues), "slots": 1, "components": list(components)}
+        reply = client.post("/agents", json={**body, **AGENT_VERSIONS}, headers=headers(token or owner))
+        assert reply.status_code == 200, reply.text
+        return reply.json()["session_id"]
+
+    return make
+
+
+def _publish_dag(client, owner: str, dag: DAG) -> None:
+    data = DagSerialization.to_dict(dag)
+    data["dag"].update(fileloc=f"/agent/{FILE}", relative_fileloc=FILE)
+    assert _publish(client, owner, _publishers[owner], _result(data)).status_code == 204
+
+
+@pytest.fixture
+def deferred(client, session, owner) -> Callable[..., tuple[int, str]]:
+    """A DAG published by the owner's dag processor, a run of it, its task deferred on a trigger:
+    returns (trigger id, task instance id)."""
+
+    def make(dag_id: str = "etl", queue: str = "default", priority: int = 1) -> tuple[int, str]:
+        with DAG(dag_id, schedule=None, start_date=START) as dag:
+            EmptyOperator(task_id="t", queue=queue, priority_weight=priority)
+        _publish_dag(client, owner, dag)
+        run = (
+            DBDagBag()
+            .get_latest_version_of_dag(dag_id, session=session)
+            .create_dagrun(
+                run_id=f"run-{uuid.uuid4().hex[:6]}",
+                run_after=START,
+                run_type=DagRunType.MANUAL,
+                triggered_by=DagRunTriggeredByType.TEST,
+                state=DagRunState.RUNNING,
+                session=session,
+            )
+        )
+        trigger = Trigger.from_object(TimeDeltaTrigger(datetime.timedelta(seconds=1)))
+        session.add(trigger)
+        session.flush()
+        ti = run.get_task_instances(session=session)[0]
+        ti.state, ti.trigger_id, ti.next_method = TaskInstanceState.DEFERRED, trigger.id, "execute_complete"
+        session.commit()
+        return trigger.id, str(ti.id)
+
+    return make
+
+
+def _sync(client, token: str, sid: str, capacity: int = 10, known=()):
+    body = {"capacity": capacity, "known": list(known)}
+    return client.post(f"/agents/{sid}/triggerer/triggers", json=body, headers=headers(token))
+
+
+def _report(client, token: str, sid: str, events=(), failures=(), batch_id: str | None = None):
+    body = {"batch_id": batch_id or str(uuid.uuid4()), "events": list(events), "failures": list(failures)}
+    return client.post(f"/agents/{sid}/triggerer/events", json=body, headers=headers(token))
+
+
+def _event(trigger_id: int, payload) -> dict:
+    return {"trigger_id": trigger_id, "kind": "_event_", "payload": BaseSerialization.serialize(payload)}
+
+
+def _ti(session, ti_id: str) -> TaskInstance:
+    session.expire_all()
+    return session.get(TaskInstance, uuid.UUID(ti_id))
+
+
+# -- tests ----------------------------------------------------------------------------------------------
+
+
+def test_a_trigger_of_its_queue_is_assigned_with_its_workload_and_plain_kwargs(
+    client, session, owner, triggerer, deferred
+):
+    trigger_id, ti_id = deferred()
+    assert not session.get(Trigger, trigger_id).encrypted_kwargs.startswith("{")  # encrypted at rest
+    sid = triggerer()
+    reply = _sync(client, owner, sid)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["trigger_ids"] == [trigger_id]
+    [offered] = body["new"]
+    workload = offered["workload"]
+    assert workload["id"] == trigger_id and workload["ti"]["id"] == ti_id
+    assert workload["classpath"].endswith("DateTimeTrigger")  # what TimeDeltaTrigger serializes as
+    assert workload["encrypted_kwargs"].startswith("{")  # the agent has no Fernet key of ours
+    job = session.scalars(select(Job).where(Job.job_type == "TriggererJob")).one()
+    assert job.hostname == "trig-1" and job.end_date is None
+    assert offered["log_path"].startswith("dag_id=etl/") and offered["log_path"].endswith(
+        f".log.trigger.{job.id}.log"
+    )
+    # Known triggers are not sent again; they stay assigned.
+    again = _sync(client, owner, sid, known=[trigger_id]).json()
+    assert again == {"trigger_ids": [trigger_id], "new": []}
+
+
+def test_triggers_of_other_queues_and_beyond_capacity_are_not_assigned(client, owner, triggerer, deferred):
+    other, _ = deferred("on_other", queue="other")
+    low, _ = deferred("low", priority=1)
+    high, _ = deferred("high", priority=10)
+    sid = triggerer()
+    assert _sync(client, owner, sid, capacity=1).json()["trigger_ids"] == [high]  # by priority
+    assert _sync(client, owner, sid, capacity=5).json()["trigger_ids"] == sorted([high, low])
+    assert other not in _sync(client, owner, sid, capacity=5).json()["trigger_ids"]
+
+
+def test_a_worker_or_dag_processor_session_may_not_sync_triggers(client, owner, triggerer):
+    sid = triggerer("dp-only", components=("dag-processor",), queues=())
+    reply = _sync(client, owner, sid)
+    assert reply.status_code == 403 and "not as a triggerer" in reply.json()["detail"]
+
+
+def test_an_event_is_applied_once_and_only_from_the_assigned_triggerer(
+    client, session, owner, triggerer, deferred
+):
+    trigger_id, ti_id = deferred()
+    first, second = triggerer("trig-1"), triggerer("trig-2")
+    assert _sync(client, owner, first).json()["trigger_ids"] == [trigger_id]
+    assert _sync(client, owner, second).json()["trigger_ids"] == []  # taken while trig-1 lives
+
+    stolen = _report(client, owner, second, events=[_event(trigger_id, {"from": "trig-2"})])
+    assert stolen.json() == {"refused": [trigger_id]}
+    assert _ti(session, ti_id).state == TaskInstanceState.DEFERRED
+
+    batch = str(uuid.uuid4())
+    payload = {"at": datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc), "n": 1}
+    assert _report(client, owner, first, [_event(trigger_id, payload)], batch_id=batch).json() == {
+        "refused": []
+    }
+    ti = _ti(session, ti_id)
+    assert ti.state == TaskInstanceState.SCHEDULED and ti.trigger_id is None
+    assert deserialize(ti.next_kwargs)["event"] == payload  # stored as Airflow stores it: a datetime
+    # The same batch again (its answer was lost): nothing applied twice.
+    session.execute(update(TaskInstance).values(state=TaskInstanceState.DEFERRED, trigger_id=trigger_id))
+    session.commit()
+    assert _report(client, owner, first, [_event(trigger_id, payload)], batch_id=batch).status_code == 200
+    assert _ti(session, ti_id).state == TaskInstanceState.DEFERRED
+
+
+def test_a_failure_fails_the_task_through_a_worker_and_a_payload_object_is_refused(
+    client, session, owner, triggerer, deferred
+):
+    failing, failing_ti = deferred("failing")
+    crafted, crafted_ti = deferred("crafted")
+    sid = triggerer()
+    assert sorted(_sync(client, owner, sid).json()["trigger_ids"]) == sorted([failing, crafted])
+    failure = {"trigger_id": failing, "traceback": ["Traceback ...\n", "RuntimeError: boom\n"]}
+    pod = {"trigger_id": crafted, "kind": "_event_", "payload": {"__type": "k8s.V1Pod", "__var": {}}}
+    assert _report(client, owner, sid, events=[pod], failures=[failure]).json() == {"refused": []}
+    ti = _ti(session, failing_ti)
+    assert ti.state == TaskInstanceState.SCHEDULED and ti.next_method == "__fail__"
+    assert "RuntimeError: boom" in "".join(ti.next_kwargs["traceback"])
+    ti = _ti(session, crafted_ti)
+    assert ti.next_method == "__fail__" and "refused" in "".join(ti.next_kwargs["traceback"])
+
+
+def test_a_deregistered_triggerers_triggers_go_to_another_at_once(
+    client, session, owner, triggerer, deferred
+):
+    trigger_id, _ = deferred()
+    first, second = triggerer("trig-1"), triggerer("trig-2")
+    assert _sync(client, owner, first).json()["trigger_ids"] == [trigger_id]
+    assert client.delete(f"/agents/{first}", headers=headers(owner)).status_code == 204
+    session.expire_all()
+    ended = session.scalars(select(Job).where(Job.hostname == "trig-1")).one()
+    assert ended.end_date is not None and ended.state == "success"
+    assert _sync(client, owner, second).json()["trigger_ids"] == [trigger_id]
+
+
+def test_asset_watchers_go_to_the_triggerers_of_the_token_that_owns_their_dag(
+    client, session, make_token, owner, triggerer
+):
+    watched = Asset("watched", watchers=[AssetWatcher(name="w", trigger=FileDeleteTrigger(filepath="/x"))])
+    with DAG("watching", schedule=[watched], start_date=START) as dag:
+        EmptyOperator(task_id="t")
+    _publish_dag(client, owner, dag)
+    session.execute(update(DagModel).where(DagModel.dag_id == "watching").values(is_paused=False))
+    session.commit()
+    _publish_dag(client, owner, dag)  # Airflow adds an unpaused DAG's watchers at its next parse
+    [watcher] = session.scalars(select(Trigger.id)).all()
+
+    stranger = make_token("stranger", components=["triggerer"])
+    assert _sync(client, stranger, triggerer("trig-x", token=stranger)).json()["trigger_ids"] == []
+    reply = _sync(client, owner, triggerer("trig-1")).json()
+    assert reply["trigger_ids"] == [watcher] and reply["new"][0]["workload"]["watched_assets"]
