@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # larger than this fails its trigger (Airflow keeps a payload in the task's next_kwargs, in the DB).
 MAX_BATCH_BYTES = 512 * 1024
 MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_TRACEBACK_LINES, MAX_TRACEBACK_LINE = 200, 2000
 
 
 def _fired(trigger_id: int, event: Any) -> FiredEvent | TriggerFailure:
@@ -69,6 +70,21 @@ def _fired(trigger_id: int, event: Any) -> FiredEvent | TriggerFailure:
             ],
         )
     return fired
+
+
+def _bounded(traceback: list[str] | None) -> list[str] | None:
+    """A traceback within what the agent API takes: its last lines, each cut to a length."""
+    if traceback is None:
+        return None
+    return [line[:MAX_TRACEBACK_LINE] for line in traceback[-MAX_TRACEBACK_LINES:]]
+
+
+def _as_failures(batch: TriggerReports, reason: str) -> TriggerReports:
+    """A refused batch's triggers failed with the reason, so that their tasks do not wait for ever."""
+    message = [f"The orchestrator refused this trigger's event: {reason[:1000]}"]
+    failures = [TriggerFailure(trigger_id=e.trigger_id, traceback=message) for e in batch.events]
+    failures += [TriggerFailure(trigger_id=f.trigger_id, traceback=message) for f in batch.failures]
+    return TriggerReports(batch_id=str(uuid.uuid4()), failures=failures)
 
 
 def _supervisor_class():
@@ -182,7 +198,7 @@ def _supervisor_class():
                     seqs.append(entry.persist_seq)
             while self.failed_triggers and len(failures) < MAX_TRIGGER_REPORTS and size < MAX_BATCH_BYTES:
                 trigger_id, traceback = self.failed_triggers.popleft()
-                failure = TriggerFailure(trigger_id=trigger_id, traceback=traceback)
+                failure = TriggerFailure(trigger_id=trigger_id, traceback=_bounded(traceback))
                 failures.append(failure)
                 size += len(failure.model_dump_json())
             if not events and not failures:
@@ -204,17 +220,14 @@ def _supervisor_class():
                     log.warning("Could not deliver %d trigger event(s) yet: %s", len(body.events), err)
                     return
                 except AgentApiError as err:  # the batch itself is refused: sending it again won't help
-                    log.error(
-                        "The orchestrator refused trigger events %s: %s", body.model_dump_json()[:500], err
-                    )
-                    self._batch = None
+                    log.error("The orchestrator refused a batch of trigger events and failures: %s", err)
+                    self._batch = _as_failures(body, err.detail), seqs
+                    if not body.events:  # even plain failures: nothing more to try
+                        self._batch = None
                     continue
                 self.persisted_event_seqs.extend(seqs)
                 if reply.refused:
-                    log.info(
-                        "Triggers %s now run on another triggerer: their events were not applied",
-                        reply.refused,
-                    )
+                    log.info("Not applied, their triggers now run elsewhere: %s", reply.refused)
                 self._batch = None
 
     return AgentTriggerRunnerSupervisor
@@ -228,9 +241,7 @@ class TriggererAgent:
 
     def _on_signal(self, signum, frame) -> None:
         if self.supervisor is not None and not self.supervisor.stop:
-            log.info(
-                "Stopping on signal %s: triggers end, the orchestrator hands them to other triggerers", signum
-            )
+            log.info("Stopping on signal %s; other triggerers take over these triggers", signum)
             self.supervisor.stop = True
         else:
             self.stop.set()
