@@ -11,7 +11,6 @@ orchestrator. Each trigger of a task logs to Airflow's trigger log file beside t
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -41,7 +40,10 @@ log = logging.getLogger(__name__)
 # larger than this fails its trigger (Airflow keeps a payload in the task's next_kwargs, in the DB).
 MAX_BATCH_BYTES = 512 * 1024
 MAX_PAYLOAD_BYTES = 256 * 1024
-MAX_TRACEBACK_LINES, MAX_TRACEBACK_LINE = 200, 2000
+MAX_TRACEBACK_LINES, MAX_TRACEBACK_LINE = 100, 1000  # at most 400 KB even in 4-byte characters
+# A sync or a batch is tried this often before the loop goes on (and tries again next time round):
+# Airflow's loop also serves the trigger runner's requests, which must not wait on an outage.
+CALL_TRIES = 3
 
 
 def _fired(trigger_id: int, event: Any) -> FiredEvent | TriggerFailure:
@@ -57,7 +59,7 @@ def _fired(trigger_id: int, event: Any) -> FiredEvent | TriggerFailure:
             )
         else:
             fired = FiredEvent(trigger_id=trigger_id, kind=kind, xcoms=getattr(event, "xcoms", None))
-        size = len(json.dumps(fired.model_dump(mode="json")))
+        size = _bytes(fired)
     except (TypeError, ValueError) as err:
         return TriggerFailure(
             trigger_id=trigger_id, traceback=[f"The trigger's event cannot be sent: {err}\n"]
@@ -70,6 +72,11 @@ def _fired(trigger_id: int, event: Any) -> FiredEvent | TriggerFailure:
             ],
         )
     return fired
+
+
+def _bytes(item: FiredEvent | TriggerFailure) -> int:
+    """Its size on the wire, as the agent API's body limit counts it."""
+    return len(item.model_dump_json().encode())
 
 
 def _bounded(traceback: list[str] | None) -> list[str] | None:
@@ -161,7 +168,9 @@ def _supervisor_class():
                 return
             body = TriggerSync(capacity=self.capacity, known=sorted(self._known()))
             try:
-                reply = TriggerAssignment.model_validate(self.agent.call("POST", "/triggers", body))
+                reply = TriggerAssignment.model_validate(
+                    self.agent.call("POST", "/triggers", body, max_tries=CALL_TRIES)
+                )
             except (AgentApiError, Unreachable) as err:
                 log.warning("Trigger sync failed (running triggers go on): %s", err)
                 return
@@ -193,14 +202,14 @@ def _supervisor_class():
                 entry = self.events.popleft()
                 fired = _fired(entry.trigger_id, entry.event)
                 (events if isinstance(fired, FiredEvent) else failures).append(fired)
-                size += len(fired.model_dump_json())
+                size += _bytes(fired)
                 if entry.persist_seq is not None:
                     seqs.append(entry.persist_seq)
             while self.failed_triggers and len(failures) < MAX_TRIGGER_REPORTS and size < MAX_BATCH_BYTES:
                 trigger_id, traceback = self.failed_triggers.popleft()
                 failure = TriggerFailure(trigger_id=trigger_id, traceback=_bounded(traceback))
                 failures.append(failure)
-                size += len(failure.model_dump_json())
+                size += _bytes(failure)
             if not events and not failures:
                 return None
             return TriggerReports(batch_id=str(uuid.uuid4()), events=events, failures=failures), seqs
@@ -215,7 +224,9 @@ def _supervisor_class():
                         return
                 body, seqs = self._batch
                 try:
-                    reply = TriggerReportsResponse.model_validate(self.agent.call("POST", "/events", body))
+                    reply = TriggerReportsResponse.model_validate(
+                        self.agent.call("POST", "/events", body, max_tries=CALL_TRIES)
+                    )
                 except Unreachable as err:
                     log.warning("Could not deliver %d trigger event(s) yet: %s", len(body.events), err)
                     return

@@ -12,8 +12,9 @@ retry: when threads hang on locks or on a dead connection, work does not pile up
 long after its agent stopped waiting.
 
 Dag-processor agents' work (a parsing result is deserialized and persisted, which can take seconds)
-runs on ``PARSING_THREADS`` threads of its own, so that it never holds the threads that claims and
-reports of running tasks need.
+runs on ``PARSING_THREADS`` threads of its own, and triggerer agents' work (trigger syncs, events,
+look-ups that may ask an external secrets backend) on ``TRIGGER_THREADS``, so that neither ever holds
+the threads that claims and reports of running tasks need.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from airflow_remote_exec import config
 
 SLOT_WAIT_SECONDS = 5.0
 PARSING_THREADS = 2
-AGENTS, PARSING = "agents", "parsing"  # the lanes
+TRIGGER_THREADS = 2
+AGENTS, PARSING, TRIGGERS = "agents", "parsing", "triggers"  # the lanes
 
 _T = TypeVar("_T")
 # Forgotten with their loop (a test's, a restarted server's).
@@ -51,6 +53,7 @@ def _limiters_of_loop(lane: str = AGENTS) -> tuple[anyio.CapacityLimiter, anyio.
         limiters = _limiters[loop] = {
             AGENTS: anyio.CapacityLimiter(config.api_db_threads()),
             PARSING: anyio.CapacityLimiter(PARSING_THREADS),
+            TRIGGERS: anyio.CapacityLimiter(TRIGGER_THREADS),
             "unbounded": anyio.CapacityLimiter(math.inf),
         }
     return limiters[lane], limiters["unbounded"]

@@ -16,7 +16,7 @@ from fastapi import Path as PathParam
 
 from airflow_remote_exec.api.auth import SecretDep, authenticate
 from airflow_remote_exec.api.datamodels import error_responses
-from airflow_remote_exec.api.db_threads import AGENTS, PARSING, run_db
+from airflow_remote_exec.api.db_threads import PARSING, TRIGGERS, run_db
 from airflow_remote_exec.models import Component
 
 LookupKey = Annotated[str, PathParam(min_length=1, max_length=250)]
@@ -80,4 +80,4 @@ def lookup_router(component: str, lane: str) -> APIRouter:
 
 
 dag_processor_lookups = lookup_router(Component.DAG_PROCESSOR, PARSING)
-triggerer_lookups = lookup_router(Component.TRIGGERER, AGENTS)
+triggerer_lookups = lookup_router(Component.TRIGGERER, TRIGGERS)

@@ -14,17 +14,18 @@ sent again after a lost answer is applied once.
 
 from __future__ import annotations
 
+import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
 from airflow.configuration import conf
 from airflow.jobs.job import Job, JobState
 from airflow.jobs.triggerer_job_runner import TriggererJobRunner, TriggerRunnerSupervisor
-from airflow.models.asset import AssetWatcherModel, DagScheduleAssetReference
+from airflow.models.asset import AssetWatcherModel
 from airflow.models.crypto import get_fernet
-from airflow.models.dag import DagModel
 from airflow.models.dagbag import DBDagBag
 from airflow.models.taskinstance import TaskInstance
 from airflow.models.trigger import Trigger
@@ -33,8 +34,8 @@ from airflow.serialization.serialized_objects import BaseSerialization
 from airflow.triggers.base import TaskFailedEvent, TaskSkippedEvent, TaskSuccessEvent, TriggerEvent
 from airflow.utils.helpers import log_filename_template_renderer
 from airflow.utils.session import create_session
-from fastapi import APIRouter
-from sqlalchemy import ColumnElement, Select, func, insert, or_, select, update
+from fastapi import APIRouter, HTTPException, status
+from sqlalchemy import ColumnElement, false, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authorize_agent
@@ -47,10 +48,12 @@ from airflow_remote_exec.api.datamodels import (
     TriggerSync,
     error_responses,
 )
-from airflow_remote_exec.api.db_threads import run_db
-from airflow_remote_exec.api.parsed_dags import dicts_in
-from airflow_remote_exec.models import Component, RemoteAgent, RemoteBundle
+from airflow_remote_exec.api.db_threads import TRIGGERS, run_db
+from airflow_remote_exec.api.parsed_dags import EXECUTOR_PATH, dicts_in, remote_executor_names
+from airflow_remote_exec.clock import db_now
+from airflow_remote_exec.models import Component, RemoteAgent
 
+log = logging.getLogger(__name__)
 router = APIRouter(
     prefix="/agents/{session_id}/triggerer",
     tags=["triggerer"],
@@ -87,51 +90,75 @@ def _health_threshold() -> timedelta:
 # -- the agent's triggerer job ------------------------------------------------------------------------
 
 
-def _triggerer_job(session: Session, agent: RemoteAgent) -> int:
-    """The Airflow job of this agent session, started at its first sync, heartbeated at every one."""
-    now = datetime.now(UTC)
-    if agent.triggerer_job_id is None:
-        agent.triggerer_job_id = session.execute(
-            insert(Job)
-            .values(
-                job_type=TRIGGERER_JOB,
-                state=JobState.RUNNING,
-                start_date=now,
-                latest_heartbeat=now,
-                hostname=agent.name,
-                unixname="remote-agent",
-            )
-            .returning(Job.id)
-        ).scalar_one()
-    else:
-        session.execute(update(Job).where(Job.id == agent.triggerer_job_id).values(latest_heartbeat=now))
-    return agent.triggerer_job_id
+def _start_triggerer_job(secret: str, session_id: str) -> None:
+    """The Airflow job of this agent session, committed before its first assignment: another
+    triggerer's assignment must see it alive before it sees a trigger assigned to it."""
+    with create_session(scoped=False) as session:
+        agent = _locked_triggerer(session, secret, session_id)
+        if agent.triggerer_job_id is None:
+            now = db_now(session)
+            agent.triggerer_job_id = session.execute(
+                insert(Job)
+                .values(
+                    job_type=TRIGGERER_JOB,
+                    state=JobState.RUNNING,
+                    start_date=now,
+                    latest_heartbeat=now,
+                    hostname=agent.name,
+                    unixname="remote-agent",
+                )
+                .returning(Job.id)
+            ).scalar_one()
+
+
+def _locked_triggerer(session: Session, secret: str, session_id: str) -> RemoteAgent:
+    name = authorize_agent(session, secret, session_id, lock=True, component=Component.TRIGGERER).name
+    agent = session.get(RemoteAgent, name)
+    if agent is None:  # purged between the two reads (SQLite has no row lock to prevent it)
+        raise HTTPException(status.HTTP_410_GONE, "Unknown agent session; register again.")
+    return agent
 
 
 # -- assignment ---------------------------------------------------------------------------------------
 
 
-def watcher_triggers(*where: ColumnElement[bool]) -> Select:
-    """Ids of the triggers of asset watchers that DAGs of agent bundles (``where``: which) schedule on."""
-    return (
-        select(AssetWatcherModel.trigger_id)
-        .join(DagScheduleAssetReference, DagScheduleAssetReference.asset_id == AssetWatcherModel.asset_id)
-        .join(DagModel, DagModel.dag_id == DagScheduleAssetReference.dag_id)
-        .join(RemoteBundle, RemoteBundle.name == DagModel.bundle_name)
-        .where(*where)
-    )
+def watcher_queue(token_id: int) -> str:
+    """The queue of the asset-watcher triggers an agent token's DAGs created: no stock triggerer
+    started without ``--queues`` takes it, and only that token's triggerer agents do."""
+    return f"{AGENT_TRIGGER_QUEUE}:{token_id}"
 
 
-def keep_watchers_on_agents(session: Session, bundle: str) -> None:
-    """Give the triggers of a bundle's asset watchers a queue that no stock triggerer started without
-    ``--queues`` takes: the token's triggerer agents run them, never the orchestrator."""
+def last_trigger_id(session: Session) -> int:
+    return session.scalar(select(func.max(Trigger.id))) or 0
+
+
+def claim_new_watchers(session: Session, token_id: int, after_id: int) -> None:
+    """Give the asset-watcher triggers that persisting an agent's DAGs just created (ids above
+    ``after_id``) the token's watcher queue. Their classpath and kwargs came from the agent: they must
+    never run on the orchestrator, nor on another token's agents. A watcher identical to an existing
+    one reuses that trigger, which keeps its owner."""
     session.execute(
         update(Trigger)
-        .where(Trigger.id.in_(watcher_triggers(RemoteBundle.name == bundle)))
-        .where(or_(Trigger.queue.is_(None), Trigger.queue != AGENT_TRIGGER_QUEUE))
-        .values(queue=AGENT_TRIGGER_QUEUE)
+        .where(
+            Trigger.id > after_id,
+            Trigger.id.in_(select(AssetWatcherModel.trigger_id)),
+            Trigger.queue.is_(None),
+        )
+        .values(queue=watcher_queue(token_id))
         .execution_options(synchronize_session=False)
     )
+
+
+@cache
+def _on_remote_executor() -> ColumnElement[bool]:
+    """Task instances RemoteExecutor runs: their executor names it, or names none and it is the
+    default. A deferred task of another executor keeps its trigger off the agents."""
+    from airflow.executors.executor_loader import ExecutorLoader
+
+    named = TaskInstance.executor.in_(remote_executor_names())
+    if ExecutorLoader.get_default_executor_name().module_path == EXECUTOR_PATH:
+        return or_(named, TaskInstance.executor.is_(None))
+    return named
 
 
 def _assign(session: Session, agent: RemoteAgent, job_id: int, capacity: int) -> None:
@@ -142,20 +169,18 @@ def _assign(session: Session, agent: RemoteAgent, job_id: int, capacity: int) ->
     room = min(capacity - held, Trigger.max_trigger_to_select_per_loop)
     if room <= 0:
         return
-    alive = select(Job.id).where(
-        Job.end_date.is_(None),
-        Job.latest_heartbeat > datetime.now(UTC) - _health_threshold(),
-        Job.job_type == TRIGGERER_JOB,
-    )
-    unowned = or_(Trigger.triggerer_id.is_(None), Trigger.triggerer_id.not_in(alive))
+    unowned = _unowned(session)
     of_tasks = (
         select(Trigger.id)
         .join(TaskInstance, TaskInstance.trigger_id == Trigger.id)
-        .where(unowned, TaskInstance.queue.in_(agent.queue_list))
+        .where(unowned, TaskInstance.queue.in_(agent.queue_list), _on_remote_executor())
         .order_by(func.coalesce(TaskInstance.priority_weight, 0).desc(), Trigger.created_date)
     )
-    of_token = watcher_triggers(RemoteBundle.token_id == agent.token_id)
-    of_assets = select(Trigger.id).where(unowned, Trigger.id.in_(of_token)).order_by(Trigger.created_date)
+    of_assets = (
+        select(Trigger.id)
+        .where(unowned, Trigger.queue == watcher_queue(agent.token_id), Trigger.assets.any())
+        .order_by(Trigger.created_date)
+    )
     taken: list[int] = []
     for query in (of_tasks, of_assets):
         if len(taken) >= room:
@@ -164,6 +189,16 @@ def _assign(session: Session, agent: RemoteAgent, job_id: int, capacity: int) ->
         taken.extend(session.scalars(locked))
     if taken:
         session.execute(update(Trigger).where(Trigger.id.in_(taken)).values(triggerer_id=job_id))
+
+
+def _unowned(session: Session) -> ColumnElement[bool]:
+    """Triggers no live triggerer holds (as in Airflow's ``assign_unassigned``, on the DB's clock)."""
+    alive = select(Job.id).where(
+        Job.end_date.is_(None),
+        Job.latest_heartbeat > db_now(session) - _health_threshold(),
+        Job.job_type == TRIGGERER_JOB,
+    )
+    return or_(Trigger.triggerer_id.is_(None), Trigger.triggerer_id.not_in(alive))
 
 
 def _mine(session: Session, job_id: int) -> list[int]:
@@ -199,12 +234,23 @@ def _offered(session: Session, job_id: int, trigger_ids: list[int]) -> list[Offe
     for trigger in Trigger.bulk_fetch(trigger_ids, session=session).values():
         if trigger.task_instance is None and not trigger.assets:
             continue
-        workload = TriggerRunnerSupervisor._create_workload(
-            builder, trigger=trigger, dag_bag=dag_bag, render_log_fname=render_log_fname, session=session
-        )
-        if workload is None:
+        try:
+            with session.begin_nested():
+                workload = TriggerRunnerSupervisor._create_workload(
+                    builder,
+                    trigger=trigger,
+                    dag_bag=dag_bag,
+                    render_log_fname=render_log_fname,
+                    session=session,
+                )
+                if workload is None:
+                    continue
+                plain = _plain_kwargs(workload.encrypted_kwargs)
+        except Exception as err:  # one unusable trigger (kwargs another key encrypted, say) fails alone
+            log.warning("Trigger %s cannot be sent to a triggerer: %r", trigger.id, err)
+            Trigger.submit_failure(trigger.id, exc=[f"The trigger cannot be run: {err!r}"], session=session)
             continue
-        workload = workload.model_copy(update={"encrypted_kwargs": _plain_kwargs(workload.encrypted_kwargs)})
+        workload = workload.model_copy(update={"encrypted_kwargs": plain})
         logs = builder.logger_cache.pop(trigger.id, None)
         offered.append(
             OfferedTrigger(
@@ -223,9 +269,15 @@ def _clean_unused(session: Session) -> None:
 
 def _sync(secret: str, session_id: str, body: TriggerSync) -> TriggerAssignment:
     with create_session(scoped=False) as session:
-        of_request = authorize_agent(session, secret, session_id, lock=True, component=Component.TRIGGERER)
-        agent = session.get(RemoteAgent, of_request.name)
-        job_id = _triggerer_job(session, agent)
+        job_id = _locked_triggerer(session, secret, session_id).triggerer_job_id
+    if job_id is None:
+        _start_triggerer_job(secret, session_id)
+    with create_session(scoped=False) as session:
+        agent = _locked_triggerer(session, secret, session_id)
+        job_id = agent.triggerer_job_id
+        if job_id is None:  # its session ended meanwhile
+            raise HTTPException(status.HTTP_410_GONE, "Agent session is over; register again.")
+        session.execute(update(Job).where(Job.id == job_id).values(latest_heartbeat=db_now(session)))
         _assign(session, agent, job_id, body.capacity)
         mine = _mine(session, job_id)
         known = set(body.known)
@@ -254,40 +306,51 @@ def _event_of(fired: FiredEvent) -> TriggerEvent:
     return TriggerEvent(BaseSerialization.deserialize(fired.payload))
 
 
+def _ours(session: Session, agent: RemoteAgent, reported: set[int]) -> set[int]:
+    """Of the reported triggers, those the agent may report on, row-locked: assigned to its job, or to
+    no live triggerer (its session ended while it held them, and nobody took them over yet). A trigger
+    another live triggerer holds is that one's to report."""
+    mine = Trigger.triggerer_id == agent.triggerer_job_id if agent.triggerer_job_id else false()
+    return set(
+        session.scalars(
+            select(Trigger.id)
+            .where(Trigger.id.in_(reported), or_(mine, _unowned(session)))
+            .order_by(Trigger.id)
+            .with_for_update()
+        )
+    )
+
+
+def _apply_event(session: Session, fired: FiredEvent) -> None:
+    problem = _payload_problem({"payload": fired.payload, "xcoms": fired.xcoms})
+    if problem:
+        reason = f"The orchestrator refused the trigger's event: its payload holds {problem}."
+        Trigger.submit_failure(fired.trigger_id, exc=[reason], session=session)
+        return
+    try:
+        with session.begin_nested():
+            Trigger.submit_event(fired.trigger_id, _event_of(fired), session=session)
+    except Exception as err:  # an event Airflow cannot store (an asset event's extra, say) fails alone
+        log.warning("Trigger %s's event could not be applied: %r", fired.trigger_id, err)
+        reason = f"The orchestrator could not apply the trigger's event: {err!r}"
+        Trigger.submit_failure(fired.trigger_id, exc=[reason[:2000]], session=session)
+
+
 def _report(secret: str, session_id: str, body: TriggerReports) -> TriggerReportsResponse:
     with create_session(scoped=False) as session:
-        of_request = authorize_agent(session, secret, session_id, lock=True, component=Component.TRIGGERER)
-        agent = session.get(RemoteAgent, of_request.name)
+        agent = _locked_triggerer(session, secret, session_id)
         if agent.last_event_batch == body.batch_id:
             return TriggerReportsResponse(refused=[])
         reported = {e.trigger_id for e in body.events} | {f.trigger_id for f in body.failures}
-        owned = set()
-        if agent.triggerer_job_id is not None:
-            owned = set(
-                session.scalars(
-                    select(Trigger.id)
-                    .where(Trigger.id.in_(reported), Trigger.triggerer_id == agent.triggerer_job_id)
-                    .order_by(Trigger.id)
-                    .with_for_update()
-                )
-            )
+        ours = _ours(session, agent, reported)
         for fired in body.events:
-            if fired.trigger_id not in owned:
-                continue
-            problem = _payload_problem({"payload": fired.payload, "xcoms": fired.xcoms})
-            if problem:
-                Trigger.submit_failure(
-                    fired.trigger_id,
-                    exc=[f"The orchestrator refused the trigger's event: its payload holds {problem}.\n"],
-                    session=session,
-                )
-                continue
-            Trigger.submit_event(fired.trigger_id, _event_of(fired), session=session)
+            if fired.trigger_id in ours:
+                _apply_event(session, fired)
         for failure in body.failures:
-            if failure.trigger_id in owned:
+            if failure.trigger_id in ours:
                 Trigger.submit_failure(failure.trigger_id, exc=failure.traceback, session=session)
         agent.last_event_batch = body.batch_id
-        return TriggerReportsResponse(refused=sorted(reported - owned))
+        return TriggerReportsResponse(refused=sorted(reported - ours))
 
 
 # -- routes -------------------------------------------------------------------------------------------
@@ -299,7 +362,7 @@ def _report(secret: str, session_id: str, body: TriggerReports) -> TriggerReport
     summary="Take triggers up to capacity; the agent's triggers, with workloads of those it lacks",
 )
 async def sync_triggers(session_id: SessionIdPath, body: TriggerSync, secret: SecretDep) -> TriggerAssignment:
-    return await run_db(_sync, secret, session_id, body)
+    return await run_db(_sync, secret, session_id, body, lane=TRIGGERS)
 
 
 @router.post(
@@ -311,4 +374,4 @@ async def sync_triggers(session_id: SessionIdPath, body: TriggerSync, secret: Se
 async def report_events(
     session_id: SessionIdPath, body: TriggerReports, secret: SecretDep
 ) -> TriggerReportsResponse:
-    return await run_db(_report, secret, session_id, body)
+    return await run_db(_report, secret, session_id, body, lane=TRIGGERS)

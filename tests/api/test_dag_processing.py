@@ -54,6 +54,12 @@ def processor(client, make_token) -> Callable[..., tuple[str, str]]:
     return make
 
 
+def _token_id(session, secret: str) -> int:
+    from airflow_remote_exec.tokens import find_valid_token
+
+    return find_valid_token(session, secret).id
+
+
 def _url(session_id: str, path: str) -> str:
     return f"/agents/{session_id}/dag-processor{path}"
 
@@ -263,7 +269,7 @@ def test_an_asset_watchers_trigger_is_kept_off_stock_triggerers(client, processo
     session.expire_all()
     triggers = session.query(Trigger).filter(Trigger.classpath.like("%FileDeleteTrigger")).all()
     # Created by Airflow's persistence, with a queue that stock triggerers (no --queues) never take.
-    assert [t.queue for t in triggers] == ["remote-exec-agents"]
+    assert [t.queue for t in triggers] == [f"remote-exec-agents:{_token_id(session, token)}"]
 
 
 def test_results_must_carry_sources_and_stay_inside_their_file(client, processor):

@@ -71,10 +71,10 @@ def triggerer(client, owner) -> Callable[..., str]:
     return make
 
 
-def _publish_dag(client, owner: str, dag: DAG) -> None:
+def _publish_dag(client, owner: str, dag: DAG, file: str = FILE) -> None:
     data = DagSerialization.to_dict(dag)
-    data["dag"].update(fileloc=f"/agent/{FILE}", relative_fileloc=FILE)
-    assert _publish(client, owner, _publishers[owner], _result(data)).status_code == 204
+    data["dag"].update(fileloc=f"/agent/{file}", relative_fileloc=file)
+    assert _publish(client, owner, _publishers[owner], _result(data, file=file)).status_code == 204
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def deferred(client, session, owner) -> Callable[..., tuple[int, str]]:
     """A DAG published by the owner's dag processor, a run of it, its task deferred on a trigger:
     returns (trigger id, task instance id)."""
 
-    def make(dag_id: str = "etl", queue: str = "default", priority: int = 1) -> tuple[int, str]:
+    def make(dag_id="etl", queue="default", priority=1, executor=None, kwargs=None) -> tuple[int, str]:
         with DAG(dag_id, schedule=None, start_date=START) as dag:
             EmptyOperator(task_id="t", queue=queue, priority_weight=priority)
         _publish_dag(client, owner, dag)
@@ -99,9 +99,12 @@ def deferred(client, session, owner) -> Callable[..., tuple[int, str]]:
             )
         )
         trigger = Trigger.from_object(TimeDeltaTrigger(datetime.timedelta(seconds=1)))
+        if kwargs is not None:
+            trigger.encrypted_kwargs = kwargs
         session.add(trigger)
         session.flush()
         ti = run.get_task_instances(session=session)[0]
+        ti.executor = executor
         ti.state, ti.trigger_id, ti.next_method = TaskInstanceState.DEFERRED, trigger.id, "execute_complete"
         session.commit()
         return trigger.id, str(ti.id)
@@ -245,3 +248,61 @@ def test_asset_watchers_go_to_the_triggerers_of_the_token_that_owns_their_dag(
     assert _sync(client, stranger, triggerer("trig-x", token=stranger)).json()["trigger_ids"] == []
     reply = _sync(client, owner, triggerer("trig-1")).json()
     assert reply["trigger_ids"] == [watcher] and reply["new"][0]["workload"]["watched_assets"]
+
+
+def test_a_deferred_task_of_another_executor_keeps_its_trigger_off_the_agents(
+    client, owner, triggerer, deferred
+):
+    local, _ = deferred("local", executor="LocalExecutor")
+    remote, _ = deferred("remote", executor="RemoteExecutor")
+    default, _ = deferred("default_executor")  # none named: the default, RemoteExecutor here
+    assert _sync(client, owner, triggerer()).json()["trigger_ids"] == sorted([remote, default])
+    assert local not in _sync(client, owner, triggerer("trig-2")).json()["trigger_ids"]
+
+
+def test_a_trigger_that_cannot_be_sent_fails_alone_and_the_others_still_go(
+    client, session, owner, triggerer, deferred
+):
+    broken, broken_ti = deferred("broken", kwargs="not-fernet-encrypted")
+    fine, _ = deferred("fine")
+    reply = _sync(client, owner, triggerer())
+    assert reply.status_code == 200, reply.text
+    assert [offered["workload"]["id"] for offered in reply.json()["new"]] == [fine]
+    ti = _ti(session, broken_ti)
+    assert ti.next_method == "__fail__" and "cannot be run" in "".join(ti.next_kwargs["traceback"])
+
+
+def test_an_event_of_a_session_that_ended_is_applied_unless_another_triggerer_took_the_trigger(
+    client, session, owner, triggerer, deferred
+):
+    trigger_id, ti_id = deferred()
+    first = triggerer("trig-1")
+    assert _sync(client, owner, first).json()["trigger_ids"] == [trigger_id]
+    again = triggerer("trig-1")  # the same process registering again: its job ends
+    assert _report(client, owner, again, [_event(trigger_id, "late")]).json() == {"refused": []}
+    assert _ti(session, ti_id).state == TaskInstanceState.SCHEDULED
+
+    taken, taken_ti = deferred("taken")
+    assert _sync(client, owner, again).json()["trigger_ids"] == [taken]
+    other = triggerer("trig-2")
+    session.execute(update(Job).where(Job.hostname == "trig-1").values(end_date=START))
+    session.commit()
+    assert _sync(client, owner, other).json()["trigger_ids"] == [taken]
+    assert _report(client, owner, again, [_event(taken, "late")]).json() == {"refused": [taken]}
+    assert _ti(session, taken_ti).state == TaskInstanceState.DEFERRED
+
+
+def test_a_watcher_declared_anywhere_in_an_agents_dag_is_kept_off_stock_triggerers(client, session, owner):
+    outlet = Asset("written", watchers=[AssetWatcher(name="w", trigger=FileDeleteTrigger(filepath="/y"))])
+    with DAG("writes", schedule=None, start_date=START) as writes:
+        EmptyOperator(task_id="t", outlets=[outlet])
+    with DAG("reads", schedule=[Asset("written")], start_date=START) as reads:  # makes the asset active
+        EmptyOperator(task_id="t")
+    _publish_dag(client, owner, reads, file="reads.py")
+    _publish_dag(client, owner, writes)
+    session.execute(update(DagModel).values(is_paused=False))
+    session.commit()
+    _publish_dag(client, owner, reads, file="reads.py")
+    _publish_dag(client, owner, writes)
+    queues = list(session.scalars(select(Trigger.queue)))
+    assert queues and None not in queues  # created from the outlet's watcher, the token's own

@@ -86,10 +86,12 @@ def test_a_refused_batch_fails_its_triggers_rather_than_leave_their_tasks_waitin
 def test_a_long_traceback_is_cut_to_what_the_api_takes():
     session = ScriptedSession({"refused": []})
     supervisor = _supervisor(session)
-    supervisor.failed_triggers.append((6, ["x" * 200_000] * 5000))
+    supervisor.failed_triggers.append((6, ["€" * 200_000] * 5000))
+    supervisor.events.append(TriggerEventEntry(trigger_id=7, event=TriggerEvent(1), persist_seq=None))
     supervisor.handle_events()
-    [failure] = session.calls[0][2].failures
-    assert len(failure.traceback) == 200 and max(map(len, failure.traceback)) == 2000
+    batch = session.calls[0][2]
+    assert len(batch.failures[0].traceback) == 100 and max(map(len, batch.failures[0].traceback)) == 1000
+    assert len(batch.model_dump_json().encode()) < 1024 * 1024  # within the agent API's body limit
 
 
 def test_workloads_come_from_the_sync_and_unknown_ones_wait_for_a_later_one():
