@@ -48,6 +48,7 @@ def create_app(prefix: str = "") -> FastAPI:
     app.include_router(lookups.dag_processor_lookups, prefix=prefix)
     app.include_router(triggers.router, prefix=prefix)
     app.include_router(lookups.triggerer_lookups, prefix=prefix)
+    app.include_router(lookups.state_questions, prefix=prefix)  # after the look-ups it must not shadow
     app.add_middleware(BodyLimit, limit_for=_body_limit, admit=dag_processing.admit_upload)
 
     @app.get(f"{prefix}/health", tags=["health"], summary="Liveness of the agent API (no auth)")

@@ -4,14 +4,20 @@ these paths. The token is enough (no session), and it must allow the component a
 
 Each agent asks its own secrets backends and environment first; only what they do not hold comes here,
 from the orchestrator's secrets backends and metadata DB.
+
+Triggers also ask how other tasks and DAG runs are doing (Airflow's ``WorkflowTrigger`` and
+``DagStateTrigger``, behind a deferrable ``ExternalTaskSensor``): those read-only questions, and only
+those, are passed to Airflow's own Execution API in-process, as a stock triggerer asks it.
 """
 
 from __future__ import annotations
 
+import re
+from functools import cache
 from typing import Annotated
 
 from airflow.utils.session import create_session
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi import Path as PathParam
 
 from airflow_remote_exec.api.auth import SecretDep, authenticate
@@ -81,3 +87,39 @@ def lookup_router(component: str, lane: str) -> APIRouter:
 
 dag_processor_lookups = lookup_router(Component.DAG_PROCESSOR, PARSING)
 triggerer_lookups = lookup_router(Component.TRIGGERER, TRIGGERS)
+
+# The Execution API's read-only routes about other tasks and runs that Airflow's triggers call.
+_STATE_QUESTIONS = re.compile(
+    r"task-instances/(count|states|previous/[^/]+/[^/]+)|dag-runs/(count|previous|[^/]+/[^/]+/state)"
+)
+_FORWARDED_HEADERS = ("airflow-api-version", "accept")
+
+
+@cache
+def _execution_api():
+    """Airflow's Execution API in this process, as a stock triggerer uses it (no task token)."""
+    import httpx
+    from airflow.api_fastapi.execution_api.app import InProcessExecutionAPI
+
+    return httpx.Client(transport=InProcessExecutionAPI().transport, base_url="http://in-process.invalid./")
+
+
+def _ask_execution_api(secret: str, path: str, query: str, headers: dict[str, str]) -> Response:
+    _check_token(secret, Component.TRIGGERER)
+    reply = _execution_api().get(f"/{path}?{query}" if query else f"/{path}", headers=headers)
+    return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"))
+
+
+state_questions = APIRouter(
+    prefix=f"/{Component.TRIGGERER}", tags=[Component.TRIGGERER], responses=error_responses(401, 403, 404)
+)
+
+
+@state_questions.get(
+    "/{path:path}", summary="How other tasks and DAG runs are doing, as Airflow's triggers ask it"
+)
+async def state_question(path: str, request: Request, secret: SecretDep) -> Response:
+    if not _STATE_QUESTIONS.fullmatch(path):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Triggers cannot ask the orchestrator for {path!r}.")
+    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_HEADERS}
+    return await run_db(_ask_execution_api, secret, path, request.url.query, headers, lane=TRIGGERS)

@@ -306,3 +306,34 @@ def test_a_watcher_declared_anywhere_in_an_agents_dag_is_kept_off_stock_triggere
     _publish_dag(client, owner, writes)
     queues = list(session.scalars(select(Trigger.queue)))
     assert queues and None not in queues  # created from the outlet's watcher, the token's own
+
+
+def test_triggers_may_ask_how_other_tasks_and_runs_are_doing_and_nothing_more(
+    client, make_token, owner, deferred
+):
+    _, _ = deferred()
+    from airflow.sdk.api.datamodels._generated import API_VERSION
+
+    api_version = {"Airflow-API-Version": API_VERSION}  # what Airflow's own client sends
+    runs = client.get(
+        "/triggerer/dag-runs/count",
+        params={"dag_id": "etl", "states": ["running"]},
+        headers={**headers(owner), **api_version},
+    )
+    assert runs.status_code == 200, runs.text
+    assert runs.json() == 1
+    tis = client.get(
+        "/triggerer/task-instances/count",
+        params={"dag_id": "etl", "states": ["deferred"]},
+        headers={**headers(owner), **api_version},
+    )
+    assert tis.status_code == 200 and tis.json() == 1, tis.text
+    xcom = client.get("/triggerer/xcoms/etl/r/t/k", headers=headers(owner))
+    assert xcom.status_code == 404 and "cannot ask" in xcom.json()["detail"]
+    parser_only = make_token("parser-only", components=["dag-processor"])
+    assert (
+        client.get(
+            "/triggerer/dag-runs/count", params={"dag_id": "etl"}, headers=headers(parser_only)
+        ).status_code
+        == 403
+    )

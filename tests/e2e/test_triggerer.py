@@ -33,6 +33,7 @@ DAGS = """
 import datetime
 from airflow.sdk import DAG, Asset, AssetWatcher
 from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.providers.standard.sensors.external_task import ExternalTaskSensor
 from airflow.providers.standard.sensors.time_delta import TimeDeltaSensor
 from airflow.providers.standard.triggers.file import FileDeleteTrigger
 from remote_triggers import DeferTo
@@ -51,6 +52,13 @@ with DAG("trig_many", schedule=None, start_date=START, max_active_tasks=256):
 
 with DAG("trig_failover", schedule=None, start_date=START):
     DeferTo.partial(task_id="wait", kind="sleep", seconds=20).expand(index=list(range(5)))
+
+with DAG("trig_upstream", schedule=None, start_date=START):
+    EmptyOperator(task_id="done")
+
+with DAG("trig_external", schedule=None, start_date=START):
+    ExternalTaskSensor(task_id="wait_upstream", external_dag_id="trig_upstream", external_task_id="done",
+                       deferrable=True, poke_interval=2, timeout=240)
 
 watched = Asset("trig_watched", watchers=[
     AssetWatcher(name="file", trigger=FileDeleteTrigger(filepath="{watched}", poke_interval=1.0))
@@ -147,6 +155,31 @@ def test_a_trigger_that_raises_fails_its_task_with_the_error_in_the_log(stack):
         assert client.wait_for_run("trig_fail", run_id, timeout=180) == "failed", orch.logs()
     assert _tries(orch, "trig_fail", run_id) == {"fail[-1]": ("failed", 1)}
     assert "trigger failed on purpose" in _task_log(worker.home, "trig_fail", "fail")
+
+
+def test_a_deferrable_external_task_sensor_waits_on_the_triggerer_agent(stack):
+    """Its trigger asks the orchestrator how the other DAG's task is doing, as a stock triggerer does."""
+    orch, *_ = stack
+    logical_date = "2025-06-01T00:00:00+00:00"
+    with orch.client() as client:
+        client.wait_for_dag("trig_upstream", timeout=60)
+        waiting = client.request("POST", "/dags/trig_external/dagRuns", json={"logical_date": logical_date})[
+            "dag_run_id"
+        ]
+        wait_until(
+            lambda: (
+                client.get(f"/dags/trig_external/dagRuns/{waiting}/taskInstances/wait_upstream")["state"]
+                == "deferred"
+            ),
+            120,
+            what="the sensor to defer",
+        )
+        upstream = client.request("POST", "/dags/trig_upstream/dagRuns", json={"logical_date": logical_date})[
+            "dag_run_id"
+        ]
+        assert client.wait_for_run("trig_upstream", upstream, timeout=120) == "success"
+        assert client.wait_for_run("trig_external", waiting, timeout=120) == "success", orch.logs()
+    assert _tries(orch, "trig_external", waiting) == {"wait_upstream[-1]": ("success", 1)}
 
 
 def test_an_asset_watcher_on_the_triggerer_agent_starts_a_dag_run(stack):
