@@ -437,8 +437,10 @@ def test_fuzzing_the_agent_api_gets_no_server_error_and_no_answer_outside_its_sc
     """schemathesis against the real api-server's /remote/v1 OpenAPI, with a valid and a bogus token:
     every check but "a schema-valid request is accepted" (an unknown session is rightly refused)."""
     orch, _, _ = stack
-    # A queue nothing is ever queued on; the dag-processor routes and look-ups are fuzzed too.
-    token = create_agent_token(orch, "tok-fuzz", ["fuzz"], components=["worker", "dag-processor"])
+    # A queue nothing is ever queued on; the dag-processor and triggerer routes and look-ups too.
+    token = create_agent_token(
+        orch, "tok-fuzz", ["fuzz"], components=["worker", "dag-processor", "triggerer"]
+    )
     api = f"{orch.api_url}/remote/v1"
     for name, secret in (("valid", token), ("bogus", "rex_not-a-real-token")):
         command = [
