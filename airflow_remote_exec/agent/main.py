@@ -52,16 +52,18 @@ def _add_connection_args(command: argparse.ArgumentParser, default_name: str) ->
     )
 
 
+def _add_queues_arg(command: argparse.ArgumentParser, meaning: str) -> None:
+    command.add_argument(
+        "--queues", default=_env("QUEUES", "default"), help=f"{meaning} (default: default) [QUEUES]"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="airflow-remote-agent", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     worker = commands.add_parser("worker", help="Claim and run task instances")
     _add_connection_args(worker, socket.gethostname())
-    worker.add_argument(
-        "--queues",
-        default=_env("QUEUES", "default"),
-        help="Comma-separated queues (default: default) [QUEUES]",
-    )
+    _add_queues_arg(worker, "Comma-separated queues")
     worker.add_argument(
         "--slots",
         type=int,
@@ -101,11 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "triggerer", help="Run the triggers of deferred tasks and asset watchers of this agent's scope"
     )
     _add_connection_args(triggerer, f"{socket.gethostname()}-triggerer")
-    triggerer.add_argument(
-        "--queues",
-        default=_env("QUEUES", "default"),
-        help="Comma-separated queues whose deferred tasks' triggers it runs (default: default) [QUEUES]",
-    )
+    _add_queues_arg(triggerer, "Comma-separated queues whose deferred tasks' triggers it runs")
     triggerer.add_argument(
         "--capacity",
         type=int,

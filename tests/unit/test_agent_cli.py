@@ -89,3 +89,15 @@ def test_healthz_drops_a_client_that_sends_nothing(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_triggerer_takes_queues_and_a_capacity_and_refuses_a_bad_one(tmp_path, capsys):
+    args = ["triggerer", "--api-url", "https://airflow.example.com", "--token-file", _token_file(tmp_path)]
+    settings = main.settings_from_args([*args, "--queues", "etl, default,etl", "--capacity", "50"])
+    assert (settings.component, settings.queues, settings.capacity) == ("triggerer", ["default", "etl"], 50)
+    assert settings.name.endswith("-triggerer")
+    for bad in ("0", "10001"):
+        with pytest.raises(SystemExit) as exit_info:
+            main.settings_from_args([*args, "--capacity", bad])
+        assert exit_info.value.code == 2
+        assert "--capacity must be between 1 and 10000" in capsys.readouterr().err
