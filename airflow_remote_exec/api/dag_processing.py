@@ -57,7 +57,7 @@ from airflow_remote_exec.api.datamodels import (
 )
 from airflow_remote_exec.api.db_threads import PARSING, run_db
 from airflow_remote_exec.api.parsed_dags import checked_result
-from airflow_remote_exec.api.triggers import claim_new_watchers, last_trigger_id
+from airflow_remote_exec.api.triggers import watchers_owned_by
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import Component, RemoteBundle, RemoteToken
 from airflow_remote_exec.tokens import find_valid_token, token_is_live
@@ -247,20 +247,20 @@ def _persist_once(secret: str, session_id: str, name: str, body: ParsingResult) 
                 status.HTTP_409_CONFLICT,
                 f"DAG id(s) {foreign} are defined by another bundle; rename them in bundle {name!r}.",
             )
-        sources_set, triggers_before = _agent_sources.set(sources), last_trigger_id(session)
+        sources_set = _agent_sources.set(sources)
         try:
-            _airflow_dag_processor().persist_parsing_result(
-                bundle_name=name,
-                bundle_version=body.bundle_version,
-                version_data=body.version_data,
-                parsing_result=result,
-                run_duration=body.run_duration,
-                relative_fileloc=body.relative_fileloc,
-                session=session,
-            )
+            with watchers_owned_by(session, agent.token_id):
+                _airflow_dag_processor().persist_parsing_result(
+                    bundle_name=name,
+                    bundle_version=body.bundle_version,
+                    version_data=body.version_data,
+                    parsing_result=result,
+                    run_duration=body.run_duration,
+                    relative_fileloc=body.relative_fileloc,
+                    session=session,
+                )
         finally:
             _agent_sources.reset(sources_set)
-        claim_new_watchers(session, agent.token_id, triggers_before)
 
 
 def _get_state(secret: str, session_id: str, name: str) -> BundleState:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 from functools import cache
 from typing import Annotated
+from urllib.parse import quote
 
+import httpx
 from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi import Path as PathParam
@@ -89,8 +91,11 @@ dag_processor_lookups = lookup_router(Component.DAG_PROCESSOR, PARSING)
 triggerer_lookups = lookup_router(Component.TRIGGERER, TRIGGERS)
 
 # The Execution API's read-only routes about other tasks and runs that Airflow's triggers call.
+# A path segment: a DAG, task or run id (no "." or ".." segment, nothing a URL would read as a query,
+# a fragment or an escape: the path is forwarded as it is checked).
+_ID = r"(?!\.{1,2}/)(?!\.{1,2}$)[A-Za-z0-9_.:+~-]{1,250}"
 _STATE_QUESTIONS = re.compile(
-    r"task-instances/(count|states|previous/[^/]+/[^/]+)|dag-runs/(count|previous|[^/]+/[^/]+/state)"
+    rf"task-instances/(count|states|previous/{_ID}/{_ID})|dag-runs/(count|previous|{_ID}/{_ID}/state)"
 )
 _FORWARDED_HEADERS = ("airflow-api-version", "accept")
 
@@ -98,15 +103,22 @@ _FORWARDED_HEADERS = ("airflow-api-version", "accept")
 @cache
 def _execution_api():
     """Airflow's Execution API in this process, as a stock triggerer uses it (no task token)."""
-    import httpx
     from airflow.api_fastapi.execution_api.app import InProcessExecutionAPI
 
     return httpx.Client(transport=InProcessExecutionAPI().transport, base_url="http://in-process.invalid./")
 
 
+def allowed_question(path: str) -> bool:
+    """Whether a triggerer may ask this of the Execution API: one of its read-only state routes."""
+    return _STATE_QUESTIONS.fullmatch(path) is not None
+
+
 def _ask_execution_api(secret: str, path: str, query: str, headers: dict[str, str]) -> Response:
     _check_token(secret, Component.TRIGGERER)
-    reply = _execution_api().get(f"/{path}?{query}" if query else f"/{path}", headers=headers)
+    url = httpx.URL(
+        path="/" + "/".join(quote(segment, safe="") for segment in path.split("/")), query=query.encode()
+    )
+    reply = _execution_api().get(url, headers=headers)
     return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"))
 
 
@@ -119,7 +131,7 @@ state_questions = APIRouter(
     "/{path:path}", summary="How other tasks and DAG runs are doing, as Airflow's triggers ask it"
 )
 async def state_question(path: str, request: Request, secret: SecretDep) -> Response:
-    if not _STATE_QUESTIONS.fullmatch(path):
+    if not allowed_question(path):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"Triggers cannot ask the orchestrator for {path!r}.")
     headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_HEADERS}
     return await run_db(_ask_execution_api, secret, path, request.url.query, headers, lane=TRIGGERS)

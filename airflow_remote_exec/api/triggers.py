@@ -14,8 +14,11 @@ sent again after a lost answer is applied once.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from functools import cache
 from types import SimpleNamespace
@@ -28,14 +31,15 @@ from airflow.models.asset import AssetWatcherModel
 from airflow.models.crypto import get_fernet
 from airflow.models.dagbag import DBDagBag
 from airflow.models.taskinstance import TaskInstance
-from airflow.models.trigger import Trigger
+from airflow.models.trigger import Trigger, handle_event_submit
 from airflow.serialization.enums import DagAttributeTypes
 from airflow.serialization.serialized_objects import BaseSerialization
 from airflow.triggers.base import TaskFailedEvent, TaskSkippedEvent, TaskSuccessEvent, TriggerEvent
 from airflow.utils.helpers import log_filename_template_renderer
 from airflow.utils.session import create_session
+from airflow.utils.state import TaskInstanceState
 from fastapi import APIRouter, HTTPException, status
-from sqlalchemy import ColumnElement, false, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, event, false, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authorize_agent
@@ -128,25 +132,33 @@ def watcher_queue(token_id: int) -> str:
     return f"{AGENT_TRIGGER_QUEUE}:{token_id}"
 
 
-def last_trigger_id(session: Session) -> int:
-    return session.scalar(select(func.max(Trigger.id))) or 0
+@contextlib.contextmanager
+def watchers_owned_by(session: Session, token_id: int) -> Iterator[None]:
+    """Give the asset-watcher triggers created in ``session`` meanwhile (persisting an agent's DAGs) the
+    token's watcher queue. Their classpath and kwargs came from the agent: they must never run on the
+    orchestrator, nor on another token's agents. A watcher identical to an existing one reuses that
+    trigger, which keeps its owner; triggers other processes create meanwhile are never counted."""
+    created: list[Trigger] = []
 
+    def collect(_session: Session, instance: object) -> None:
+        if isinstance(instance, Trigger):
+            created.append(instance)
 
-def claim_new_watchers(session: Session, token_id: int, after_id: int) -> None:
-    """Give the asset-watcher triggers that persisting an agent's DAGs just created (ids above
-    ``after_id``) the token's watcher queue. Their classpath and kwargs came from the agent: they must
-    never run on the orchestrator, nor on another token's agents. A watcher identical to an existing
-    one reuses that trigger, which keeps its owner."""
-    session.execute(
-        update(Trigger)
-        .where(
-            Trigger.id > after_id,
-            Trigger.id.in_(select(AssetWatcherModel.trigger_id)),
-            Trigger.queue.is_(None),
+    event.listen(session, "pending_to_persistent", collect)
+    try:
+        yield
+    finally:
+        event.remove(session, "pending_to_persistent", collect)
+    if created:
+        session.execute(
+            update(Trigger)
+            .where(
+                Trigger.id.in_([trigger.id for trigger in created]),
+                Trigger.id.in_(select(AssetWatcherModel.trigger_id)),
+            )
+            .values(queue=watcher_queue(token_id))
+            .execution_options(synchronize_session=False)
         )
-        .values(queue=watcher_queue(token_id))
-        .execution_options(synchronize_session=False)
-    )
 
 
 @cache
@@ -161,6 +173,23 @@ def _on_remote_executor() -> ColumnElement[bool]:
     return named
 
 
+def _task_in_scope(agent: RemoteAgent) -> ColumnElement[bool]:
+    """A deferred task whose trigger the agent may run: a RemoteExecutor task on one of its queues."""
+    return and_(TaskInstance.queue.in_(agent.queue_list), _on_remote_executor())
+
+
+def _watcher_in_scope(agent: RemoteAgent) -> ColumnElement[bool]:
+    """An asset-watcher trigger the agent may run: one its token's DAGs created."""
+    return and_(Trigger.queue == watcher_queue(agent.token_id), Trigger.assets.any())
+
+
+def _in_scope(agent: RemoteAgent) -> ColumnElement[bool]:
+    of_tasks = select(TaskInstance.trigger_id).where(
+        TaskInstance.trigger_id.is_not(None), _task_in_scope(agent)
+    )
+    return or_(Trigger.id.in_(of_tasks), _watcher_in_scope(agent))
+
+
 def _assign(session: Session, agent: RemoteAgent, job_id: int, capacity: int) -> None:
     """Airflow's ``Trigger.assign_unassigned`` within the agent's scope: triggers with no live
     triggerer, deferred tasks' first (by priority), then asset watchers, at most
@@ -173,14 +202,10 @@ def _assign(session: Session, agent: RemoteAgent, job_id: int, capacity: int) ->
     of_tasks = (
         select(Trigger.id)
         .join(TaskInstance, TaskInstance.trigger_id == Trigger.id)
-        .where(unowned, TaskInstance.queue.in_(agent.queue_list), _on_remote_executor())
+        .where(unowned, _task_in_scope(agent))
         .order_by(func.coalesce(TaskInstance.priority_weight, 0).desc(), Trigger.created_date)
     )
-    of_assets = (
-        select(Trigger.id)
-        .where(unowned, Trigger.queue == watcher_queue(agent.token_id), Trigger.assets.any())
-        .order_by(Trigger.created_date)
-    )
+    of_assets = select(Trigger.id).where(unowned, _watcher_in_scope(agent)).order_by(Trigger.created_date)
     taken: list[int] = []
     for query in (of_tasks, of_assets):
         if len(taken) >= room:
@@ -307,18 +332,30 @@ def _event_of(fired: FiredEvent) -> TriggerEvent:
 
 
 def _ours(session: Session, agent: RemoteAgent, reported: set[int]) -> set[int]:
-    """Of the reported triggers, those the agent may report on, row-locked: assigned to its job, or to
-    no live triggerer (its session ended while it held them, and nobody took them over yet). A trigger
-    another live triggerer holds is that one's to report."""
+    """Of the reported triggers, those the agent may report on, row-locked: assigned to its job, or, in
+    its scope, to no live triggerer (its session ended while it held them, and nobody took them over
+    yet). A trigger another live triggerer holds is that one's to report."""
     mine = Trigger.triggerer_id == agent.triggerer_job_id if agent.triggerer_job_id else false()
     return set(
         session.scalars(
             select(Trigger.id)
-            .where(Trigger.id.in_(reported), or_(mine, _unowned(session)))
+            .where(Trigger.id.in_(reported), or_(mine, and_(_unowned(session), _in_scope(agent))))
             .order_by(Trigger.id)
             .with_for_update()
         )
     )
+
+
+def _submit_event(session: Session, trigger_id: int, event: TriggerEvent) -> None:
+    """``Trigger.submit_event``, with the XComs of an event that ends its task pushed in this session:
+    Airflow's ``xcom_push`` there opens a session of its own, which on SQLite waits for this one."""
+    deferred = select(TaskInstance).where(
+        TaskInstance.trigger_id == trigger_id, TaskInstance.state == TaskInstanceState.DEFERRED
+    )
+    for task_instance in session.scalars(deferred):
+        task_instance.xcom_push = functools.partial(task_instance.xcom_push, session=session)
+        handle_event_submit(event, task_instance=task_instance, session=session)
+    Trigger.submit_event(trigger_id, event, session=session)  # its assets and callback; no task is left
 
 
 def _apply_event(session: Session, fired: FiredEvent) -> None:
@@ -329,7 +366,7 @@ def _apply_event(session: Session, fired: FiredEvent) -> None:
         return
     try:
         with session.begin_nested():
-            Trigger.submit_event(fired.trigger_id, _event_of(fired), session=session)
+            _submit_event(session, fired.trigger_id, _event_of(fired))
     except Exception as err:  # an event Airflow cannot store (an asset event's extra, say) fails alone
         log.warning("Trigger %s's event could not be applied: %r", fired.trigger_id, err)
         reason = f"The orchestrator could not apply the trigger's event: {err!r}"
@@ -341,6 +378,10 @@ def _report(secret: str, session_id: str, body: TriggerReports) -> TriggerReport
         agent = _locked_triggerer(session, secret, session_id)
         if agent.last_event_batch == body.batch_id:
             return TriggerReportsResponse(refused=[])
+        # Written first: on SQLite the transaction begins with the first write, and the savepoints
+        # below must be inside it, or releasing the first would commit it.
+        agent.last_event_batch = body.batch_id
+        session.flush()
         reported = {e.trigger_id for e in body.events} | {f.trigger_id for f in body.failures}
         ours = _ours(session, agent, reported)
         for fired in body.events:
@@ -349,7 +390,6 @@ def _report(secret: str, session_id: str, body: TriggerReports) -> TriggerReport
         for failure in body.failures:
             if failure.trigger_id in ours:
                 Trigger.submit_failure(failure.trigger_id, exc=failure.traceback, session=session)
-        agent.last_event_batch = body.batch_id
         return TriggerReportsResponse(refused=sorted(reported - ours))
 
 

@@ -337,3 +337,88 @@ def test_triggers_may_ask_how_other_tasks_and_runs_are_doing_and_nothing_more(
         ).status_code
         == 403
     )
+
+
+def test_a_token_cannot_report_on_a_trigger_outside_its_scope_even_one_nobody_holds(
+    client, session, make_token, owner, triggerer, deferred
+):
+    trigger_id, ti_id = deferred()  # deferred on "default", not yet assigned to anyone
+    stranger = make_token("stranger", queues=("elsewhere",), components=["triggerer"])
+    sid = triggerer("trig-x", token=stranger, queues=("elsewhere",))
+    ended = {"trigger_id": trigger_id, "kind": "success", "xcoms": {"return_value": "forged"}}
+    assert _report(client, stranger, sid, events=[ended]).json() == {"refused": [trigger_id]}
+    assert _ti(session, ti_id).state == TaskInstanceState.DEFERRED
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/triggerer/dag-runs/%2E%2E/xcoms%252Fetl%252Fr%252Ft%252Fk%3F/state",
+        "/triggerer/dag-runs/%2E%2E/%2E%2E/xcoms/etl/r/t/k%3F/state",
+        "/triggerer/dag-runs/etl/run%3F/state",
+        "/triggerer/task-instances/previous/etl/t%23x",
+    ],
+)
+def test_only_the_read_only_state_questions_reach_the_execution_api(client, owner, path):
+    reply = client.get(path, headers=headers(owner))
+    assert reply.status_code == 404 and "cannot ask" in reply.json()["detail"], reply.text
+
+
+def test_a_watcher_another_process_creates_during_a_persist_is_not_the_agents(
+    client, session, owner, monkeypatch
+):
+    """A stock dag processor commits its own watcher while the agent's result is being persisted."""
+    from airflow.dag_processing.manager import DagFileProcessorManager
+    from airflow.models.asset import AssetModel, AssetWatcherModel
+    from airflow.utils.session import create_session
+
+    original = DagFileProcessorManager.persist_parsing_result
+
+    def with_a_stock_watcher_committed_meanwhile(self, **kwargs):
+        with create_session(scoped=False) as other:
+            asset = AssetModel(name="stock", uri="stock", group="asset")
+            trigger = Trigger(classpath="stock.Trigger", kwargs={})
+            other.add_all([asset, trigger])
+            other.flush()
+            other.add(AssetWatcherModel(name="w", trigger_id=trigger.id, asset_id=asset.id))
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(
+        DagFileProcessorManager, "persist_parsing_result", with_a_stock_watcher_committed_meanwhile
+    )
+    with DAG("plain", schedule=None, start_date=START) as dag:
+        EmptyOperator(task_id="t")
+    _publish_dag(client, owner, dag)
+    session.expire_all()
+    stock = session.scalars(select(Trigger).where(Trigger.classpath == "stock.Trigger")).one()
+    assert stock.queue is None
+
+
+def test_an_end_event_with_xcoms_ends_the_task_and_stores_them(client, session, owner, triggerer, deferred):
+    from airflow.models.xcom import XComModel
+
+    trigger_id, ti_id = deferred()
+    sid = triggerer()
+    assert _sync(client, owner, sid).json()["trigger_ids"] == [trigger_id]
+    ended = {"trigger_id": trigger_id, "kind": "success", "xcoms": {"answer": 42}}
+    assert _report(client, owner, sid, events=[ended]).json() == {"refused": []}
+    assert _ti(session, ti_id).state == TaskInstanceState.SUCCESS
+    stored = session.scalars(select(XComModel).where(XComModel.key == "answer")).one()
+    assert stored.value in (42, "42")
+
+
+def test_a_batch_that_fails_half_way_applies_nothing(
+    client, session, owner, triggerer, deferred, monkeypatch
+):
+    first, first_ti = deferred("first")
+    second, _ = deferred("second")
+    sid = triggerer()
+    assert sorted(_sync(client, owner, sid).json()["trigger_ids"]) == sorted([first, second])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(Trigger, "submit_failure", broken)
+    with pytest.raises(RuntimeError):
+        _report(client, owner, sid, events=[_event(first, 1)], failures=[{"trigger_id": second}])
+    assert _ti(session, first_ti).state == TaskInstanceState.DEFERRED
