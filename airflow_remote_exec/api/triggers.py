@@ -94,25 +94,21 @@ def _health_threshold() -> timedelta:
 # -- the agent's triggerer job ------------------------------------------------------------------------
 
 
-def _start_triggerer_job(secret: str, session_id: str) -> None:
-    """The Airflow job of this agent session, committed before its first assignment: another
-    triggerer's assignment must see it alive before it sees a trigger assigned to it."""
-    with create_session(scoped=False) as session:
-        agent = _locked_triggerer(session, secret, session_id)
-        if agent.triggerer_job_id is None:
-            now = db_now(session)
-            agent.triggerer_job_id = session.execute(
-                insert(Job)
-                .values(
-                    job_type=TRIGGERER_JOB,
-                    state=JobState.RUNNING,
-                    start_date=now,
-                    latest_heartbeat=now,
-                    hostname=agent.name,
-                    unixname="remote-agent",
-                )
-                .returning(Job.id)
-            ).scalar_one()
+def _new_triggerer_job(session: Session, agent_name: str) -> int:
+    """The Airflow job of an agent session, started at its first sync."""
+    now = db_now(session)
+    return session.execute(
+        insert(Job)
+        .values(
+            job_type=TRIGGERER_JOB,
+            state=JobState.RUNNING,
+            start_date=now,
+            latest_heartbeat=now,
+            hostname=agent_name,
+            unixname="remote-agent",
+        )
+        .returning(Job.id)
+    ).scalar_one()
 
 
 def _locked_triggerer(session: Session, secret: str, session_id: str) -> RemoteAgent:
@@ -285,20 +281,23 @@ def _offered(session: Session, job_id: int, trigger_ids: list[int]) -> list[Offe
     return offered
 
 
-def _clean_unused(session: Session) -> None:
+def _clean_unused() -> None:
     global _last_clean
     if time.monotonic() - _last_clean >= CLEAN_UNUSED_EVERY_SECONDS:
         _last_clean = time.monotonic()
-        Trigger.clean_unused(session=session)
+        with create_session(scoped=False) as session:
+            Trigger.clean_unused(session=session)
 
 
 def _sync(secret: str, session_id: str, body: TriggerSync) -> TriggerAssignment:
     with create_session(scoped=False) as session:
-        job_id = _locked_triggerer(session, secret, session_id).triggerer_job_id
-    if job_id is None:
-        _start_triggerer_job(secret, session_id)
-    with create_session(scoped=False) as session:
         agent = _locked_triggerer(session, secret, session_id)
+        if agent.triggerer_job_id is None:
+            # Committed before the job's first assignment: another triggerer's assignment must see it
+            # alive before it sees a trigger assigned to it.
+            agent.triggerer_job_id = _new_triggerer_job(session, agent.name)
+            session.commit()
+            agent = _locked_triggerer(session, secret, session_id)
         job_id = agent.triggerer_job_id
         if job_id is None:  # its session ended meanwhile
             raise HTTPException(status.HTTP_410_GONE, "Agent session is over; register again.")
@@ -307,8 +306,7 @@ def _sync(secret: str, session_id: str, body: TriggerSync) -> TriggerAssignment:
         mine = _mine(session, job_id)
         known = set(body.known)
         offered = _offered(session, job_id, [i for i in mine if i not in known][:MAX_OFFERED])
-    with create_session(scoped=False) as session:
-        _clean_unused(session)
+    _clean_unused()
     return TriggerAssignment(trigger_ids=mine, new=offered)
 
 
