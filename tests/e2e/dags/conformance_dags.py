@@ -20,7 +20,11 @@ from airflow.sdk import DeadlineAlert, DeadlineReference, SyncCallback, dag, get
 
 START = datetime(2026, 1, 1)
 CLEARED_TASK_SLEEP = 60  # long enough for the test to clear it while it runs
-DEFERRAL_SECONDS = 15  # from the run's creation: the sensor surely starts before and defers
+# From the run's creation: the sensor surely starts and defers before, and its deferring try's executor
+# event reaches the scheduler before the resumed try is queued. Stock LocalExecutor reports that event
+# only when the try's supervisor ends; on a loaded machine a resume queued sooner is failed by the
+# scheduler ("finished with state success, but the task instance's state attribute is queued").
+DEFERRAL_SECONDS = 30
 POKES_TO_SUCCEED = 3
 # Longer than Airflow's default [workers] min_heartbeat_interval (5 s): a task supervisor notices that
 # its task ended up to that late, and under stock LocalExecutor a poke rescheduled sooner races the late
