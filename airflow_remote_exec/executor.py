@@ -2,8 +2,9 @@
 
 Data path: ``queue_workload`` writes a ``remote_job`` row in the scheduler's own transaction (so
 the job exists exactly when the task instance is QUEUED); agents claim rows through the agent API;
-their reports set ``pending_sync``; ``sync`` turns those rows into executor events. Task workloads
-and deadline-alert callbacks (``ExecuteCallback``) travel the same way.
+their reports set ``pending_sync``; ``sync`` turns those rows into executor events. Task workloads,
+deadline-alert callbacks (``ExecuteCallback``) and connection tests (``TestConnection``) travel the
+same way.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from airflow.configuration import conf
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.models.callback import CallbackKey
+from airflow.models.connection_test import ConnectionTestKey
 from airflow.models.taskinstance import TaskInstance
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.db import DBLocks, create_global_lock
@@ -57,9 +59,14 @@ _KEY_COLUMNS = (RemoteJob.kind, RemoteJob.ti_id, *_IDENTITY_COLUMNS)
 _KEYS_PER_QUERY = 150
 
 
-def _key_of(job) -> TaskInstanceKey | CallbackKey:
+WorkloadKey = TaskInstanceKey | CallbackKey | ConnectionTestKey
+
+
+def _key_of(job) -> WorkloadKey:
     if job.kind == JobKind.CALLBACK:
         return CallbackKey(id=job.ti_id)
+    if job.kind == JobKind.CONNECTION_TEST:
+        return ConnectionTestKey(id=job.ti_id)
     return TaskInstanceKey(
         dag_id=job.dag_id,
         task_id=job.task_id,
@@ -89,7 +96,7 @@ class RemoteExecutor(BaseExecutor):
 
     supports_ad_hoc_ti_run = True
     supports_callbacks = True
-    supports_connection_test = False  # a test must run inside the agents' network; not yet
+    supports_connection_test = True  # on an agent of the test's queue, inside the agents' network
     serve_logs = False
 
     def __init__(self, *args, **kwargs):
@@ -98,7 +105,7 @@ class RemoteExecutor(BaseExecutor):
         # that count against [core] parallelism: a task counts from queueing until its agent reports it
         # running, so parallelism bounds the tasks waiting for an agent and the agents' slots bound the
         # tasks that run (LocalExecutor frees the slot sooner, when it hands the task to its workers).
-        self.own_jobs: set[TaskInstanceKey | CallbackKey] = set()
+        self.own_jobs: set[WorkloadKey] = set()
         self._last_purge = 0.0
         self._last_liveness_check = 0.0
         self._last_running_recheck = 0.0
@@ -118,9 +125,9 @@ class RemoteExecutor(BaseExecutor):
             self._queue_task(workload, session)
         elif isinstance(workload, workloads.ExecuteCallback):
             self._queue_callback(workload, session)
+        elif isinstance(workload, workloads.TestConnection):
+            self._queue_connection_test(workload, session)
         else:
-            # TestConnection never comes here while supports_connection_test is False: the scheduler
-            # fails such a test itself, with a message naming this executor.
             self.log.error("RemoteExecutor cannot run %s workloads; ignored", type(workload).__name__)
             return
         notify_jobs_queued(session)
@@ -164,6 +171,35 @@ class RemoteExecutor(BaseExecutor):
             not_before=None,
         )
         self._hold(workload.key)
+
+    def _queue_connection_test(self, workload: workloads.TestConnection, session: Session) -> None:
+        """A connection test runs on an agent of its queue, which has the network (and perhaps the
+        secrets) to reach the connection's system. Its result travels through Airflow's Execution API;
+        the job row only routes it and tracks its agent."""
+        test_id = str(workload.connection_test_id)
+        self._write_job(
+            session,
+            key=TaskInstanceKey(
+                dag_id="", task_id=f"connection-test:{test_id}", run_id="", try_number=1, map_index=-1
+            ),
+            kind=JobKind.CONNECTION_TEST,
+            ti_id=test_id,
+            queue=workload.queue or conf.get("operators", "default_queue", fallback="default"),
+            priority_weight=1,
+            pool_slots=1,
+            workload=workload,
+            not_before=None,
+        )
+        self._hold(workload.key)
+
+    def fail_connection_test(self, key: ConnectionTestKey) -> None:
+        """The scheduler's reaper failed this test (it timed out): no agent should start it now, and
+        one running it is told to stop at its next heartbeat."""
+        self._let_go(key)
+        with create_session(scoped=False) as session:
+            session.execute(
+                delete(RemoteJob).where(RemoteJob.kind == JobKind.CONNECTION_TEST, RemoteJob.ti_id == key.id)
+            )
 
     def _write_job(
         self, session: Session, *, key: TaskInstanceKey, kind: str, workload: workloads.All, **fields
@@ -239,7 +275,7 @@ class RemoteExecutor(BaseExecutor):
             return
         task_keys = [key for key in self.own_jobs if isinstance(key, TaskInstanceKey)]
         reported = and_(RemoteJob.state.in_(JobState.FINISHED), RemoteJob.pending_sync.is_(False))
-        still_ours: set[TaskInstanceKey | CallbackKey] = set()
+        still_ours: set[WorkloadKey] = set()
         for in_chunk in _identity_in([_identity_of(key) for key in task_keys]):
             rows = session.execute(
                 select(*_KEY_COLUMNS).where(in_chunk, RemoteJob.queued_by_job_id == self.job_id, ~reported)
@@ -321,15 +357,15 @@ class RemoteExecutor(BaseExecutor):
                 .values(pending_sync=False)
             )
 
-    def _hold(self, key: TaskInstanceKey | CallbackKey) -> None:
+    def _hold(self, key: WorkloadKey) -> None:
         self.own_jobs.add(key)
         self.running.add(key)
 
-    def _let_go(self, key: TaskInstanceKey | CallbackKey) -> None:
+    def _let_go(self, key: WorkloadKey) -> None:
         self.own_jobs.discard(key)
         self.running.discard(key)
 
-    def _report_running(self, key: TaskInstanceKey | CallbackKey, agent_name: str | None) -> None:
+    def _report_running(self, key: WorkloadKey, agent_name: str | None) -> None:
         """Report "running" and free the task's parallelism slot (see ``own_jobs``). An event the
         scheduler has not read yet is newer news (its own "failed" for a task gone silent, say)."""
         self.running.discard(key)

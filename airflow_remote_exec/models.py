@@ -57,6 +57,7 @@ class JobState:
 class JobKind:
     TASK = "task"  # an ExecuteTask workload, keyed by its task instance
     CALLBACK = "callback"  # an ExecuteCallback workload (deadline alerts), keyed by its callback id
+    CONNECTION_TEST = "connection_test"  # a TestConnection workload, keyed by its connection test id
 
 
 class AgentState:

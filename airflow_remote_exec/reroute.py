@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from airflow.jobs.job import Job
 from airflow.jobs.job import JobState as AirflowJobState
+from airflow.models.connection_test import ACTIVE_STATES, ConnectionTestRequest, ConnectionTestState
 from airflow.models.taskinstance import TaskInstance
 from airflow.utils.state import TaskInstanceState
 from sqlalchemy import func, select, update
@@ -50,6 +51,18 @@ def _started_task_ids(session: Session, ti_ids: list[str]) -> set[str]:
     return {str(ti_id) for ti_id, state in states if state != TaskInstanceState.QUEUED}
 
 
+def _started_connection_tests(session: Session, test_ids: list[str]) -> set[str]:
+    """Of these connection test ids, those whose connection an agent has already fetched."""
+    if not test_ids:
+        return set()
+    states = session.execute(
+        select(ConnectionTestRequest.id, ConnectionTestRequest.state).where(
+            ConnectionTestRequest.id.in_([uuid.UUID(i) for i in test_ids])
+        )
+    ).all()
+    return {str(test_id) for test_id, state in states if state != ConnectionTestState.QUEUED}
+
+
 def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetime) -> None:
     """Take jobs back from the agent holding them: unstarted ones to the queue, started ones to a retry.
 
@@ -67,8 +80,10 @@ def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetim
         .order_by(RemoteJob.id)  # job rows are locked in id order everywhere: no lock cycles
         .with_for_update()
     ).all()
-    claimed_tasks = [r.ti_id for r in rows if r.state == JobState.CLAIMED and r.kind == JobKind.TASK]
-    started_tis = _started_task_ids(session, claimed_tasks)
+    claimed = [r for r in rows if r.state == JobState.CLAIMED]
+    started_tis = _started_task_ids(
+        session, [r.ti_id for r in claimed if r.kind == JobKind.TASK]
+    ) | _started_connection_tests(session, [r.ti_id for r in claimed if r.kind == JobKind.CONNECTION_TEST])
     started = [r.id for r in rows if r.state == JobState.RUNNING or r.ti_id in started_tis]
     unstarted = [r.id for r in rows if r.id not in started]
     if unstarted:
@@ -79,6 +94,9 @@ def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetim
         )
         notify_jobs_queued(session)
     if started:
+        _fail_connection_tests(
+            session, [r.ti_id for r in rows if r.id in started and r.kind == JobKind.CONNECTION_TEST], reason
+        )
         session.execute(
             update(RemoteJob)
             .where(RemoteJob.id.in_(started))
@@ -90,6 +108,17 @@ def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetim
                 fenced_until=now + timedelta(seconds=config.reroute_fence_seconds()),
             )
         )
+
+
+def _fail_connection_tests(session: Session, test_ids: list[str], reason: str) -> None:
+    """A connection test whose agent went away mid-test will never report: fail it now, with the
+    reason, rather than at the scheduler's reaper a timeout later. A test is never re-run, because
+    Airflow hands its connection to one agent only once."""
+    for test_id in test_ids:
+        test = session.get(ConnectionTestRequest, uuid.UUID(test_id), with_for_update=True)
+        if test is not None and test.state in ACTIVE_STATES:
+            test.state = ConnectionTestState.FAILED  # through the ORM: it also frees the connection id
+            test.result_message = f"The agent running this test went away: {reason}"[:2000]
 
 
 def release_agent_jobs(

@@ -109,25 +109,30 @@ def run_assignment(assignment: Assignment, server: str) -> Outcome:
     dies) is a failure of the run itself.
     """
     from airflow.executors.base_executor import BaseExecutor
-    from airflow.executors.workloads import ExecuteCallback, ExecuteTask
+    from airflow.executors.workloads import ExecuteCallback, ExecuteTask, TestConnection
     from airflow.sdk.api.client import ServerResponseError
     from pydantic import ValidationError
+
+    from airflow_remote_exec.agent.connection_test import run_connection_test
 
     def outcome(state: ReportedState, exit_code: int | None, detail: str | None) -> Outcome:
         return Outcome(assignment.job_id, assignment.attempt, state, exit_code, detail)
 
-    model = ExecuteCallback if assignment.kind == "callback" else ExecuteTask
+    model = {"callback": ExecuteCallback, "connection_test": TestConnection}.get(assignment.kind, ExecuteTask)
     try:
         workload = model.model_validate_json(assignment.workload_json)
     except ValidationError as err:
         # This agent's Airflow cannot read what the orchestrator's wrote: hand the job back.
         return outcome("returned", None, _describe(err))
     try:
-        exit_code = BaseExecutor.run_workload(
-            workload,
-            server=server,
-            proctitle=f"airflow-remote-agent {assignment.kind} {workload.display_name}",
-        )
+        if isinstance(workload, TestConnection):
+            exit_code = run_connection_test(workload, server)
+        else:
+            exit_code = BaseExecutor.run_workload(
+                workload,
+                server=server,
+                proctitle=f"airflow-remote-agent {assignment.kind} {workload.display_name}",
+            )
     except ServerResponseError as err:
         status = err.response.status_code if err.response is not None else None
         if status in _REFUSED_TO_START and assignment.kind == "task":

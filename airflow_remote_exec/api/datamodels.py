@@ -29,7 +29,7 @@ _VERSION = r"^[A-Za-z0-9_.+!\-]{0,50}$"
 _INT32 = 2**31 - 1  # every integer column is 32-bit: larger values are a 422, not a 500
 DETAIL_MAX_CHARS = 1000
 
-JobKind = Literal["task", "callback"]
+JobKind = Literal["task", "callback", "connection_test"]
 ComponentName = Literal["worker", "dag-processor", "triggerer", "sentinel"]  # models.Component.ALL
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -229,7 +230,80 @@ def test_adopt_keeps_known_jobs_and_rejects_unknown(executor, session):
 def test_unsupported_workloads_are_ignored_without_raising(executor, session):
     executor.queue_workload(SimpleNamespace(), session=session)  # must not stop the scheduler loop
     assert session.scalars(select(RemoteJob)).all() == []
-    assert executor.supports_connection_test is False  # the scheduler fails connection tests itself
+
+
+def _connection_test(session, queue=None):
+    """A connection test as Airflow's REST API records it, and the workload its scheduler makes."""
+    from airflow.executors.workloads import TestConnection
+    from airflow.models.connection_test import ConnectionTestRequest, ConnectionTestState
+
+    conn_id = f"agent_only_{uuid.uuid4().hex[:8]}"  # one active test per connection id
+    request = ConnectionTestRequest(connection_id=conn_id, conn_type="postgres", queue=queue)
+    request.state = ConnectionTestState.QUEUED
+    session.add(request)
+    session.commit()
+    workload = TestConnection.make(
+        connection_test_id=request.id, connection_id=conn_id, timeout=60, queue=queue
+    )
+    return request, workload
+
+
+def test_connection_test_is_a_job_of_its_queue_reported_with_its_key(executor, session):
+    from airflow.models.connection_test import ConnectionTestKey, ConnectionTestState
+
+    assert executor.supports_connection_test is True
+    _, workload = _connection_test(session, queue="etl")
+    _queue(executor, session, workload)
+    job = session.scalar(select(RemoteJob).where(RemoteJob.ti_id == str(workload.connection_test_id)))
+    assert (job.kind, job.state, job.queue) == ("connection_test", JobState.QUEUED, "etl")
+    key = ConnectionTestKey(id=str(workload.connection_test_id))
+    assert key in executor.running
+    job.state, job.pending_sync, job.agent_name = JobState.SUCCESS, True, "agent-1"
+    session.commit()
+    executor.sync()
+    assert executor.get_event_buffer()[key][0] == ConnectionTestState.SUCCESS
+    assert key not in executor.running
+
+
+def test_a_reaped_connection_test_is_never_claimed(executor, session):
+    from airflow.models.connection_test import ConnectionTestKey
+
+    _, workload = _connection_test(session)
+    _queue(executor, session, workload)
+    key = ConnectionTestKey(id=str(workload.connection_test_id))
+    executor.fail_connection_test(key)
+    assert key not in executor.running
+    assert session.scalars(select(RemoteJob)).all() == []
+
+
+@pytest.mark.parametrize("fetched", [False, True])
+def test_a_connection_test_of_a_lost_agent_is_failed_once_its_connection_was_fetched(
+    executor, session, fetched
+):
+    from airflow.models.connection_test import ConnectionTestRequest, ConnectionTestState
+
+    _add_silent_agent(session, "silent", api_last_seen=utcnow())
+    request, workload = _connection_test(session)
+    _queue(executor, session, workload)
+    job = session.scalar(select(RemoteJob).where(RemoteJob.ti_id == str(request.id)))
+    job.state, job.agent_name, job.attempt = JobState.CLAIMED, "silent", 1
+    if fetched:  # the agent fetched the connection; its "running" report never arrived
+        request.state = ConnectionTestState.RUNNING
+    session.commit()
+
+    executor.sync()
+
+    session.expire_all()
+    job = session.scalar(select(RemoteJob).where(RemoteJob.ti_id == str(request.id)))
+    request = session.get(ConnectionTestRequest, request.id)
+    if fetched:  # never run twice: Airflow hands a test's connection out once
+        assert job.state == JobState.FAILED
+        assert request.state == ConnectionTestState.FAILED
+        assert "went away" in request.result_message
+        assert request.active_connection_id is None  # the connection can be tested again
+    else:
+        assert (job.state, job.agent_name) == (JobState.QUEUED, None)
+        assert request.state == ConnectionTestState.QUEUED
 
 
 def test_deadline_callback_is_queued_as_a_job_and_reported_with_its_callback_key(executor, session):
