@@ -12,9 +12,11 @@ import os
 import socket
 import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from airflow_remote_exec.agent.backends import add_backend_args, apply_backend_args
 from airflow_remote_exec.agent.session import ComponentSettings
 
 ENV_PREFIX = "AIRFLOW_REMOTE_AGENT_"
@@ -26,12 +28,19 @@ MAX_TRIGGERER_CAPACITY = 10_000
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CheckSettings:
+    """``airflow-remote-agent check``: run the start-up checks and report, then exit."""
+
+    name: str
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(ENV_PREFIX + name, default)
 
 
 def _add_connection_args(command: argparse.ArgumentParser, default_name: str) -> None:
-    """What every component needs to reach the orchestrator as this agent."""
+    """What every component needs to reach the orchestrator as this agent, and its backends."""
     command.add_argument(
         "--api-url",
         default=_env("API_URL"),
@@ -50,6 +59,7 @@ def _add_connection_args(command: argparse.ArgumentParser, default_name: str) ->
         help="Accept an http:// --api-url on a non-loopback host: the token and every task's "
         "credentials would cross the network in clear text [ALLOW_INSECURE_HTTP]",
     )
+    add_backend_args(command)
 
 
 def _add_queues_arg(command: argparse.ArgumentParser, meaning: str) -> None:
@@ -110,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("CAPACITY", "1000")),
         help="Most triggers run at once, as Airflow's [triggerer] capacity (default: 1000) [CAPACITY]",
     )
+    check = commands.add_parser(
+        "check", help="Check the XCom store and secrets backend as the agent would at start, and report"
+    )
+    check.add_argument(
+        "--name", default=_env("NAME", socket.gethostname()), help="Agent name for the probe object [NAME]"
+    )
+    add_backend_args(check)
     return parser
 
 
@@ -198,6 +215,9 @@ def _check_bundle_config(parser: argparse.ArgumentParser, text: str | None) -> N
 def settings_from_args(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_backend_args(parser, args)
+    if args.command == "check":
+        return CheckSettings(args.name)
     api_url = _check_api_url(parser, args)
     if args.command == "dag-processor":
         _check_bundle_config(parser, args.dag_bundle_config_list)
@@ -240,6 +260,27 @@ def _prefer_prompt_task_exit() -> None:
     os.environ.setdefault("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "1")
 
 
+def _report_checks(agent_name: str) -> int:
+    from airflow_remote_exec.agent.checks import run_checks
+
+    findings = run_checks(agent_name)
+    for finding in findings:
+        print(finding.line())
+    return 0 if all(finding.ok for finding in findings) else 1
+
+
+def _exit_unless_backends_work(settings) -> None:
+    """One line per setting at fault, and exit: a wrong bucket or URL must not wait for a task."""
+    from airflow_remote_exec.agent.checks import run_checks
+
+    is_worker = not isinstance(settings, ComponentSettings)
+    findings = run_checks(settings.name, xcom=is_worker)
+    for finding in findings:
+        log.log(logging.INFO if finding.ok else logging.ERROR, "%s: %s", finding.subject, finding.text)
+    if not all(finding.ok for finding in findings):
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO").upper(),
@@ -248,7 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     settings = settings_from_args(argv)
+    if isinstance(settings, CheckSettings):
+        sys.exit(_report_checks(settings.name))
     _hide_process_memory()
+    _exit_unless_backends_work(settings)
     if isinstance(settings, ComponentSettings) and settings.component == "dag-processor":
         from airflow_remote_exec.agent.dag_processor import DagProcessorAgent
 

@@ -1,0 +1,165 @@
+"""The agent's backend flags become Airflow's own settings, and its start-up checks name the setting at
+fault in one line (the services themselves are exercised in tests/e2e/test_backends.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_remote_exec.agent import checks, main
+from airflow_remote_exec.agent.backends import SECRETS_BACKENDS, XCOM_BACKEND
+
+AGENT_BIN = Path(sys.executable).with_name("airflow-remote-agent")
+BACKEND_SETTINGS = (
+    "AIRFLOW__CORE__XCOM_BACKEND",
+    "AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_PATH",
+    "AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_THRESHOLD",
+    "AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_COMPRESSION",
+    "AIRFLOW__WORKERS__SECRETS_BACKEND",
+    "AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS",
+)
+
+
+class HangingBackend:
+    """A secrets backend that never answers."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def get_conn_value(self, conn_id):
+        time.sleep(60)
+
+    def get_variable(self, key):
+        time.sleep(60)
+
+
+@pytest.fixture(autouse=True)
+def clean_settings(monkeypatch):
+    for name in BACKEND_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _check(*flags: str) -> list[checks.Finding]:
+    settings = main.settings_from_args(["check", "--name", "probe", *flags])
+    assert isinstance(settings, main.CheckSettings)
+    return checks.run_checks(settings.name, timeout=3)
+
+
+def test_flags_set_airflows_own_settings(tmp_path):
+    import os
+
+    main.settings_from_args(
+        [
+            "check",
+            "--xcom-path",
+            f"file://{tmp_path}/xcom",
+            "--xcom-compression",
+            "gzip",
+            "--secrets-backend",
+            "vault",
+            "--secrets-backend-kwargs",
+            '{"url": "https://vault:8200"}',
+        ]
+    )
+    assert os.environ["AIRFLOW__CORE__XCOM_BACKEND"] == XCOM_BACKEND
+    assert os.environ["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_PATH"] == f"file://{tmp_path}/xcom"
+    assert os.environ["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_THRESHOLD"] == "0"  # every value in the store
+    assert os.environ["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_COMPRESSION"] == "gzip"
+    assert os.environ["AIRFLOW__WORKERS__SECRETS_BACKEND"] == SECRETS_BACKENDS["vault"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--xcom-path", "bucket/xcom"], "--xcom-path must be an object-store URL"),
+        (["--secrets-backend-kwargs", "{url"], "--secrets-backend-kwargs is not JSON"),
+        (["--secrets-backend-kwargs", "[]"], "must be a JSON object"),
+    ],
+)
+def test_malformed_flags_are_one_clear_error(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        main.settings_from_args(["check", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_a_local_store_and_file_backend_pass(tmp_path):
+    variables = tmp_path / "variables.json"
+    variables.write_text(json.dumps({"some": "value"}))
+    findings = _check(
+        "--xcom-path",
+        f"file://{tmp_path}/xcom",
+        "--secrets-backend",
+        "local-file",
+        "--secrets-backend-kwargs",
+        json.dumps({"variables_file_path": str(variables)}),
+    )
+    assert [f.ok for f in findings] == [True, True], findings
+    assert not list((tmp_path / "xcom" / checks.PROBE_FOLDER).iterdir())  # the probe object was deleted
+
+
+@pytest.mark.parametrize(
+    "flags, setting, reason",
+    [
+        (
+            ["--secrets-backend", "no.such.Backend"],
+            "[workers] secrets_backend no.such.Backend",
+            "cannot be imported",
+        ),
+        (
+            ["--secrets-backend", "vault", "--secrets-backend-kwargs", '{"no_such_argument": 1}'],
+            "[workers] secrets_backend",
+            "cannot be set up",
+        ),
+        (
+            [
+                "--secrets-backend",
+                "local-file",
+                "--secrets-backend-kwargs",
+                '{"variables_file_path": "/nope.json"}',
+            ],
+            "[workers] secrets_backend",
+            "/nope.json",
+        ),
+        (
+            ["--secrets-backend", f"{__name__}.HangingBackend"],
+            "[workers] secrets_backend",
+            "no answer within 3 s",
+        ),
+    ],
+)
+def test_a_secrets_backend_at_fault_is_named(flags, setting, reason):
+    finding = _check(*flags)[0]
+    assert not finding.ok
+    assert setting in finding.text and reason in finding.text
+    assert "\n" not in finding.text
+
+
+def test_an_xcom_store_at_fault_is_named(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the store's folder should be")
+    finding = _check("--xcom-path", f"file://{blocked}/xcom")[1]
+    assert not finding.ok and "[common.io] xcom_objectstorage_path" in finding.text
+    monkeypatch.setenv("AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_COMPRESSION", "no-such-codec")
+    finding = _check("--xcom-path", f"file://{tmp_path}/xcom")[1]
+    assert not finding.ok and "[common.io] xcom_objectstorage_compression" in finding.text
+
+
+def test_the_check_command_prints_a_report_and_fails_on_a_fault(tmp_path):
+    result = subprocess.run(
+        [str(AGENT_BIN), "check", "--xcom-path", f"file://{tmp_path}/xcom", "--secrets-backend", "nope.Nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(
+        "FAIL  secrets backend: [workers] secrets_backend nope.Nope cannot be imported"
+    )
+    assert lines[1].startswith("ok    XCom store: file://")
+    assert "Traceback" not in result.stderr
