@@ -365,6 +365,12 @@ class Postgres:
             engine.dispose()
         return self.url_for(name)
 
+    def dump(self, database: str) -> str:
+        """The database's rows as ``pg_dump --data-only`` prints them: for scans of what it holds."""
+        return self._pg(
+            "pg_dump", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "--data-only", database
+        ).stdout
+
     def stop(self) -> None:
         if (self.datadir / "postmaster.pid").exists():
             # Failure is tolerated: a stale pid file, or a server that ignores "fast" shutdown, which the
@@ -893,9 +899,11 @@ class Agent:
         slots: int = 4,
         extra_env: Mapping[str, str] | None = None,
         python: Path | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         """``python``: run the agent with this interpreter instead of this venv's ``airflow-remote-agent``
-        script (a task run as another user is re-executed with the agent's interpreter)."""
+        script (a task run as another user is re-executed with the agent's interpreter). ``args``: more
+        flags (its XCom store or secrets backend, say)."""
         self.name = name
         self.home = Path(home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -925,6 +933,7 @@ class Agent:
             str(self.health_port),
             "--health-host",
             "127.0.0.1",
+            *args,
         ]
         self.process = ManagedProcess(f"agent-{name}", argv, env, self.home / "agent.log", cwd=self.home)
 

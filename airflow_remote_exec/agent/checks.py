@@ -11,6 +11,10 @@ import contextlib
 import importlib
 import json
 import logging
+import os
+import re
+import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +24,11 @@ CHECK_TIMEOUT_SECONDS = 30.0
 PROBE_KEY = "airflow_remote_agent_check"  # a key no one uses: a lookup of it must answer "none"
 PROBE_FOLDER = ".airflow-remote-agent-check"
 LOCAL_SCHEMES = ("file", "local")
+# An error line as Airflow's structured logs or the standard library's print it.
+_ERROR_LINE = re.compile(
+    r"(?:\[(?:error|critical)\s*\]|\b(?:ERROR|CRITICAL)\b)\s*(?:\[[\w.]+\]\s*)?"
+    r"(?P<event>.+?)(?:\s+\[[\w.]+\]\s+loc=.*)?$"
+)
 # Client libraries that log each retry of a failing call: the check's own line says it once.
 RETRY_LOGGERS = ("urllib3", "botocore", "azure", "google", "hvac")
 
@@ -54,16 +63,40 @@ def _import(setting: str, path: str) -> type:
 
 
 @contextlib.contextmanager
-def _quiet_retries() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in RETRY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
+def _held_output() -> Iterator[Callable[[], str | None]]:
+    """Hold back what is printed during a check, and quiet client retries. Some backends log an error
+    with its traceback and carry on (Google's without credentials): the check's line quotes that error
+    instead. Held at the file-descriptor level, since Airflow's loggers write to the streams they hold."""
+    quiet = [logging.getLogger(name) for name in RETRY_LOGGERS]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
         logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        os.dup2(held.fileno(), 2)
+
+        def first_error() -> str | None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines():
+                if match := _ERROR_LINE.search(line):
+                    return match.group("event").strip()[:300]
+            return None
+
+        try:
+            yield first_error
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+            for logger, level in zip(quiet, levels, strict=True):
+                logger.setLevel(level)
 
 
 def _bounded(action: Callable[[], str], what: str, timeout: float) -> str:
@@ -183,11 +216,12 @@ def _secrets_backend(timeout: float) -> str:
 
 
 def _finding(subject: str, check: Callable[[], str]) -> Finding:
-    try:
-        with _quiet_retries():
+    with _held_output() as first_error:
+        try:
             return Finding(subject, True, check())
-    except CheckFailed as err:
-        return Finding(subject, False, str(err))
+        except CheckFailed as err:
+            logged = first_error()
+            return Finding(subject, False, str(err) if logged is None else f"{err} (it logged: {logged})")
 
 
 def run_checks(

@@ -4,6 +4,7 @@ fault in one line (the services themselves are exercised in tests/e2e/test_backe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,8 +52,6 @@ def _check(*flags: str) -> list[checks.Finding]:
 
 
 def test_flags_set_airflows_own_settings(tmp_path):
-    import os
-
     main.settings_from_args(
         [
             "check",
@@ -163,3 +162,47 @@ def test_the_check_command_prints_a_report_and_fails_on_a_fault(tmp_path):
     )
     assert lines[1].startswith("ok    XCom store: file://")
     assert "Traceback" not in result.stderr
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "backend, kwargs, reasons",
+    [
+        # No emulator exists for these two services: their configuration is checked, and a store that
+        # cannot answer fails the check with the setting named.
+        ("azure-key-vault", {"vault_url": f"https://127.0.0.1:{_closed_port()}/"}, ("refused", "no answer")),
+        ("azure-key-vault", {"vault_url": "http://vault.example"}, ("not permitted for non-TLS",)),
+        ("azure-key-vault", {"no_such_argument": 1}, ("vault_url must be the URL",)),
+        ("gcp-secret-manager", {"project_id": "p"}, ("Unable to load credentials for GCP Secret Manager",)),
+        ("gcp-secret-manager", {"no_such_argument": 1}, ("cannot be set up",)),
+    ],
+)
+def test_cloud_secrets_backends_without_an_emulator_are_checked(backend, kwargs, reasons, tmp_path):
+    """Through the command, as users run it: what these backends log goes through its own output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "AZURE_"))}
+    result = subprocess.run(
+        [
+            str(AGENT_BIN),
+            "check",
+            "--secrets-backend",
+            backend,
+            "--secrets-backend-kwargs",
+            json.dumps(kwargs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 1
+    line = result.stdout.splitlines()[0]
+    assert line.startswith(f"FAIL  secrets backend: [workers] secrets_backend {SECRETS_BACKENDS[backend]}")
+    assert any(reason in line for reason in reasons), line
+    assert "Traceback" not in result.stdout + result.stderr
