@@ -260,6 +260,13 @@ def _prefer_prompt_task_exit() -> None:
     os.environ.setdefault("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "1")
 
 
+def _keep_rendered_fields_on_the_agent() -> None:
+    """Airflow stores each task's rendered template fields in the orchestrator's database, and for a
+    TaskFlow task they are its arguments: the XCom values it was given, whatever store holds them. So
+    agents send them empty, unless ``[core] max_templated_field_length`` is set in their environment."""
+    os.environ.setdefault("AIRFLOW__CORE__MAX_TEMPLATED_FIELD_LENGTH", "0")
+
+
 def _report_checks(agent_name: str) -> int:
     from airflow_remote_exec.agent.checks import run_checks
 
@@ -304,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(TriggererAgent(settings).run())
     _prefer_prompt_task_exit()
+    _keep_rendered_fields_on_the_agent()
     from airflow_remote_exec.agent.worker import Worker
 
     sys.exit(Worker(settings).run())

@@ -1,7 +1,7 @@
 """One DAG per XCom store: 5 MB XComs travel both ways between two agents (queues ``<store>-a`` and
 ``<store>-b``), and the task on the second agent reads a connection and a variable from that agent's
-secrets backend. The run's conf carries only digests of the secrets and a marker the payloads start
-with, so a scan of the orchestrator can look for both."""
+secrets backend. The run's conf carries only digests: of the secrets, and of a marker whose digest each
+payload starts with, so a scan of the orchestrator can look for both."""
 
 from __future__ import annotations
 
@@ -28,16 +28,16 @@ for store in STORES:
 
         @task(queue=f"{store}-a")
         def produce() -> str:
-            return _payload(get_current_context()["dag_run"].conf["marker"] + "-first-")
+            return _payload(_digest(get_current_context()["dag_run"].conf["marker"]) + "-first-")
 
         @task(queue=f"{store}-b")
         def consume(payload: str) -> str:
             conf = get_current_context()["dag_run"].conf
-            assert payload.startswith(conf["marker"]) and len(payload) >= SIZE, len(payload)
+            assert payload.startswith(_digest(conf["marker"])) and len(payload) >= SIZE, len(payload)
             connection = Connection.get("agent_secret_conn")  # only this agent's secrets backend has it
             assert _digest(connection.password) == conf["password_digest"], "wrong connection"
             assert _digest(Variable.get("agent_secret_var")) == conf["variable_digest"], "wrong variable"
-            return _payload(f"{conf['marker']}-reply-{_digest(payload)}-")
+            return _payload(f"{_digest(conf['marker'])}-reply-{_digest(payload)}-")
 
         @task(queue=f"{store}-a")
         def verify(payload: str, reply: str) -> list[int]:
