@@ -445,7 +445,7 @@ class AirflowClient:
         for attempt in range(2):
             if self._token is None:
                 self._token = self._login()
-            headers = {"Authorization": f"Bearer {self._token}"}
+            headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {self._token}"}
             resp = self._http.request(method, f"/api/v2{path}", headers=headers, **kwargs)
             if resp.status_code == 401 and attempt == 0:
                 self._token = None

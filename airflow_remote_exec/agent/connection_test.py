@@ -88,7 +88,9 @@ def run_connection_test(workload: TestConnection, server: str) -> int:
     from airflow.sdk.exceptions import AirflowTaskTimeout
     from airflow.sdk.execution_time.timeout import TimeoutPosix
 
-    client = Client(base_url=server, token=workload.token)
+    # Airflow hands a test's connection out once: a request retried after a timeout gets a 409, so the
+    # fetch waits as long as the test may take rather than Airflow's usual few seconds.
+    client = Client(base_url=server, token=workload.token, timeout=max(30, workload.timeout))
     test_id = workload.connection_test_id
 
     def report(state: ConnectionTestState, message: str) -> None:
