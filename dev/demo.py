@@ -96,8 +96,12 @@ def run(keep: bool) -> int:
             ["default"],
             2,
             {"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": BUNDLES},
+            args=["--xcom-path", f"file://{home / 'xcom'}"],
         )
-        _say("agent: airflow-remote-agent worker (only the API URL and a token; no DB access)")
+        _say(
+            "agent: airflow-remote-agent worker (only the API URL and a token; no DB access); "
+            f"XCom values in {home / 'xcom'}, the orchestrator keeps references"
+        )
         agent.start()
         triggerer = TriggererAgent(orch.api_url, home / "triggerer", token, "demo-triggerer")
         _say("agent: airflow-remote-agent triggerer runs the triggers of deferred tasks")
