@@ -32,6 +32,7 @@ from airflow_remote_exec.housekeeping import purge_old_rows
 from airflow_remote_exec.models import JobKind, JobState, RemoteJob
 from airflow_remote_exec.notify import notify_jobs_queued
 from airflow_remote_exec.reroute import (
+    fail_connection_tests,
     fence_of_previous_try,
     mark_lost_agents,
     release_jobs_of_agents_not_live,
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 PURGE_EVERY_SECONDS = 30.0
 LIVENESS_EVERY_SECONDS = 1.0
 RUNNING_RECHECK_EVERY_SECONDS = 10.0
+# Connection tests are short, and a user waits on each: claimed before any task of their queue.
+CONNECTION_TEST_PRIORITY = 2**31 - 1
 
 
 # The columns that identify a task's job, and a task instance's (or its key's) values for them.
@@ -185,7 +188,7 @@ class RemoteExecutor(BaseExecutor):
             kind=JobKind.CONNECTION_TEST,
             ti_id=test_id,
             queue=workload.queue or conf.get("operators", "default_queue", fallback="default"),
-            priority_weight=1,
+            priority_weight=CONNECTION_TEST_PRIORITY,
             pool_slots=1,
             workload=workload,
             not_before=None,
@@ -284,6 +287,22 @@ class RemoteExecutor(BaseExecutor):
         for key in set(task_keys) - still_ours:
             self.log.info("%s is no longer this scheduler's job (queued again elsewhere, or gone)", key)
             self._let_go(key)
+        self._let_go_of_connection_tests_gone(session)
+
+    def _let_go_of_connection_tests_gone(self, session: Session) -> None:
+        """Another scheduler's reaper deletes the row of a test that timed out (``fail_connection_test``
+        runs on each scheduler, but only for the tests that one reaped)."""
+        tests = {key.id: key for key in self.own_jobs if isinstance(key, ConnectionTestKey)}
+        if not tests:
+            return
+        present = session.scalars(
+            select(RemoteJob.ti_id).where(
+                RemoteJob.kind == JobKind.CONNECTION_TEST, RemoteJob.ti_id.in_(tests)
+            )
+        ).all()
+        for test_id in set(tests) - set(present):
+            self.log.info("Connection test %s was ended elsewhere", test_id)
+            self._let_go(tests[test_id])
 
     def _report_running_again_where_not_recorded(self, session: Session) -> None:
         """Re-send "running" for tasks whose instance still names no agent.
@@ -344,6 +363,8 @@ class RemoteExecutor(BaseExecutor):
             elif row.state == JobState.FAILED:
                 self._let_go(key)
                 self.fail(key, info=row.detail)
+                if row.kind == JobKind.CONNECTION_TEST:  # its runner died: the test will never report
+                    fail_connection_tests(session, [row.ti_id], f"The agent's runner failed: {row.detail}")
             elif row.state == JobState.NOT_STARTED:
                 # Airflow refused to start this try: it is no longer queued, or runs elsewhere.
                 # An event would make the scheduler fail a task instance that is not ours to judge.

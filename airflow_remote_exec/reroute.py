@@ -94,8 +94,10 @@ def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetim
         )
         notify_jobs_queued(session)
     if started:
-        _fail_connection_tests(
-            session, [r.ti_id for r in rows if r.id in started and r.kind == JobKind.CONNECTION_TEST], reason
+        fail_connection_tests(
+            session,
+            [r.ti_id for r in rows if r.id in started and r.kind == JobKind.CONNECTION_TEST],
+            f"The agent running this test went away: {reason}",
         )
         session.execute(
             update(RemoteJob)
@@ -110,15 +112,16 @@ def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetim
         )
 
 
-def _fail_connection_tests(session: Session, test_ids: list[str], reason: str) -> None:
-    """A connection test whose agent went away mid-test will never report: fail it now, with the
-    reason, rather than at the scheduler's reaper a timeout later. A test is never re-run, because
-    Airflow hands its connection to one agent only once."""
+def fail_connection_tests(session: Session, test_ids: list[str], reason: str) -> None:
+    """A connection test whose agent went away (or whose runner died) mid-test will never report:
+    fail it now, with the reason, rather than at the scheduler's reaper a timeout later. A test is
+    never re-run, because Airflow hands its connection to one agent only once. A test locked by
+    someone else (the reaper) is being ended already: skipped, never waited for."""
     for test_id in test_ids:
-        test = session.get(ConnectionTestRequest, uuid.UUID(test_id), with_for_update=True)
+        test = session.get(ConnectionTestRequest, uuid.UUID(test_id), with_for_update={"skip_locked": True})
         if test is not None and test.state in ACTIVE_STATES:
             test.state = ConnectionTestState.FAILED  # through the ORM: it also frees the connection id
-            test.result_message = f"The agent running this test went away: {reason}"[:2000]
+            test.result_message = reason[:2000]
 
 
 def release_agent_jobs(

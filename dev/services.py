@@ -17,11 +17,14 @@ JSON, so the connection id must be a valid environment variable suffix (letters,
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import http.server
 import json
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -443,3 +446,40 @@ class OpenBao(_Service):
             "AIRFLOW__WORKERS__SECRETS_BACKEND": VAULT_BACKEND,
             "AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS": json.dumps(kwargs),
         }
+
+
+# -------------------------------------------------------------------------------- BasicAuthServer
+
+
+class BasicAuthServer:
+    """An HTTP endpoint that answers 200 only to one user and password: the system behind the connection."""
+
+    def __init__(self, user: str, password: str) -> None:
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.authorized = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                ok = self.headers.get("Authorization") == expected
+                outer.authorized += ok
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_HEAD = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

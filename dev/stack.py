@@ -457,6 +457,19 @@ class AirflowClient:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
+    def test_connection(self, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+        """Enqueue a connection test (as the UI's "Test" button does) and wait for its result."""
+        queued = self.request("POST", "/connections/enqueue-test", json=body)
+        headers = {"Airflow-Connection-Test-Token": queued["token"]}
+        result: dict[str, Any] = {}
+
+        def finished() -> bool:
+            result.update(self.request("GET", "/connections/enqueue-test", headers=headers))
+            return result["state"] in ("success", "failed")
+
+        wait_until(finished, timeout=timeout, interval=0.5, what="the connection test to finish")
+        return result
+
     # -- dags and runs
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:

@@ -127,7 +127,7 @@ def _xcom_store(agent_name: str, timeout: float) -> str:
 
     backend = conf.get("core", "xcom_backend", fallback="")
     backend_class = _import("[core] xcom_backend", backend) if backend else None
-    if backend_class is None or not issubclass(backend_class, XComObjectStorageBackend):
+    if not isinstance(backend_class, type) or not issubclass(backend_class, XComObjectStorageBackend):
         return (
             f"XCom values go to the orchestrator's database ([core] xcom_backend {backend or 'default'}); "
             "--xcom-path keeps them in your object store"
@@ -218,10 +218,16 @@ def _secrets_backend(timeout: float) -> str:
 def _finding(subject: str, check: Callable[[], str]) -> Finding:
     with _held_output() as first_error:
         try:
-            return Finding(subject, True, check())
+            text = check()
         except CheckFailed as err:
             logged = first_error()
             return Finding(subject, False, str(err) if logged is None else f"{err} (it logged: {logged})")
+        except Exception as err:  # noqa: BLE001 - a setting Airflow cannot use at all (not a class, say)
+            return Finding(subject, False, describe(err))
+        # Some backends log an error and answer "none" (a wrong Vault mount, a denied GCP secret).
+        if (logged := first_error()) is not None:
+            return Finding(subject, False, f"it answered, but logged an error: {logged}")
+        return Finding(subject, True, text)
 
 
 def run_checks(

@@ -1,10 +1,16 @@
 """Connection tests on the agent: Airflow's own ``test_connection``, run inside the agents' network.
 
-A test from the UI or REST API names a connection and carries the details the user typed. When it
-carries no details beyond the type (no host, login, password, schema, port or extra), the agent tests
-the connection as its own secrets backends hold it: that is how a connection that exists only in the
-agents' network is tested, and its secrets never reach the orchestrator. When it carries details, the
-agent tests exactly those, so a request can never point the agent's stored credentials at another host.
+A test from the UI or REST API names a connection, and may carry details the user typed. What a
+worker agent does with it is its owner's choice (``--connection-tests``):
+
+- ``held`` (the default): it tests only connections its own backends hold, as they hold them, when
+  the request carries nothing but the id and type. That is how a connection that exists only in the
+  agents' network is tested; the result message is stripped of the connection's values.
+- ``any``: also tests the details a request carries, exactly as given (never mixed with the agent's
+  copy). A hook may then pick up the agent's ambient credentials (its environment, files it can
+  read) and send them to the requester's host: enable it only where testing users are trusted so.
+- ``off``: fails every test, saying so.
+
 The result goes back through Airflow's Execution API, as Airflow's own connection-test supervisor does.
 """
 
@@ -13,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 
@@ -24,8 +30,21 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(logger_name="airflow_remote_exec.connection_test")
 
+MODE_ENV = "AIRFLOW_REMOTE_AGENT_CONNECTION_TESTS"
+Mode = Literal["held", "any", "off"]
+MODES: tuple[Mode, ...] = ("held", "any", "off")
 MASKED = "***"  # what the UI sends for a secret it did not change
 _DETAILS = ("host", "login", "password", "schema_", "port", "extra")
+_SHORTEST_REDACTED = 4  # shorter values (a port, "db") would blank out ordinary words
+
+
+class Refused(Exception):
+    """This agent does not run this test; the message says why."""
+
+
+def mode() -> Mode:
+    value = os.environ.get(MODE_ENV, "held")
+    return value if value in MODES else "held"  # type: ignore[return-value]
 
 
 def _carries_details(request: ConnectionTestConnectionResponse) -> bool:
@@ -44,14 +63,23 @@ def agent_connection(conn_id: str) -> Connection | None:
     return None
 
 
-def connection_to_test(request: ConnectionTestConnectionResponse) -> tuple[Connection, str]:
-    """The connection to test, and where it came from (said in the result)."""
+def connection_to_test(request: ConnectionTestConnectionResponse, allowed: Mode) -> tuple[Connection, bool]:
+    """The connection to test, and whether it is the agent's own copy; ``Refused`` if the mode forbids."""
     from airflow.sdk.definitions.connection import Connection
 
+    if allowed == "off":
+        raise Refused("this agent runs no connection tests (its --connection-tests is off)")
     if not _carries_details(request):
         held = agent_connection(request.conn_id)
         if held is not None:
-            return held, "as held by the agent's secrets backends"
+            return held, True
+        if allowed == "held":
+            raise Refused(f"the agent's secrets backends hold no connection {request.conn_id!r}")
+    if allowed == "held":
+        raise Refused(
+            "this agent tests only the connections its own backends hold: send the connection id and "
+            "type alone (or start the agent with --connection-tests any)"
+        )
     typed = Connection(
         conn_id=request.conn_id,
         conn_type=request.conn_type,
@@ -62,7 +90,21 @@ def connection_to_test(request: ConnectionTestConnectionResponse) -> tuple[Conne
         port=request.port,
         extra=request.extra,
     )
-    return typed, "with the details of the request"
+    return typed, False
+
+
+def redacted(message: str, connection: Connection) -> str:
+    """The message without any of the agent-held connection's values: a hook's error may quote its
+    URL, and the message is stored on the orchestrator."""
+    values = {connection.host, connection.login, connection.password, connection.schema, connection.extra}
+    with contextlib.suppress(Exception):
+        values.add(connection.get_uri())
+        values.update(str(v) for v in connection.extra_dejson.values() if isinstance(v, str | int))
+    for value in sorted(
+        (v for v in values if v and len(str(v)) >= _SHORTEST_REDACTED), key=len, reverse=True
+    ):
+        message = message.replace(str(value), MASKED)
+    return message
 
 
 @contextlib.contextmanager
@@ -80,49 +122,56 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def run_connection_test(workload: TestConnection, server: str) -> int:
-    """Fetch the test's connection, test it with a timeout, and report the result. Always 0: the
-    outcome is the test's state in Airflow, like Airflow's own supervisor."""
-    from airflow.sdk.api.client import Client
-    from airflow.sdk.api.datamodels._generated import ConnectionTestState
+def _test(request: ConnectionTestConnectionResponse, timeout: int) -> tuple[bool, str]:
+    """Look the connection up and test it, all within the test's timeout."""
     from airflow.sdk.exceptions import AirflowTaskTimeout
     from airflow.sdk.execution_time.timeout import TimeoutPosix
+
+    connection = None
+    try:
+        with TimeoutPosix(seconds=timeout, error_message="timed out"):
+            connection, held = connection_to_test(request, mode())
+            # Hooks look their connection up by id: the environment makes it this one. The client
+            # context makes Airflow build SDK connections, as its own connection-test supervisor does.
+            with _environment(
+                **{f"AIRFLOW_CONN_{connection.conn_id.upper()}": connection.get_uri()},
+                _AIRFLOW_PROCESS_CONTEXT="client",
+            ):
+                success, message = connection.test_connection()
+        message = f"{message} (the agent tested its own copy of the connection)" if held else message
+        return success, redacted(message, connection) if held else message
+    except Refused as err:
+        return False, f"Not tested: {err}"
+    except AirflowTaskTimeout:
+        return False, f"Connection test timed out after {timeout}s"
+    except Exception as err:  # noqa: BLE001 - any failure is the test's result
+        # Only the type: an exception's text may quote the connection, and the result is stored.
+        return False, f"Connection test failed unexpectedly: {type(err).__name__}"
+
+
+def run_connection_test(workload: TestConnection, server: str) -> int:
+    """Fetch the test's connection, test it, and report the result. Always 0: the outcome is the
+    test's state in Airflow, like Airflow's own supervisor."""
+    from airflow.sdk.api.client import Client, ServerResponseError
+    from airflow.sdk.api.datamodels._generated import ConnectionTestState
 
     # Airflow hands a test's connection out once: a request retried after a timeout gets a 409, so the
     # fetch waits as long as the test may take rather than Airflow's usual few seconds.
     client = Client(base_url=server, token=workload.token, timeout=max(30, workload.timeout))
     test_id = workload.connection_test_id
-
-    def report(state: ConnectionTestState, message: str) -> None:
-        try:
-            client.connection_tests.update_state(test_id, state, message[:2000])
-        except Exception as err:  # noqa: BLE001 - a test already ended (reaped, say) keeps its result
-            log.warning("Could not report the connection test's result", error=str(err))
-
     try:
         request = client.connection_tests.get_connection(test_id)
-    except Exception as err:  # noqa: BLE001 - it was fetched once already, or is gone
-        report(ConnectionTestState.FAILED, f"The agent could not start the test: {err}")
+    except ServerResponseError as err:
+        # Another runner fetched it (this one's claim was rerouted), or it ended or is gone: the test's
+        # state belongs to whoever has it, and is not this runner's to change.
+        log.warning("Connection test not started", connection_test_id=str(test_id), error=str(err))
         return 0
     log.info("Starting connection test", connection_id=request.conn_id, timeout=workload.timeout)
+    success, message = _test(request, workload.timeout)
+    state = ConnectionTestState.SUCCESS if success else ConnectionTestState.FAILED
     try:
-        connection, source = connection_to_test(request)
-        # Hooks look their connection up by id: the environment makes it this one. The client context
-        # makes Airflow build SDK connections, as its own connection-test supervisor does.
-        with (
-            _environment(
-                **{f"AIRFLOW_CONN_{connection.conn_id.upper()}": connection.get_uri()},
-                _AIRFLOW_PROCESS_CONTEXT="client",
-            ),
-            TimeoutPosix(seconds=workload.timeout, error_message="timed out"),
-        ):
-            success, message = connection.test_connection()
-        state = ConnectionTestState.SUCCESS if success else ConnectionTestState.FAILED
-        report(state, f"{message} (tested on an agent, {source})")
-    except AirflowTaskTimeout:
-        report(ConnectionTestState.FAILED, f"Connection test timed out after {workload.timeout}s")
-    except Exception as err:  # noqa: BLE001 - any failure is the test's result
-        # Only the type: an exception's text may quote the connection, and the result is stored.
-        report(ConnectionTestState.FAILED, f"Connection test failed unexpectedly: {type(err).__name__}")
-    log.info("Connection test finished", connection_id=request.conn_id)
+        client.connection_tests.update_state(test_id, state, message[:2000])
+    except ServerResponseError as err:  # a test already ended (reaped, say) keeps its result
+        log.warning("Could not report the connection test's result", error=str(err))
+    log.info("Connection test finished", connection_id=request.conn_id, state=state.value)
     return 0

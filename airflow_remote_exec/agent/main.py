@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from airflow_remote_exec.agent import connection_test
 from airflow_remote_exec.agent.backends import add_backend_args, apply_backend_args
 from airflow_remote_exec.agent.session import ComponentSettings
 
@@ -97,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("DRAIN_TIMEOUT", "300")),
         help="Seconds running tasks get to finish after SIGTERM before they are terminated "
         "(default: 300) [DRAIN_TIMEOUT]",
+    )
+    worker.add_argument(
+        "--connection-tests",
+        choices=connection_test.MODES,
+        default=_env("CONNECTION_TESTS", "held"),
+        help="Connection tests from the UI: 'held' tests only connections this agent's secrets backends "
+        "hold; 'any' also tests details typed into a request (a hook may then use this agent's ambient "
+        "credentials); 'off' (default: held) [CONNECTION_TESTS]",
     )
     dag_processor = commands.add_parser(
         "dag-processor", help="Parse this agent's DAG bundles and publish them to the orchestrator"
@@ -237,6 +246,9 @@ def settings_from_args(argv: list[str] | None = None):
 
     if args.slots < 1:
         parser.error("--slots must be at least 1")
+    if args.connection_tests not in connection_test.MODES:
+        parser.error(f"--connection-tests must be one of {', '.join(connection_test.MODES)}")
+    os.environ[connection_test.MODE_ENV] = args.connection_tests  # read by the runner processes
     queues = _queues(parser, args.queues)
     return WorkerSettings(
         api_url=api_url,
@@ -263,7 +275,8 @@ def _prefer_prompt_task_exit() -> None:
 def _keep_rendered_fields_on_the_agent() -> None:
     """Airflow stores each task's rendered template fields in the orchestrator's database, and for a
     TaskFlow task they are its arguments: the XCom values it was given, whatever store holds them. So
-    agents send them empty, unless ``[core] max_templated_field_length`` is set in their environment."""
+    agents send them empty, unless ``AIRFLOW__CORE__MAX_TEMPLATED_FIELD_LENGTH`` is in their
+    environment (this variable overrides the setting in the agent's airflow.cfg)."""
     os.environ.setdefault("AIRFLOW__CORE__MAX_TEMPLATED_FIELD_LENGTH", "0")
 
 

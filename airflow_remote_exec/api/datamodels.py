@@ -117,7 +117,9 @@ class ClaimedJob(BaseModel):
     pool_slots: int = Field(
         description="Agent slots the job takes: its pool_slots, at most the agent's slots."
     )
-    workload: str = Field(description="The ExecuteTask or ExecuteCallback workload as JSON, token included.")
+    workload: str = Field(
+        description="The ExecuteTask, ExecuteCallback or TestConnection workload as JSON, token included."
+    )
 
 
 ReportedState = Literal["running", "success", "failed", "not_started", "returned"]

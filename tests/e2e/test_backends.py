@@ -5,13 +5,10 @@ no secrets backend and no copy of the secrets; after each run its database and l
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.server
 import json
 import re
 import shutil
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dev.services import Azurite, GcsEmulator, Moto, OpenBao
-from dev.stack import Agent, create_agent_token, wait_until
+from dev.services import Azurite, BasicAuthServer, GcsEmulator, Moto, OpenBao
+from dev.stack import Agent, create_agent_token
 from tests.conftest import make_orchestrator
 
 pytestmark = pytest.mark.e2e
@@ -218,58 +215,11 @@ def test_5mb_xcoms_travel_both_ways_through_the_store_and_secrets_stay_on_the_ag
     )
 
 
-class _BasicAuthServer:
-    """An HTTP endpoint that answers 200 only to one user and password: the system behind the connection."""
-
-    def __init__(self, user: str, password: str) -> None:
-        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        self.authorized = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                ok = self.headers.get("Authorization") == expected
-                outer.authorized += ok
-                self.send_response(200 if ok else 401)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_GET = do_POST = do_HEAD = _answer
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _run_connection_test(client, body: dict) -> dict:
-    queued = client.request("POST", "/connections/enqueue-test", json=body)
-    headers = {"Airflow-Connection-Test-Token": queued["token"]}
-    result: dict = {}
-
-    def finished() -> bool:
-        result.update(client.request("GET", "/connections/enqueue-test", headers=headers))
-        return result["state"] in ("success", "failed")
-
-    wait_until(finished, timeout=120, interval=1, what="the connection test to finish")
-    return result
-
-
 def test_a_connection_only_the_agents_vault_holds_is_tested_on_the_agent(stack, services, postgres, tmp_path):
     orch, dags, token, database = stack
     vault = services["vault"]
     password = f"ct-{uuid.uuid4().hex}"
-    with _BasicAuthServer("probe", password) as target:
+    with BasicAuthServer("probe", password) as target:
         vault.put_connection(
             "vault_only_http",
             {
@@ -296,14 +246,12 @@ def test_a_connection_only_the_agents_vault_holds_is_tested_on_the_agent(stack, 
             with orch.client() as client:
                 started = time.monotonic()
                 # The UI's "Test" names the connection and its type; the agent fills in what its Vault holds.
-                held = _run_connection_test(
-                    client,
+                held = client.test_connection(
                     {"connection_id": "vault_only_http", "conn_type": "http", "queue": CONN_TEST_QUEUE},
                 )
                 took = time.monotonic() - started
-                # Details in the request are tested as given: the agent's password never goes elsewhere.
-                typed = _run_connection_test(
-                    client,
+                # By default an agent tests no details typed into a request: its credentials stay home.
+                typed = client.test_connection(
                     {
                         "connection_id": "vault_only_http",
                         "conn_type": "http",
@@ -315,9 +263,13 @@ def test_a_connection_only_the_agents_vault_holds_is_tested_on_the_agent(stack, 
         finally:
             agent.stop()
     assert held["state"] == "success", held
-    assert "as held by the agent" in held["result_message"]
+    assert "the agent tested its own copy" in held["result_message"]
+    assert password not in held["result_message"]
     assert target.authorized == 1
     assert typed["state"] == "failed", typed
+    assert (
+        "tests only the connections its own backends hold" in typed["result_message"]
+    )  # --connection-tests held
     print(f"connection test on the agent: {took:.1f} s from request to result")
     _scan_orchestrator(orch, postgres, database, {"the connection's password": password})
 

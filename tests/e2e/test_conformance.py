@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from dev.services import BasicAuthServer
 from dev.stack import Agent, AirflowClient, Orchestrator, TriggererAgent, create_agent_token, wait_until
 from tests.conftest import make_orchestrator
 from tests.e2e.dags import conformance_dags as dags
@@ -71,7 +72,11 @@ def _running_stack(name, executor, postgres, home: Path, dags_folder: Path) -> I
     triggerer agent; all stopped on exit."""
     markers = home / "markers"
     markers.mkdir(parents=True)
-    env = {"CONFORMANCE_MARKER_DIR": str(markers), "CONFORMANCE_RUNNER": "orchestrator"}
+    env = {
+        "CONFORMANCE_MARKER_DIR": str(markers),
+        "CONFORMANCE_RUNNER": "orchestrator",
+        "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",  # the UI's "Test" button
+    }
     db_url = postgres.create_database(f"airflow_{uuid.uuid4().hex[:12]}")
     remote = executor == REMOTE_EXECUTOR
     components = REMOTE_COMPONENTS if remote else LOCAL_COMPONENTS
@@ -81,8 +86,10 @@ def _running_stack(name, executor, postgres, home: Path, dags_folder: Path) -> I
         if remote:
             token = create_agent_token(orch, "conformance", ["default"], components=["worker", "triggerer"])
             agent_env = {**env, "CONFORMANCE_RUNNER": AGENT_NAME}
+            # Like LocalExecutor's workers, it tests whatever details a connection test carries.
             agent = Agent(orch.api_url, home / AGENT_NAME, dags_folder, token, AGENT_NAME,
-                          ["default"], AGENT_SLOTS, extra_env=agent_env)  # fmt: skip
+                          ["default"], AGENT_SLOTS, extra_env=agent_env,
+                          args=["--connection-tests", "any"])  # fmt: skip
             agent.start()
             triggerer = TriggererAgent(orch.api_url, home / "triggerer", token, "triggerer-1")
             triggerer.start()
@@ -536,3 +543,42 @@ def test_task_wider_than_one_slot_runs(local, request):
     assert actual["run"]["state"] == "success", actual
     _assert_same(expected["outcome"], actual["outcome"], "task states and tries")
     _assert_not_slower(_run_seconds(expected["run"]), _run_seconds(actual["run"]), "wide task run duration")
+
+
+# ------------------------------------------------------------------------- 7. connection tests
+
+
+def _run_connection_tests(stack: Stack) -> dict[str, Any]:
+    """The UI's "Test" button on an HTTP connection, with the right password and with a wrong one."""
+    with BasicAuthServer("probe", "right") as target, stack.client() as client:
+        connection = {
+            "connection_id": f"conformance_http_{stack.name}",
+            "conn_type": "http",
+            "host": "127.0.0.1",
+            "port": target.port,
+            "schema": "http",
+            "login": "probe",
+        }
+        # The first request to the Execution API's connection-test routes can be slow (a cold
+        # api-server): Airflow's client then retries the one-time fetch and gets a 409. Warm it up.
+        client.test_connection({**connection, "password": "warm-up"})
+        started = time.monotonic()
+        right = client.test_connection({**connection, "password": "right"})
+        took = time.monotonic() - started
+        wrong = client.test_connection({**connection, "password": "wrong"})
+    return {
+        "states": (right["state"], wrong["state"]),
+        "wrong_message": wrong["result_message"],
+        "authorized": target.authorized,
+        "test_seconds": took,
+    }
+
+
+def test_connection_tests_give_the_same_results(local, request):
+    expected, actual = _side_by_side(local, request, _run_connection_tests)
+    assert expected["states"] == ("success", "failed"), expected
+    assert expected["authorized"] == 1, expected  # the right password once; the warm-up's was wrong
+    _assert_same(expected["states"], actual["states"], "connection test states")
+    assert actual["authorized"] == 1, actual
+    assert "401" in actual["wrong_message"] and "401" in expected["wrong_message"], (expected, actual)
+    _assert_not_slower(expected["test_seconds"], actual["test_seconds"], "connection test request to result")

@@ -206,3 +206,44 @@ def test_cloud_secrets_backends_without_an_emulator_are_checked(backend, kwargs,
     assert line.startswith(f"FAIL  secrets backend: [workers] secrets_backend {SECRETS_BACKENDS[backend]}")
     assert any(reason in line for reason in reasons), line
     assert "Traceback" not in result.stdout + result.stderr
+
+
+class ErrorLoggingBackend:
+    """A backend that logs an error and answers "none", as a wrong Vault mount does."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def get_conn_value(self, conn_id):
+        import structlog
+
+        structlog.get_logger("airflow.providers.fake").error("Permission denied on secret %s", conn_id)
+
+    def get_variable(self, key):
+        return None
+
+
+def test_a_backend_that_logs_an_error_and_answers_none_fails_the_check():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(
+        [str(AGENT_BIN), "check", "--secrets-backend", "tests.unit.test_agent_checks.ErrorLoggingBackend"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "it answered, but logged an error: Permission denied on secret" in result.stdout.splitlines()[0]
+
+
+def test_an_xcom_backend_that_is_not_a_class_is_no_crash():
+    finding = _check("--secrets-backend-kwargs", "{}")[1]
+    assert finding.ok  # the default XCom backend
+    import os as _os
+
+    _os.environ["AIRFLOW__CORE__XCOM_BACKEND"] = "os.path.join"
+    try:
+        finding = checks.run_checks("probe", timeout=3)[1]
+    finally:
+        del _os.environ["AIRFLOW__CORE__XCOM_BACKEND"]
+    assert "os.path.join" in finding.text

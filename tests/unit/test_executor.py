@@ -532,3 +532,41 @@ def test_adoption_of_many_task_instances_queries_in_chunks(executor, session):
     rejected = executor.try_adopt_task_instances(tis)
     assert {ti.task_id for ti in rejected} == {w.ti.task_id for w in unknown}
     assert executor.own_jobs == {w.ti.key for w in known}
+
+
+def test_a_connection_test_whose_runner_died_fails_at_once(executor, session):
+    from airflow.models.connection_test import ConnectionTestRequest, ConnectionTestState
+
+    request, workload = _connection_test(session)
+    _queue(executor, session, workload)
+    request.state = ConnectionTestState.RUNNING  # the agent fetched the connection, then its runner died
+    job = session.scalar(select(RemoteJob).where(RemoteJob.ti_id == str(request.id)))
+    job.state, job.pending_sync, job.detail = JobState.FAILED, True, "runner process died"
+    session.commit()
+    executor.sync()
+    session.expire_all()
+    request = session.get(ConnectionTestRequest, request.id)
+    assert request.state == ConnectionTestState.FAILED
+    assert "runner process died" in request.result_message
+
+
+def test_a_connection_test_reaped_by_another_scheduler_frees_this_ones_slot(session):
+    from airflow.models.connection_test import ConnectionTestKey
+
+    first, second = RemoteExecutor(parallelism=8), RemoteExecutor(parallelism=8)
+    first.job_id, second.job_id = 101, 102
+    _, workload = _connection_test(session)
+    _queue(first, session, workload)
+    key = ConnectionTestKey(id=str(workload.connection_test_id))
+    second.fail_connection_test(key)  # the other scheduler's reaper
+    first._last_running_recheck = 0.0
+    first.sync()
+    assert key not in first.running and key not in first.own_jobs
+
+
+def test_a_connection_test_is_claimed_before_the_queues_tasks(executor, session):
+    _queue(executor, session, make_workload("busy", priority_weight=1000))
+    _, workload = _connection_test(session)
+    _queue(executor, session, workload)
+    weights = dict(session.execute(select(RemoteJob.kind, RemoteJob.priority_weight)).all())
+    assert weights["connection_test"] > weights["task"]
