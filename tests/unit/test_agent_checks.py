@@ -40,9 +40,18 @@ class HangingBackend:
 
 
 @pytest.fixture(autouse=True)
-def clean_settings(monkeypatch):
-    for name in BACKEND_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
+def clean_settings():
+    """The flags write to os.environ, as in the agent: each test starts and ends without them."""
+    from airflow.sdk.configuration import clear_secrets_backends_cache
+
+    def clean():
+        for name in BACKEND_SETTINGS:
+            os.environ.pop(name, None)
+        clear_secrets_backends_cache()
+
+    clean()
+    yield
+    clean()
 
 
 def _check(*flags: str) -> list[checks.Finding]:
