@@ -256,13 +256,9 @@ def test_connection_test_is_a_job_of_its_queue_reported_with_its_key(executor, s
     _queue(executor, session, workload)
     job = session.scalar(select(RemoteJob).where(RemoteJob.ti_id == str(workload.connection_test_id)))
     assert (job.kind, job.state, job.queue) == ("connection_test", JobState.QUEUED, "etl")
-    key = ConnectionTestKey(id=str(workload.connection_test_id))
-    assert key in executor.running
-    job.state, job.pending_sync, job.agent_name = JobState.SUCCESS, True, "agent-1"
-    session.commit()
-    executor.sync()
-    assert executor.get_event_buffer()[key][0] == ConnectionTestState.SUCCESS
-    assert key not in executor.running
+    _reported_success_is_one_event(
+        executor, session, job, ConnectionTestKey(id=str(workload.connection_test_id)), ConnectionTestState
+    )
 
 
 def test_a_reaped_connection_test_is_never_claimed(executor, session):
@@ -306,6 +302,16 @@ def test_a_connection_test_of_a_lost_agent_is_failed_once_its_connection_was_fet
         assert request.state == ConnectionTestState.QUEUED
 
 
+def _reported_success_is_one_event(executor, session, job, key, states) -> None:
+    """A job of a workload other than a task holds a slot until its agent reports, then is one event."""
+    assert key in executor.running
+    job.state, job.pending_sync, job.agent_name = JobState.SUCCESS, True, "agent-1"
+    session.commit()
+    executor.sync()
+    assert executor.get_event_buffer()[key][0] == states.SUCCESS
+    assert key not in executor.running
+
+
 def test_deadline_callback_is_queued_as_a_job_and_reported_with_its_callback_key(executor, session):
     from airflow.models.callback import CallbackKey
     from airflow.utils.state import CallbackState
@@ -314,13 +320,9 @@ def test_deadline_callback_is_queued_as_a_job_and_reported_with_its_callback_key
     _queue(executor, session, workload)
     job = session.scalar(select(RemoteJob).where(RemoteJob.ti_id == str(workload.callback.id)))
     assert (job.kind, job.state, job.queue, job.dag_id) == ("callback", JobState.QUEUED, "default", "d1")
-    key = CallbackKey(id=str(workload.callback.id))
-    assert key in executor.running
-    job.state, job.pending_sync, job.agent_name = JobState.SUCCESS, True, "agent-1"
-    session.commit()
-    executor.sync()
-    assert executor.get_event_buffer()[key][0] == CallbackState.SUCCESS
-    assert key not in executor.running
+    _reported_success_is_one_event(
+        executor, session, job, CallbackKey(id=str(workload.callback.id)), CallbackState
+    )
 
 
 def test_not_started_job_leaves_running_without_an_event(executor, session):
