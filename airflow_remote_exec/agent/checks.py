@@ -38,9 +38,11 @@ class Finding:
     subject: str
     ok: bool
     text: str
+    warning: bool = False  # passed, with something the operator should look at
 
     def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'}  {self.subject}: {self.text}"
+        status = "FAIL" if not self.ok else "warn" if self.warning else "ok  "
+        return f"{status}  {self.subject}: {self.text}"
 
 
 class CheckFailed(Exception):
@@ -224,9 +226,10 @@ def _finding(subject: str, check: Callable[[], str]) -> Finding:
             return Finding(subject, False, str(err) if logged is None else f"{err} (it logged: {logged})")
         except Exception as err:  # noqa: BLE001 - a setting Airflow cannot use at all (not a class, say)
             return Finding(subject, False, describe(err))
-        # Some backends log an error and answer "none" (a wrong Vault mount, a denied GCP secret).
+        # Some backends log an error and answer "none": a denied secret (which may also be how a
+        # least-privilege account sees the probe's missing one), a wrong path. Worth a look, not a stop.
         if (logged := first_error()) is not None:
-            return Finding(subject, False, f"it answered, but logged an error: {logged}")
+            return Finding(subject, True, f"{text}, but it logged an error: {logged}", warning=True)
         return Finding(subject, True, text)
 
 

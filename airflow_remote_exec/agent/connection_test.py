@@ -17,9 +17,11 @@ The result goes back through Airflow's Execution API, as Airflow's own connectio
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import quote, quote_plus
 
 import structlog
 
@@ -34,8 +36,12 @@ MODE_ENV = "AIRFLOW_REMOTE_AGENT_CONNECTION_TESTS"
 Mode = Literal["held", "any", "off"]
 MODES: tuple[Mode, ...] = ("held", "any", "off")
 MASKED = "***"  # what the UI sends for a secret it did not change
+_BLANK = (None, "", MASKED, "{}")  # what the UI sends for a field left alone
 _DETAILS = ("host", "login", "password", "schema_", "port", "extra")
 _SHORTEST_REDACTED = 4  # shorter values (a port, "db") would blank out ordinary words
+
+
+OFF = "this agent runs no connection tests (its --connection-tests is off)"
 
 
 class Refused(Exception):
@@ -48,7 +54,7 @@ def mode() -> Mode:
 
 
 def _carries_details(request: ConnectionTestConnectionResponse) -> bool:
-    return any(getattr(request, name) not in (None, "", MASKED) for name in _DETAILS)
+    return any(getattr(request, name) not in _BLANK for name in _DETAILS)
 
 
 def agent_connection(conn_id: str) -> Connection | None:
@@ -68,7 +74,7 @@ def connection_to_test(request: ConnectionTestConnectionResponse, allowed: Mode)
     from airflow.sdk.definitions.connection import Connection
 
     if allowed == "off":
-        raise Refused("this agent runs no connection tests (its --connection-tests is off)")
+        raise Refused(OFF)
     if not _carries_details(request):
         held = agent_connection(request.conn_id)
         if held is not None:
@@ -93,17 +99,39 @@ def connection_to_test(request: ConnectionTestConnectionResponse, allowed: Mode)
     return typed, False
 
 
+def _leaves(value: object) -> Iterator[str]:
+    """Every string or number inside a (nested) extra."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _leaves(item)
+    elif isinstance(value, str | int | float) and not isinstance(value, bool):
+        yield str(value)
+
+
 def redacted(message: str, connection: Connection) -> str:
-    """The message without any of the agent-held connection's values: a hook's error may quote its
-    URL, and the message is stored on the orchestrator."""
+    """The message without any of the agent-held connection's values, as written or as a URL or JSON
+    would quote them: a hook's error may quote its URL, and the message is stored on the orchestrator."""
     values = {connection.host, connection.login, connection.password, connection.schema, connection.extra}
     with contextlib.suppress(Exception):
         values.add(connection.get_uri())
-        values.update(str(v) for v in connection.extra_dejson.values() if isinstance(v, str | int))
-    for value in sorted(
-        (v for v in values if v and len(str(v)) >= _SHORTEST_REDACTED), key=len, reverse=True
-    ):
-        message = message.replace(str(value), MASKED)
+        values.update(_leaves(connection.extra_dejson))
+    forms = set()
+    for value in (str(v) for v in values if v):
+        forms.update(
+            {
+                value,
+                quote(value, safe=""),
+                quote(value),
+                quote_plus(value),
+                json.dumps(value)[1:-1],
+                value.lower(),
+            }
+        )
+    for form in sorted((f for f in forms if len(f) >= _SHORTEST_REDACTED), key=len, reverse=True):
+        message = message.replace(form, MASKED)
     return message
 
 
@@ -127,24 +155,27 @@ def _test(request: ConnectionTestConnectionResponse, timeout: int) -> tuple[bool
     from airflow.sdk.exceptions import AirflowTaskTimeout
     from airflow.sdk.execution_time.timeout import TimeoutPosix
 
-    connection = None
     try:
         with TimeoutPosix(seconds=timeout, error_message="timed out"):
             connection, held = connection_to_test(request, mode())
-            # Hooks look their connection up by id: the environment makes it this one. The client
-            # context makes Airflow build SDK connections, as its own connection-test supervisor does.
-            with _environment(
+        # Hooks look their connection up by id: the environment makes it this one. The client context
+        # makes Airflow build SDK connections, as its own connection-test supervisor does. It is set
+        # outside the timer, so an alarm can never leave it behind for the runner's next job.
+        with (
+            _environment(
                 **{f"AIRFLOW_CONN_{connection.conn_id.upper()}": connection.get_uri()},
                 _AIRFLOW_PROCESS_CONTEXT="client",
-            ):
-                success, message = connection.test_connection()
+            ),
+            TimeoutPosix(seconds=timeout, error_message="timed out"),
+        ):
+            success, message = connection.test_connection()
         message = f"{message} (the agent tested its own copy of the connection)" if held else message
         return success, redacted(message, connection) if held else message
     except Refused as err:
         return False, f"Not tested: {err}"
     except AirflowTaskTimeout:
         return False, f"Connection test timed out after {timeout}s"
-    except Exception as err:  # noqa: BLE001 - any failure is the test's result
+    except BaseException as err:  # noqa: BLE001 - any failure is the test's result, never the runner's
         # Only the type: an exception's text may quote the connection, and the result is stored.
         return False, f"Connection test failed unexpectedly: {type(err).__name__}"
 
@@ -153,12 +184,14 @@ def run_connection_test(workload: TestConnection, server: str) -> int:
     """Fetch the test's connection, test it, and report the result. Always 0: the outcome is the
     test's state in Airflow, like Airflow's own supervisor."""
     from airflow.sdk.api.client import Client, ServerResponseError
-    from airflow.sdk.api.datamodels._generated import ConnectionTestState
 
     # Airflow hands a test's connection out once: a request retried after a timeout gets a 409, so the
     # fetch waits as long as the test may take rather than Airflow's usual few seconds.
     client = Client(base_url=server, token=workload.token, timeout=max(30, workload.timeout))
     test_id = workload.connection_test_id
+    if mode() == "off":  # refused without fetching: the connection is never handed to this agent
+        _report(client, test_id, False, f"Not tested: {OFF}")
+        return 0
     try:
         request = client.connection_tests.get_connection(test_id)
     except ServerResponseError as err:
@@ -168,10 +201,17 @@ def run_connection_test(workload: TestConnection, server: str) -> int:
         return 0
     log.info("Starting connection test", connection_id=request.conn_id, timeout=workload.timeout)
     success, message = _test(request, workload.timeout)
+    _report(client, test_id, success, message)
+    log.info("Connection test finished", connection_id=request.conn_id, success=success)
+    return 0
+
+
+def _report(client, test_id, success: bool, message: str) -> None:
+    from airflow.sdk.api.client import ServerResponseError
+    from airflow.sdk.api.datamodels._generated import ConnectionTestState
+
     state = ConnectionTestState.SUCCESS if success else ConnectionTestState.FAILED
     try:
         client.connection_tests.update_state(test_id, state, message[:2000])
     except ServerResponseError as err:  # a test already ended (reaped, say) keeps its result
         log.warning("Could not report the connection test's result", error=str(err))
-    log.info("Connection test finished", connection_id=request.conn_id, state=state.value)
-    return 0

@@ -296,7 +296,8 @@ def _exit_unless_backends_work(settings) -> None:
     is_worker = not isinstance(settings, ComponentSettings)
     findings = run_checks(settings.name, xcom=is_worker)
     for finding in findings:
-        log.log(logging.INFO if finding.ok else logging.ERROR, "%s: %s", finding.subject, finding.text)
+        level = logging.ERROR if not finding.ok else logging.WARNING if finding.warning else logging.INFO
+        log.log(level, "%s: %s", finding.subject, finding.text)
     if not all(finding.ok for finding in findings):
         sys.exit(1)
 

@@ -232,7 +232,7 @@ class ErrorLoggingBackend:
         return None
 
 
-def test_a_backend_that_logs_an_error_and_answers_none_fails_the_check():
+def test_a_backend_that_logs_an_error_and_answers_none_is_a_warning():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     result = subprocess.run(
         [str(AGENT_BIN), "check", "--secrets-backend", "tests.unit.test_agent_checks.ErrorLoggingBackend"],
@@ -241,8 +241,11 @@ def test_a_backend_that_logs_an_error_and_answers_none_fails_the_check():
         timeout=120,
         env=env,
     )
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "it answered, but logged an error: Permission denied on secret" in result.stdout.splitlines()[0]
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = result.stdout.splitlines()[0]
+    assert (
+        line.startswith("warn  secrets backend:") and "but it logged an error: Permission denied on" in line
+    )
 
 
 def test_an_xcom_backend_that_is_not_a_class_is_no_crash():

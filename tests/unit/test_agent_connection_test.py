@@ -122,3 +122,31 @@ def test_the_test_environment_is_restored_for_the_runners_next_job(monkeypatch):
         raise RuntimeError
     assert os.environ["KEPT"] == "before"
     assert "ADDED" not in os.environ
+
+
+def test_quoted_and_nested_forms_of_held_values_are_stripped_too(monkeypatch):
+    import json as _json
+
+    extra = {"session_kwargs": {"aws_secret_access_key": "NESTED-SECRET-KEY"}, "timeout": True}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_WAREHOUSE",
+        _json.dumps(
+            {"conn_type": "http", "host": "Hooks.Internal", "password": "p@ss/w0rd!", "extra": extra}
+        ),
+    )
+    connection, _ = connection_to_test(_request(), "held")
+    message = redacted(
+        "auth p%40ss%2Fw0rd%21 p%40ss/w0rd%21 NESTED-SECRET-KEY at hooks.internal True", connection
+    )
+    assert message == "auth *** *** *** at *** True"
+
+
+def test_an_empty_extra_is_no_detail():
+    _, held = connection_to_test(_request(extra="{}"), "held")
+    assert held is True
+
+
+def test_an_agent_with_tests_off_never_fetches_the_connection(monkeypatch):
+    client = _Client(fetch_error=AssertionError("fetched"))
+    _run(monkeypatch, client, mode="off")
+    assert client.reports == [("failed", f"Not tested: {connection_test.OFF}")]
