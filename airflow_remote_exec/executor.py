@@ -89,6 +89,11 @@ def _identity_in(identities: Sequence[tuple]) -> Iterator:
         yield tuple_(*_IDENTITY_COLUMNS).in_(identities[start : start + _KEYS_PER_QUERY])
 
 
+def _default_queue() -> str:
+    """Where workloads that carry no queue of their own go (callbacks, connection tests)."""
+    return conf.get("operators", "default_queue", fallback="default")
+
+
 def _key_filter(key: TaskInstanceKey):
     values = _identity_of(key)
     return and_(*(column == value for column, value in zip(_IDENTITY_COLUMNS, values, strict=True)))
@@ -167,7 +172,7 @@ class RemoteExecutor(BaseExecutor):
             key=key,
             kind=JobKind.CALLBACK,
             ti_id=callback_id,
-            queue=str(data.get("queue") or conf.get("operators", "default_queue", fallback="default")),
+            queue=str(data.get("queue") or _default_queue()),
             priority_weight=int(data.get("priority_weight", 1)),
             pool_slots=1,
             workload=workload,
@@ -187,7 +192,7 @@ class RemoteExecutor(BaseExecutor):
             ),
             kind=JobKind.CONNECTION_TEST,
             ti_id=test_id,
-            queue=workload.queue or conf.get("operators", "default_queue", fallback="default"),
+            queue=workload.queue or _default_queue(),
             priority_weight=CONNECTION_TEST_PRIORITY,
             pool_slots=1,
             workload=workload,

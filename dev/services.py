@@ -31,12 +31,8 @@ from typing import Any, Literal
 
 import httpx
 
+from airflow_remote_exec.agent.backends import SECRETS_BACKENDS
 from dev.stack import REPO_ROOT, VENV_BIN, ManagedProcess, _run, free_port, wait_until
-
-XCOM_BACKEND = "airflow.providers.common.io.xcom.backend.XComObjectStorageBackend"
-SECRETS_MANAGER_BACKEND = "airflow.providers.amazon.aws.secrets.secrets_manager.SecretsManagerBackend"
-SSM_BACKEND = "airflow.providers.amazon.aws.secrets.systems_manager.SystemsManagerParameterStoreBackend"
-VAULT_BACKEND = "airflow.providers.hashicorp.secrets.vault.VaultBackend"
 
 AZURITE_SPEC = "azurite@3.35.0"  # pinned: a new Azurite release must not change test behaviour unseen
 AZURITE_DIR = REPO_ROOT / ".cache" / "azurite"
@@ -129,8 +125,6 @@ class _Service:
             raise RuntimeError(f"{self.name} is not started")
         return f"http://127.0.0.1:{self.port}"
 
-    endpoint = url
-
     def start(self, timeout: float = 60) -> None:
         """Launch the server and wait (bounded) until it answers; on failure stop it and show its log."""
         if self.process is not None and self.process.alive:
@@ -163,13 +157,6 @@ class _Service:
 
     def log_tail(self, lines: int = 50) -> str:
         return self.process.log_tail(lines) if self.process else ""
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------- Moto
@@ -275,7 +262,7 @@ class Moto(_Service):
             "aws_access_key_id": self.access_key,
             "aws_secret_access_key": self.secret_key,
         }
-        backend = SSM_BACKEND if self.secrets_store == "ssm" else SECRETS_MANAGER_BACKEND
+        backend = SECRETS_BACKENDS["aws-ssm" if self.secrets_store == "ssm" else "aws-secrets-manager"]
         return {
             "AIRFLOW__WORKERS__SECRETS_BACKEND": backend,
             "AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS": json.dumps(kwargs),
@@ -443,7 +430,7 @@ class OpenBao(_Service):
             "timeout": 5,
         }
         return {
-            "AIRFLOW__WORKERS__SECRETS_BACKEND": VAULT_BACKEND,
+            "AIRFLOW__WORKERS__SECRETS_BACKEND": SECRETS_BACKENDS["vault"],
             "AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS": json.dumps(kwargs),
         }
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,7 @@ class Setup:
 
     args: list[str]
     env: dict[str, str]
-    list_objects: object
+    list_objects: Callable[[], list[str]]
     secrets: dict[str, str] = field(default_factory=dict)
 
 
