@@ -442,10 +442,11 @@ class AirflowClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Authenticated request to ``/api/v2{path}``; re-logs in once on 401; returns decoded JSON."""
+        extra_headers = kwargs.pop("headers", {})
         for attempt in range(2):
             if self._token is None:
                 self._token = self._login()
-            headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {self._token}"}
+            headers = {**extra_headers, "Authorization": f"Bearer {self._token}"}
             resp = self._http.request(method, f"/api/v2{path}", headers=headers, **kwargs)
             if resp.status_code == 401 and attempt == 0:
                 self._token = None

@@ -58,7 +58,9 @@ def add_backend_args(command: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--secrets-backend-kwargs",
-        help="The backend's arguments as a JSON object. Sets [workers] secrets_backend_kwargs",
+        help="The backend's arguments as a JSON object. Sets [workers] secrets_backend_kwargs. Put "
+        "credentials in AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS instead: a command line is visible to "
+        "every local user",
     )
 
 

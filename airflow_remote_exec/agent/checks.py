@@ -49,6 +49,15 @@ class CheckFailed(Exception):
     """A setting at fault; the message names it."""
 
 
+class CheckWarning(Exception):
+    """Worth a look, not a stop; the message says what."""
+
+
+# A refusal to read the probe's made-up key: how a backend whose policy names each secret answers
+# (Vault's 403, AWS's AccessDeniedException). Airflow's own look-ups skip such a backend and go on.
+_DENIED = re.compile(r"403|denied|forbidden|permission|not authori[sz]ed", re.IGNORECASE)
+
+
 def describe(err: BaseException) -> str:
     """``Type: first line of the message``: one line, however long the exception's text."""
     text = str(err).strip().splitlines()
@@ -213,7 +222,15 @@ def _secrets_backend(timeout: float) -> str:
         instance.get_variable(PROBE_KEY)
         return "ok"
 
-    _bounded(ask, f"[{section}] {key} {backend}", timeout)
+    setting = f"[{section}] {key} {backend}"
+    try:
+        _bounded(ask, setting, timeout)
+    except CheckFailed as err:
+        if _DENIED.search(str(err)):
+            raise CheckWarning(
+                f"{err} (reached, but denied the probe's made-up key: check its policy)"
+            ) from None
+        raise
     return f"{backend} answered a connection and a variable look-up"
 
 
@@ -224,6 +241,8 @@ def _finding(subject: str, check: Callable[[], str]) -> Finding:
         except CheckFailed as err:
             logged = first_error()
             return Finding(subject, False, str(err) if logged is None else f"{err} (it logged: {logged})")
+        except CheckWarning as err:
+            return Finding(subject, True, str(err), warning=True)
         except Exception as err:  # noqa: BLE001 - a setting Airflow cannot use at all (not a class, say)
             return Finding(subject, False, describe(err))
         # Some backends log an error and answer "none": a denied secret (which may also be how a

@@ -39,7 +39,7 @@ from airflow.utils.helpers import log_filename_template_renderer
 from airflow.utils.session import create_session
 from airflow.utils.state import TaskInstanceState
 from fastapi import APIRouter, HTTPException, status
-from sqlalchemy import ColumnElement, and_, event, false, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, event, false, func, insert, inspect, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authorize_agent
@@ -145,6 +145,9 @@ def watchers_owned_by(session: Session, token_id: int) -> Iterator[None]:
         yield
     finally:
         event.remove(session, "pending_to_persistent", collect)
+    # A trigger whose insert was rolled back (and retried) is no longer persistent: its id may be
+    # another process's trigger by now (SQLite reuses ids).
+    created = [trigger for trigger in created if inspect(trigger).persistent]
     if created:
         session.execute(
             update(Trigger)

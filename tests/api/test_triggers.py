@@ -422,3 +422,29 @@ def test_a_batch_that_fails_half_way_applies_nothing(
     with pytest.raises(RuntimeError):
         _report(client, owner, sid, events=[_event(first, 1)], failures=[{"trigger_id": second}])
     assert _ti(session, first_ti).state == TaskInstanceState.DEFERRED
+
+
+def test_a_watcher_whose_insert_was_rolled_back_leaves_the_id_to_its_next_owner(session, owner):
+    """Airflow retries a persist after "database is locked" with a rollback; on SQLite the rolled-back
+    trigger's id goes to the next insert, here another process's stock watcher."""
+    from airflow.models.asset import AssetModel, AssetWatcherModel
+    from airflow.utils.session import create_session
+
+    from airflow_remote_exec.api.triggers import watchers_owned_by
+
+    with create_session(scoped=False) as persisting, watchers_owned_by(persisting, token_id=1):
+        agents = Trigger(classpath="agent.Trigger", kwargs={})
+        persisting.add(agents)
+        persisting.flush()
+        rolled_back = agents.id
+        persisting.rollback()
+        with create_session(scoped=False) as other:
+            asset = AssetModel(name="stock-after-rollback", uri="stock-after-rollback", group="asset")
+            stock = Trigger(classpath="stock.Trigger", kwargs={})
+            other.add_all([asset, stock])
+            other.flush()
+            other.add(AssetWatcherModel(name="w", trigger_id=stock.id, asset_id=asset.id))
+            stock_id = stock.id
+    assert stock_id == rolled_back  # the id was reused, which is what the guard is for
+    session.expire_all()
+    assert session.get(Trigger, stock_id).queue is None

@@ -287,8 +287,11 @@ def test_bad_backend_configuration_stops_the_agent_with_one_line(stack, services
         env, setting = {}, "[workers] secrets_backend"
         args = ["--secrets-backend", "vault", "--secrets-backend-kwargs", json.dumps(kwargs)]
     agent = Agent(orch.api_url, tmp_path / "bad", dags, token, "bad", ["s3-a"], 1, env, args=args)
-    with pytest.raises(RuntimeError, match="exited early"):
-        agent.start(timeout=90)
+    try:
+        with pytest.raises(RuntimeError, match="exited early"):
+            agent.start(timeout=90)
+    finally:
+        agent.stop()  # stopped even if a regression let it start
     assert agent.process.returncode == 1
     log = (agent.home / "agent.log").read_text()
     errors = [line for line in log.splitlines() if re.search(r"\[error\s*\]| ERROR ", line)]

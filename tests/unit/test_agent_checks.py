@@ -79,6 +79,7 @@ def test_flags_set_airflows_own_settings(tmp_path):
     assert os.environ["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_THRESHOLD"] == "0"  # every value in the store
     assert os.environ["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_COMPRESSION"] == "gzip"
     assert os.environ["AIRFLOW__WORKERS__SECRETS_BACKEND"] == SECRETS_BACKENDS["vault"]
+    assert json.loads(os.environ["AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS"]) == {"url": "https://vault:8200"}
 
 
 @pytest.mark.parametrize(
@@ -252,3 +253,19 @@ def test_an_xcom_backend_that_is_not_a_class_is_no_crash(monkeypatch):
     monkeypatch.setenv("AIRFLOW__CORE__XCOM_BACKEND", "os.path.join")
     finding = checks.run_checks("probe", timeout=3)[1]
     assert finding.ok and "os.path.join" in finding.text
+
+
+class DenyingBackend(HangingBackend):
+    """A backend whose policy names each secret: the probe's made-up key is refused (Vault's 403)."""
+
+    def get_conn_value(self, conn_id):
+        raise PermissionError("403 permission denied")
+
+
+def test_a_backend_that_denies_the_probe_key_is_a_warning_and_an_unreachable_one_a_stop():
+    finding = _check("--secrets-backend", f"{__name__}.DenyingBackend")[0]
+    assert (finding.ok, finding.warning) == (True, True)
+    assert "denied the probe's made-up key" in finding.text
+    closed = _check("--secrets-backend", "vault", "--secrets-backend-kwargs", json.dumps(
+        {"url": f"http://127.0.0.1:{_closed_port()}", "token": "t", "timeout": 2}))[0]  # fmt: skip
+    assert not closed.ok
