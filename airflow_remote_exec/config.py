@@ -41,3 +41,11 @@ def reroute_fence_seconds() -> int:
 
 def api_db_threads() -> int:
     return max(1, conf.getint(SECTION, "api_db_threads", fallback=int(_default("api_db_threads"))))
+
+
+def task_log_max_bytes() -> int:
+    return conf.getint(SECTION, "task_log_max_bytes", fallback=int(_default("task_log_max_bytes")))
+
+
+def task_log_retention_days() -> int:
+    return conf.getint(SECTION, "task_log_retention_days", fallback=int(_default("task_log_retention_days")))

@@ -37,6 +37,7 @@ from airflow_remote_exec.reroute import (
     mark_lost_agents,
     release_jobs_of_agents_not_live,
 )
+from airflow_remote_exec.task_logs import SOURCE, read_task_log, shipped_logs_are_remote_logging
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -432,6 +433,14 @@ class RemoteExecutor(BaseExecutor):
             else:
                 rejected.append(ti)
         return rejected
+
+    def get_task_log(self, ti: TaskInstance, try_number: int) -> tuple[list[str], list[str]]:
+        """What agents shipped of the log of a running try: Airflow's log reader asks the executor only
+        while a task runs. Its sources also tell the reader not to look for the agent's own log server,
+        which is behind the agent's firewall."""
+        if shipped_logs_are_remote_logging():  # the reader gets the same from ShippedLogIO
+            return [f"{SOURCE}: read through [logging] logging_config_class"], []
+        return read_task_log(ti, try_number)
 
     def end(self) -> None:
         """Nothing to wait for: jobs live in the DB and agents keep running them."""

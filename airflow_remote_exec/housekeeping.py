@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, exists, or_
 from sqlalchemy.orm import Session
@@ -17,6 +17,7 @@ from airflow_remote_exec.models import (
     RemoteApiServer,
     RemoteJob,
 )
+from airflow_remote_exec.task_logs import another_remote_log_store, purge_streams
 
 # A finished job whose outcome no scheduler has taken belongs to a scheduler that died: any
 # scheduler adopts its task instances within [scheduler] scheduler_health_check_threshold (30 s)
@@ -26,6 +27,8 @@ UNSYNCED_JOB_RETENTION = timedelta(hours=1)
 AGENT_HISTORY_RETENTION = timedelta(days=7)
 # A presence row not refreshed for an hour belongs to an api-server process that is gone.
 API_SERVER_RETENTION = timedelta(hours=1)
+# With object-storage remote logging the shipped copy of a log only serves the task while it runs.
+LIVE_LOG_RETENTION = timedelta(days=1)
 
 
 def purge_old_rows(session: Session) -> None:
@@ -51,3 +54,11 @@ def purge_old_rows(session: Session) -> None:
         )
     )
     session.execute(delete(RemoteApiServer).where(RemoteApiServer.last_seen_at < now - API_SERVER_RETENTION))
+    _purge_task_logs(session, now)
+
+
+def _purge_task_logs(session: Session, now: datetime) -> None:
+    if another_remote_log_store():
+        purge_streams(session, now - LIVE_LOG_RETENTION)
+    elif days := config.task_log_retention_days():
+        purge_streams(session, now - timedelta(days=days))

@@ -1,4 +1,4 @@
-"""The ``remote_*`` tables: agent tokens, agents, and the jobs the executor hands to agents.
+"""The ``remote_*`` tables: agent tokens, agents, the jobs the executor hands to agents, and their logs.
 
 They live in their own ``MetaData`` so Airflow's core schema checks never see them; the
 ``RemoteDBManager`` in ``db.py`` creates and migrates them during ``airflow db migrate``.
@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -255,3 +256,52 @@ Index(
     RemoteJob.priority_weight.desc(),
     RemoteJob.id,
 )
+
+
+class RemoteLogStream(Base):
+    """The task log one agent writes for one attempt of a job, shipped to the orchestrator as it grows.
+
+    A task that defers or reschedules runs again as the job's next attempt, perhaps on another agent, so
+    the log of a try is its streams in order. A stream outlives its job row (finished jobs are purged
+    within minutes): it records who may append to it, the agent's name and token, from the claim on.
+    """
+
+    __tablename__ = "remote_log_stream"
+    __table_args__ = (
+        UniqueConstraint("ti_id", "attempt", name="remote_log_stream_ti_attempt"),
+        Index("idx_remote_log_stream_try", "dag_id", "run_id", "task_id", "map_index", "try_number"),
+        Index("idx_remote_log_stream_job", "job_id", "attempt"),
+        Index("idx_remote_log_stream_written", "last_written_at"),  # the purge
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), nullable=False)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    task_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    run_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    map_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    agent_name: Mapped[str] = mapped_column(String(250), nullable=False)
+    token_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)  # bytes held, in order
+    truncated: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    last_written_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
+class RemoteLogChunk(Base):
+    """``data`` is the stream's bytes from ``offset`` on: a stream is its chunks in offset order."""
+
+    __tablename__ = "remote_log_chunk"
+
+    stream_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("remote_log_stream.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)

@@ -57,6 +57,21 @@ CONFIG_OPTIONS: dict[str, dict] = {
         "integer",
         "300",
     ),
+    "task_log_max_bytes": _option(
+        "Most bytes of log the orchestrator stores for one run of a task on an agent. Beyond it the "
+        "agent stops shipping that run's log, which then ends with a line saying so; the agent's own "
+        "file keeps the rest.",
+        "integer",
+        str(64 * 1024 * 1024),
+    ),
+    "task_log_retention_days": _option(
+        "Days the orchestrator keeps task logs shipped by agents, counted from their last line. 0 keeps "
+        "them until their rows are deleted by hand. With another remote log store (``[logging] "
+        "remote_base_log_folder`` on s3://, gs://, wasb://) the shipped copy only serves running tasks "
+        "and is deleted a day after its last line, whatever this says.",
+        "integer",
+        "30",
+    ),
 }
 
 

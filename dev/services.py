@@ -211,11 +211,24 @@ class Moto(_Service):
     def xcom_env(
         self, bucket: str, conn_id: str, threshold: int | None = None, compression: str | None = None
     ) -> dict[str, str]:
-        """``s3://<conn_id>@<bucket>/xcom`` and the ``aws`` connection that reaches this server.
+        """``s3://<conn_id>@<bucket>/xcom`` and the ``aws`` connection that reaches this server."""
+        conn = self._s3_connection()
+        return _xcom_env(f"s3://{conn_id}@{bucket}/xcom", conn_id, conn, threshold, compression)
 
-        ``config_kwargs`` (botocore Config, which s3fs honours) keep a dead endpoint from retrying for long.
-        """
-        conn = {
+    def remote_logging_env(self, bucket: str, conn_id: str) -> dict[str, str]:
+        """Airflow's remote task logging to ``s3://<bucket>/logs`` through a connection to this server:
+        the same settings for the agent, which writes the logs, and the api-server, which reads them."""
+        return {
+            "AIRFLOW__LOGGING__REMOTE_LOGGING": "True",
+            "AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER": f"s3://{bucket}/logs",
+            "AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID": conn_id,
+            _conn_env_name(conn_id): json.dumps(self._s3_connection()),
+        }
+
+    def _s3_connection(self) -> dict[str, Any]:
+        """An ``aws`` connection to this server; ``config_kwargs`` (botocore Config, which s3fs honours)
+        keep a dead endpoint from retrying for long."""
+        return {
             "conn_type": "aws",
             "login": self.access_key,
             "password": self.secret_key,
@@ -224,7 +237,6 @@ class Moto(_Service):
                 "config_kwargs": {"connect_timeout": 5, "retries": {"mode": "standard", "max_attempts": 2}},
             },
         }
-        return _xcom_env(f"s3://{conn_id}@{bucket}/xcom", conn_id, conn, threshold, compression)
 
     # -- secrets
 

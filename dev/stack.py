@@ -473,6 +473,17 @@ class AirflowClient:
 
     # -- dags and runs
 
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> list[str]:
+        """The events of one try's log, as the REST API serves it (the UI's source too)."""
+        doc = self.request(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+            params={"full_content": "true"},
+            headers={"Accept": "application/json"},
+        )
+        items = doc["content"]
+        return [str(item.get("event", "")) if isinstance(item, dict) else str(item) for item in items]
+
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
         """Wait until the dag processor has parsed and serialized ``dag_id``."""
 
@@ -557,6 +568,15 @@ class AirflowClient:
         with _engine(self.db_url) as engine, engine.connect() as conn:
             rows = conn.execute(query, {"dag_id": dag_id, "run_id": run_id})
             return {(r.task_id, r.map_index): r.external_executor_id for r in rows}
+
+
+def _answers_200(url: str, proc: ManagedProcess) -> bool:
+    if proc.returncode is not None:
+        raise RuntimeError(f"{proc.name} exited with {proc.returncode}:\n{proc.log_tail(40)}")
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _raise_for_status(resp: httpx.Response) -> None:
@@ -647,6 +667,7 @@ class Orchestrator:
         # "agent-api": the agent API alone (``airflow remote-exec api-server``) on a port of its own.
         self.agent_api_workers = agent_api_workers
         self.agent_api_url = f"http://127.0.0.1:{free_port()}"
+        self.extra_api_urls: dict[str, str] = {}  # "api-server-2": its URL
         self.logs_dir = self.home / "logs"
         self.home.mkdir(parents=True, exist_ok=True)
         self.passwords_file = self.home / "simple_auth_manager_passwords.json"
@@ -722,6 +743,9 @@ class Orchestrator:
                 "--workers",
                 "1",
             ]
+        if name.startswith("api-server-"):  # a further api-server on a port of its own: "api-server-2"
+            port = self.extra_api_urls.setdefault(name, f"http://127.0.0.1:{free_port()}").rsplit(":", 1)[1]
+            return [AIRFLOW_BIN, "api-server", "--host", "127.0.0.1", "--port", port, "--workers", "1"]
         if name == "agent-api":
             port = self.agent_api_url.rsplit(":", 1)[1]
             workers = str(self.agent_api_workers)
@@ -760,6 +784,9 @@ class Orchestrator:
         proc = self._launch(name)
         if name == "api-server":
             self._wait_healthy(timeout=120, need=())
+        elif name.startswith("api-server-"):
+            url = f"{self.extra_api_urls[name]}/api/v2/monitor/health"
+            wait_until(lambda: _answers_200(url, proc), 120, interval=0.5, what=f"{name} at {url}")
         return proc
 
     def start(self, timeout: float = 120) -> None:

@@ -15,11 +15,13 @@ import httpx
 from airflow_remote_exec.api.datamodels import (
     API_VERSION,
     API_VERSION_HEADER,
+    LOG_CONTENT_TYPE,
     ClaimRequest,
     ClaimResponse,
     HeartbeatRequest,
     HeartbeatResponse,
     JobReport,
+    LogChunkResponse,
     RefusedReport,
     RegisterRequest,
     RegisterResponse,
@@ -133,12 +135,15 @@ class AgentClient:
         keep_trying: Callable[[], bool] | None = None,
         max_tries: int | None = None,
         backoff: bool = True,
+        content: bytes | None = None,
+        params: dict[str, Any] | None = None,
     ) -> Any:
         """Send one request, retrying while the orchestrator is unreachable (transport error, 5xx, 429).
 
         ``keep_trying`` decides whether to go on retrying; by default until the agent stops.
         ``max_tries`` caps the tries; ``backoff=False`` retries at once instead of after a jittered,
         growing delay. The same payload is re-sent each time, so a retried request must be idempotent.
+        ``content`` is sent as raw bytes instead of a JSON ``body``.
         """
         # Requests bound to the agent's life stop retrying, and stop sleeping, once it stops.
         bound_to_life = keep_trying is None
@@ -148,7 +153,13 @@ class AgentClient:
         while True:
             try:
                 response = self._http.request(
-                    method, path, json=payload, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+                    method,
+                    path,
+                    json=payload,
+                    content=content,
+                    params=params,
+                    headers={"Content-Type": LOG_CONTENT_TYPE} if content is not None else None,
+                    timeout=timeout or httpx.USE_CLIENT_DEFAULT,
                 )
                 if response.status_code < 500 and response.status_code != 429 and not _foreign_401(response):
                     self._note_answer()
@@ -172,6 +183,12 @@ class AgentClient:
             return response.json() if response.content else None
         error = _ERRORS.get(response.status_code, AgentApiError)
         raise error(response.status_code, _detail(response))
+
+    @property
+    def answers(self) -> int:
+        """How many answers the agent API gave so far: a caller backing off on its own can tell when the
+        orchestrator is back."""
+        return self._answers
 
     def _note_answer(self) -> None:
         with self._answered:
@@ -252,6 +269,20 @@ class AgentClient:
             keep_trying=keep_trying,
         )
         return ReportsResponse.model_validate(data).refused
+
+    def append_log(
+        self, session_id: str, job_id: int, attempt: int, offset: int, data: bytes
+    ) -> LogChunkResponse:
+        """Ship ``data``, the bytes of a job attempt's log from ``offset`` on. Tried once: the log shipper
+        keeps the bytes and its own pace, so an unreachable orchestrator never holds it up."""
+        reply = self._call(
+            "PUT",
+            f"/agents/{session_id}/jobs/{job_id}/log",
+            content=data,
+            params={"attempt": attempt, "offset": offset},
+            keep_trying=lambda: False,
+        )
+        return LogChunkResponse.model_validate(reply)
 
     def deregister(self, session_id: str) -> None:
         self._call("DELETE", f"/agents/{session_id}", keep_trying=lambda: False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from airflow_remote_exec.agent import connection_test
+from airflow_remote_exec.agent import connection_test, log_format
 from airflow_remote_exec.agent.backends import add_backend_args, apply_backend_args
 from airflow_remote_exec.agent.session import ComponentSettings
 
@@ -60,7 +60,18 @@ def _add_connection_args(command: argparse.ArgumentParser, default_name: str) ->
         help="Accept an http:// --api-url on a non-loopback host: the token and every task's "
         "credentials would cross the network in clear text [ALLOW_INSECURE_HTTP]",
     )
+    _add_log_format_arg(command)
     add_backend_args(command)
+
+
+def _add_log_format_arg(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--log-format",
+        choices=log_format.FORMATS,
+        default=_env("LOG_FORMAT", "text"),
+        help="The agent's own log lines: 'text' or 'json', one object per line with the agent, the "
+        "component and the job (default: text) [LOG_FORMAT]",
+    )
 
 
 def _add_queues_arg(command: argparse.ArgumentParser, meaning: str) -> None:
@@ -106,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Connection tests from the UI: 'held' tests only connections this agent's secrets backends "
         "hold; 'any' also tests details typed into a request (a hook may then use this agent's ambient "
         "credentials); 'off' (default: held) [CONNECTION_TESTS]",
+    )
+    worker.add_argument(
+        "--log-backlog-mb",
+        type=int,
+        default=int(_env("LOG_BACKLOG_MB", "512")),
+        help="Task logs not yet shipped to the orchestrator (it is unreachable, say) that the agent keeps "
+        "sending once it answers; beyond this, the oldest finished task's rest is given up, and stays "
+        "in its log file (default: 512) [LOG_BACKLOG_MB]",
     )
     dag_processor = commands.add_parser(
         "dag-processor", help="Parse this agent's DAG bundles and publish them to the orchestrator"
@@ -230,7 +249,9 @@ def settings_from_args(argv: list[str] | None = None):
     api_url = _check_api_url(parser, args)
     if args.command == "dag-processor":
         _check_bundle_config(parser, args.dag_bundle_config_list)
-        return ComponentSettings(api_url, _read_token(parser, args), args.name, "dag-processor")
+        return ComponentSettings(
+            api_url, _read_token(parser, args), args.name, "dag-processor", log_format=args.log_format
+        )
     if args.command == "triggerer":
         if not 1 <= args.capacity <= MAX_TRIGGERER_CAPACITY:
             parser.error(f"--capacity must be between 1 and {MAX_TRIGGERER_CAPACITY}")
@@ -241,11 +262,14 @@ def settings_from_args(argv: list[str] | None = None):
             "triggerer",
             queues=_queues(parser, args.queues),
             capacity=args.capacity,
+            log_format=args.log_format,
         )
     from airflow_remote_exec.agent.worker import WorkerSettings
 
     if args.slots < 1:
         parser.error("--slots must be at least 1")
+    if args.log_backlog_mb < 1:
+        parser.error("--log-backlog-mb must be at least 1")
     if args.connection_tests not in connection_test.MODES:
         parser.error(f"--connection-tests must be one of {', '.join(connection_test.MODES)}")
     os.environ[connection_test.MODE_ENV] = args.connection_tests  # read by the runner processes
@@ -259,6 +283,8 @@ def settings_from_args(argv: list[str] | None = None):
         health_host=args.health_host,
         health_port=int(args.health_port) if args.health_port not in (None, "") else None,
         drain_timeout=args.drain_timeout,
+        log_backlog_bytes=args.log_backlog_mb * 1024 * 1024,
+        log_format=args.log_format,
     )
 
 
@@ -303,15 +329,13 @@ def _exit_unless_backends_work(settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(
-        level=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    level = os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO")
+    log_format.configure(level)
     settings = settings_from_args(argv)
     if isinstance(settings, CheckSettings):
         sys.exit(_report_checks(settings.name))
+    component = settings.component if isinstance(settings, ComponentSettings) else "worker"
+    log_format.configure(level, settings.name, component, settings.log_format)
     _hide_process_memory()
     _exit_unless_backends_work(settings)
     if isinstance(settings, ComponentSettings) and settings.component == "dag-processor":

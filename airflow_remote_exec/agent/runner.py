@@ -279,7 +279,12 @@ class RunnerPool:
                     lost.append(runner.result)
                 else:
                     if not runner.stopping:
-                        log.error("Runner running job %s died (%s)", runner.job.job_id, reason)
+                        log.error(
+                            "Runner running job %s died (%s)",
+                            runner.job.job_id,
+                            reason,
+                            extra={"job_id": runner.job.job_id},
+                        )
                     lost.append(
                         Outcome(
                             runner.job.job_id, runner.job.attempt, "failed", code, f"runner died ({reason})"

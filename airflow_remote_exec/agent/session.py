@@ -43,6 +43,7 @@ class ComponentSettings:
     component: str  # its routes are /agents/{session}/{component}/...
     queues: list[str] = field(default_factory=list)
     capacity: int = 0  # a triggerer's: how many triggers it runs at once
+    log_format: str = "text"  # the agent's own log lines: text or json
 
 
 class AgentSession:

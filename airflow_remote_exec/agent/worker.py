@@ -4,7 +4,8 @@ Threads, each with one job:
 - main: claim loop (long-poll) while slots are free, then drain on SIGTERM;
 - outcomes: collects finished jobs from the runners, replaces dead runners, fences on silence;
 - reporter: delivers state reports in order, retrying while the orchestrator is unreachable;
-- heartbeat: tells the orchestrator what runs here and stops jobs that are no longer ours.
+- heartbeat: tells the orchestrator what runs here and stops jobs that are no longer ours;
+- logs: ships the log file of every task as it grows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from airflow_remote_exec.agent.client import (
 from airflow_remote_exec.agent.health import serve_health
 from airflow_remote_exec.agent.heartbeat import Heartbeat
 from airflow_remote_exec.agent.ledger import Holding, Ledger, Session
+from airflow_remote_exec.agent.log_format import job as job_extra
+from airflow_remote_exec.agent.log_shipper import LogShipper, base_log_folder, task_log_path
 from airflow_remote_exec.agent.registration import (
     installed_versions,
     register_request,
@@ -42,8 +45,12 @@ from airflow_remote_exec.api.datamodels import ClaimedJob, StateReport
 
 log = logging.getLogger(__name__)
 
-# At shutdown, how long to keep retrying undelivered reports before giving up.
+# At shutdown, how long to keep retrying undelivered reports before giving up; and then task logs.
 REPORT_FLUSH_SECONDS = 60.0
+LOG_FLUSH_SECONDS = 30.0
+# A finished job's report waits this long at most for the end of its log to be shipped, so that a job
+# reported finished has its whole log on the orchestrator (unless the orchestrator is unreachable).
+LOG_TAIL_WAIT_SECONDS = 5.0
 # After terminating jobs at the drain timeout, how long beyond the SIGTERM grace to wait for their
 # runners to be reaped: reaping runs every half second, so a few seconds is plenty.
 REAP_MARGIN_SECONDS = 5.0
@@ -64,6 +71,8 @@ class WorkerSettings:
     health_host: str = "0.0.0.0"
     health_port: int | None = None
     drain_timeout: float = 300.0
+    log_backlog_bytes: int = 512 * 1024 * 1024
+    log_format: str = "text"
 
 
 class Worker:
@@ -78,6 +87,12 @@ class Worker:
         self.pool = pool
         self.reporter = Reporter(self.client, self.ledger, self.abandon, self.contact)
         self.heartbeat = Heartbeat(self, self._done)
+        self.shipper = LogShipper(
+            self.client,
+            lambda: self._session.session_id if self._session else None,
+            base_log_folder(),
+            settings.log_backlog_bytes,
+        )
         self.threads = GuardedThreads(self._done)
         self._register_lock = threading.Lock()  # one registration at a time; never held with ledger.lock
         self._session: Session | None = None
@@ -123,6 +138,7 @@ class Worker:
         self.threads.start("outcomes", self._collect_outcomes)
         self.threads.start("reporter", self.reporter.step)
         self.threads.start("heartbeat", self.heartbeat.step)
+        self.threads.start("logs", self.shipper.step)
 
     def _on_signal(self, signum, _frame) -> None:
         if not self._stop.is_set():
@@ -273,14 +289,17 @@ class Worker:
     def _start_job(self, job: ClaimedJob, session_id: str) -> None:
         key = JobKey(job.job_id, job.attempt)
         self.ledger.add(Holding(key, job.kind, job.pool_slots, session_id))
+        if job.kind == "task" and (log_path := task_log_path(job.workload)):
+            self.shipper.track(key, log_path)
         if not self.pool.start(Assignment(job.job_id, job.attempt, job.workload, job.kind)):
             # Cannot happen while claims ask for at most the idle runners; hand it back if it does.
             self.ledger.release(key)
-            log.error("No idle runner for job %s attempt %s; handing it back", *key)
+            self.shipper.end(key)
+            log.error("No idle runner for job %s attempt %s; handing it back", *key, **job_extra(key.job_id))
             report = StateReport(attempt=job.attempt, state="returned", detail="no idle runner on the agent")
             self.reporter.put(key, report, session_id)
             return
-        log.info("Started %s job %s (attempt %s)", job.kind, job.job_id, job.attempt)
+        log.info("Started %s job %s (attempt %s)", job.kind, job.job_id, job.attempt, **job_extra(job.job_id))
         self.reporter.put(key, StateReport(attempt=job.attempt, state="running"), session_id)
 
     # -- outcomes and stops ----------------------------------------------------------------
@@ -293,13 +312,24 @@ class Worker:
         held = self.ledger.release(outcome.key)  # an abandoned job's slots are free at once
         if held is None:
             return
+        self.shipper.end(outcome.key, wait=0.0 if held.abandoned else LOG_TAIL_WAIT_SECONDS)
         if held.abandoned:
-            log.info("Job %s attempt %s stopped; it is not ours to report", *outcome.key)
+            log.info(
+                "Job %s attempt %s stopped; it is not ours to report",
+                *outcome.key,
+                **job_extra(outcome.job_id),
+            )
             return
         state, detail = outcome.state, outcome.detail
         if held.stop_reason and state == "failed":
             detail = f"{held.stop_reason} ({detail})" if detail else held.stop_reason
-        log.info("Job %s attempt %s finished: %s%s", *outcome.key, state, f" ({detail})" if detail else "")
+        log.info(
+            "Job %s attempt %s finished: %s%s",
+            *outcome.key,
+            state,
+            f" ({detail})" if detail else "",
+            **job_extra(outcome.job_id),
+        )
         report = StateReport(attempt=outcome.attempt, state=state, exit_code=outcome.exit_code, detail=detail)
         self.reporter.put(outcome.key, report, held.session_id)
         if state == "returned":
@@ -312,7 +342,7 @@ class Worker:
         """Stop a job that is no longer ours; it gets no report. Its slots stay taken until its runner
         is dead and replaced."""
         if self.ledger.abandon(key):
-            log.warning("Stopping job %s attempt %s: %s", *key, why)
+            log.warning("Stopping job %s attempt %s: %s", *key, why, **job_extra(key.job_id))
             self.pool.stop_job(*key)
 
     def stop_own_jobs(self, reason: str) -> None:
@@ -356,6 +386,7 @@ class Worker:
         while self.reporter.pending() and time.monotonic() < flush_deadline:
             time.sleep(0.1)
         self.reporter.give_up.set()
+        self.shipper.flush(time.monotonic() + LOG_FLUSH_SECONDS)
         self._done.set()
         self.pool.shutdown()
         session = self._session

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from airflow_remote_exec import __version__
-from airflow_remote_exec.api import agents, dag_processing, jobs, lookups, triggers
+from airflow_remote_exec.api import agents, dag_processing, jobs, logs, lookups, triggers
 from airflow_remote_exec.api.body_limit import DEFAULT_LIMIT, BodyLimit
 from airflow_remote_exec.api.presence import ensure_presence, stop_presence
 
@@ -35,7 +35,7 @@ def create_app(prefix: str = "") -> FastAPI:
         lifespan=_lifespan,
         title="Airflow Remote Execution agent API",
         version=__version__,
-        description="Agents register, heartbeat, claim jobs and report their state. "
+        description="Agents register, heartbeat, claim jobs, report their state and ship task logs. "
         "Every call needs an agent token (`Authorization: Bearer ...`) and the "
         "`Remote-Exec-Api-Version` header.",
         openapi_url=f"{prefix}/openapi.json",
@@ -44,6 +44,7 @@ def create_app(prefix: str = "") -> FastAPI:
     )
     app.include_router(agents.router, prefix=prefix)
     app.include_router(jobs.router, prefix=prefix)
+    app.include_router(logs.router, prefix=prefix)
     app.include_router(dag_processing.router, prefix=prefix)
     app.include_router(lookups.dag_processor_lookups, prefix=prefix)
     app.include_router(triggers.router, prefix=prefix)

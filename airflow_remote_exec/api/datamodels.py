@@ -213,6 +213,8 @@ _ERROR_MEANINGS = {
     "id another bundle defines.",
     410: "The agent session is over: register again.",
     413: "The body is larger than the route accepts.",
+    415: "The body is not of the content type the route takes.",
+    422: "A path, query or body value out of its range or of the wrong type.",
     426: "The agent's Airflow or Task SDK differs from the orchestrator's.",
 }
 
@@ -220,6 +222,24 @@ _ERROR_MEANINGS = {
 def error_responses(*codes: int) -> dict[int | str, dict]:
     """OpenAPI entries for the errors a route can answer, so clients and fuzzers know them all."""
     return {code: {"model": ErrorResponse, "description": _ERROR_MEANINGS[code]} for code in codes}
+
+
+# -- task logs ---------------------------------------------------------------------------------
+
+
+LOG_CONTENT_TYPE = "application/octet-stream"
+# One request carries at most this many bytes of log: a few seconds of a chatty task.
+MAX_LOG_CHUNK_BYTES = 256 * 1024
+
+
+class LogChunkResponse(BaseModel):
+    """Where the stream stands after a chunk: the agent's next chunk starts at ``size``, whether this
+    one was stored, had been stored already (a retry), or started past the end (nothing stored)."""
+
+    size: int = Field(description="Bytes of the log the orchestrator holds, in order from the start.")
+    truncated: bool = Field(
+        description="The log reached [remote_exec] task_log_max_bytes: the orchestrator takes no more of it."
+    )
 
 
 # -- dag processor -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from airflow_remote_exec.api.wakeup import job_wakeup
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import AgentState, Component, JobState, RemoteJob
 from airflow_remote_exec.notify import notify_jobs_queued
+from airflow_remote_exec.task_logs import open_streams
 
 router = APIRouter(
     prefix="/agents/{session_id}/jobs", tags=["jobs"], responses=error_responses(400, 401, 403, 404, 410)
@@ -169,6 +170,7 @@ def claim_jobs(
             if free_slots <= 0:
                 break
         won = _take(session, agent, picked, request_id, now)
+        open_streams(session, agent, list(won), now)
         claimed = [_claimed(job, agent, won[job.id]) for job in picked if job.id in won]
     return ClaimResult(claimed, queues, refused)
 

@@ -1,0 +1,257 @@
+"""Ships each task's log file to the orchestrator while the task writes it, and catches up after outages.
+
+Airflow's supervisor writes a task's log to ``[logging] base_log_folder`` on the agent. The orchestrator
+shares no disk with the agent and cannot reach it, so the agent sends the file's new bytes, in order,
+every second. That file is the buffer: the task never waits for the orchestrator, and what could not be
+sent during an outage is sent once it answers again. A job attempt is one stream, from where the file
+ended when the attempt started (a task resumed after a deferral appends to the same file) to where it
+ended when the attempt did.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from airflow_remote_exec.agent.client import AgentApiError, AgentClient, Unreachable
+from airflow_remote_exec.agent.runner import JobKey
+from airflow_remote_exec.api.datamodels import MAX_LOG_CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+
+SHIP_EVERY_SECONDS = 1.0
+# What one agent sends per second at most, whatever its tasks write: a runaway task cannot flood the
+# orchestrator, and the backlog it leaves is bounded below.
+SHIP_BYTES_PER_SECOND = 4 * MAX_LOG_CHUNK_BYTES
+MAX_RETRY_SECONDS = 10.0
+
+
+def base_log_folder() -> Path:
+    """Where Airflow's supervisor writes task logs on this agent."""
+    from airflow.configuration import conf
+
+    return Path(conf.get("logging", "base_log_folder")).expanduser()
+
+
+def task_log_path(workload_json: str) -> str | None:
+    """The log file of a task workload, relative to ``base_log_folder``; None if it has none."""
+    try:
+        path = json.loads(workload_json).get("log_path")
+    except (ValueError, AttributeError):
+        return None
+    return path if isinstance(path, str) and path else None
+
+
+@dataclass
+class _Stream:
+    key: JobKey
+    path: Path
+    start: int  # where this attempt's log begins in the file
+    shipped: int = 0  # bytes of it the orchestrator holds
+    end: int | None = None  # where it ends in the file, once the attempt is over
+    ended_at: float = 0.0
+    file: BinaryIO | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def written(self) -> int:
+        """Bytes of this attempt's log in the file so far."""
+        if self.end is not None:
+            return self.end - self.start
+        try:
+            return max(0, self.path.stat().st_size - self.start)
+        except OSError:
+            return 0
+
+    def read(self, limit: int) -> bytes:
+        """The next unshipped bytes, at most ``limit``, cut after the last whole line while the task
+        may still be writing (so a live reader never sees half a line), unless one line fills it all."""
+        want = min(limit, self.written() - self.shipped)
+        if want <= 0:
+            return b""
+        if self.file is None:
+            try:
+                self.file = self.path.open("rb")  # held open: a log deleted after its upload stays readable
+            except OSError:
+                return b""
+        self.file.seek(self.start + self.shipped)
+        data = self.file.read(want)
+        if self.end is None and not data.endswith(b"\n") and len(data) < limit:
+            data = data[: data.rfind(b"\n") + 1]
+        return data
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.done.set()
+
+
+class LogShipper:
+    """One thread's loop (``step``) sends the new bytes of every tracked stream, oldest job first."""
+
+    def __init__(
+        self,
+        client: AgentClient,
+        session_id: Callable[[], str | None],
+        base_folder: Path,
+        backlog_max_bytes: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.client = client
+        self.session_id = session_id
+        self.base_folder = base_folder
+        self.backlog_max_bytes = backlog_max_bytes
+        self.clock = clock
+        self._streams: dict[JobKey, _Stream] = {}
+        self._lock = threading.Lock()
+        self._round = threading.Lock()
+        self._wake = threading.Event()
+        self._retry_at = 0.0
+        self._failures = 0
+        self._answers_at_failure = 0
+
+    # -- called by the worker --------------------------------------------------------------
+    def track(self, key: JobKey, relative_path: str) -> None:
+        """Follow the log of a job attempt about to start; call before its runner starts."""
+        path = self.base_folder / relative_path
+        try:
+            start = path.stat().st_size
+        except OSError:
+            start = 0
+        with self._lock:
+            self._streams[key] = _Stream(key, path, start)
+
+    def end(self, key: JobKey, wait: float = 0.0) -> None:
+        """The attempt is over: ship the rest of its log, waiting up to ``wait`` seconds for that unless
+        the orchestrator is unreachable, so that a job reported finished has its log in place."""
+        with self._lock:
+            stream = self._streams.get(key)
+            if stream is None or stream.end is not None:
+                return
+            stream.end = stream.start + stream.written()
+            stream.ended_at = self.clock()
+        self._wake.set()
+        if wait > 0 and not self._backing_off():
+            stream.done.wait(wait)
+
+    def pending_bytes(self) -> int:
+        with self._lock:
+            return sum(s.written() - s.shipped for s in self._streams.values())
+
+    def flush(self, deadline: float) -> None:
+        """At shutdown: ship what is left until ``deadline`` (monotonic)."""
+        while time.monotonic() < deadline:
+            if not self.pending_bytes():
+                return
+            if self._backing_off():
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            else:
+                self.ship_round()
+        log.warning("Stopping with %d bytes of task logs not shipped", self.pending_bytes())
+
+    # -- the shipping loop -------------------------------------------------------------------
+    def step(self) -> None:
+        self._wake.wait(SHIP_EVERY_SECONDS)
+        self._wake.clear()
+        if not self._backing_off():
+            self.ship_round()
+
+    def _backing_off(self) -> bool:
+        """Waiting to try again, unless another request of the agent got an answer meanwhile."""
+        return self.clock() < self._retry_at and self.client.answers == self._answers_at_failure
+
+    def ship_round(self) -> None:
+        """Send up to a second's worth of bytes; one round at a time (the loop's, or the shutdown's)."""
+        with self._round:
+            budget = SHIP_BYTES_PER_SECOND
+            with self._lock:
+                streams = sorted(self._streams.values(), key=lambda s: s.key)
+            for stream in streams:
+                while budget > 0:
+                    data = stream.read(min(MAX_LOG_CHUNK_BYTES, budget))
+                    if not data:
+                        if stream.end is not None and stream.shipped >= stream.end - stream.start:
+                            self._forget(stream)
+                        break
+                    if not self._ship(stream, data):
+                        return
+                    budget -= len(data)
+            self._keep_backlog_bounded()
+
+    def _ship(self, stream: _Stream, data: bytes) -> bool:
+        """Send one chunk; False when the orchestrator cannot take any now (try again later)."""
+        session_id = self.session_id()
+        if session_id is None:
+            return False
+        job_id, attempt = stream.key
+        try:
+            reply = self.client.append_log(session_id, job_id, attempt, stream.shipped, data)
+        except Unreachable as err:
+            self._back_off(f"{err}")
+            return False
+        except AgentApiError as err:
+            if err.status_code in (401, 410, 429):  # the worker registers again, or its token is gone
+                self._back_off(str(err))
+                return False
+            log.warning("Not shipping the log of job %s attempt %s: %s", job_id, attempt, err)
+            self._forget(stream)
+            return True
+        if self._failures:
+            log.info("Shipping task logs again after %d failed tries", self._failures)
+        self._failures, self._retry_at = 0, 0.0
+        stream.shipped = reply.size
+        if reply.truncated:
+            log.warning(
+                "The orchestrator holds the most log it takes for job %s attempt %s; the rest stays in %s",
+                job_id,
+                attempt,
+                stream.path,
+            )
+            self._forget(stream)
+        return True
+
+    def _back_off(self, problem: str) -> None:
+        self._failures += 1
+        self._answers_at_failure = self.client.answers
+        delay = min(MAX_RETRY_SECONDS, SHIP_EVERY_SECONDS * 2 ** (self._failures - 1))
+        self._retry_at = self.clock() + delay
+        if self._failures == 1 or self._failures % 10 == 0:
+            log.warning(
+                "Cannot ship task logs (%s); %d bytes wait on disk, next try in %.0f s",
+                problem,
+                self.pending_bytes(),
+                delay,
+            )
+
+    def _forget(self, stream: _Stream) -> None:
+        with self._lock:
+            self._streams.pop(stream.key, None)
+        stream.close()
+
+    def _keep_backlog_bounded(self) -> None:
+        """Past the cap, give up the logs of attempts that ended longest ago: those of running tasks are
+        still being written to their files by Airflow whatever the agent does."""
+        with self._lock:
+            ended = sorted((s for s in self._streams.values() if s.end is not None), key=lambda s: s.ended_at)
+        excess = self.pending_bytes() - self.backlog_max_bytes
+        for stream in ended:
+            if excess <= 0:
+                break
+            left = stream.written() - stream.shipped
+            log.error(
+                "Task log backlog over %d bytes: giving up the last %d bytes of the log of job %s attempt "
+                "%s, kept in %s",
+                self.backlog_max_bytes,
+                left,
+                *stream.key,
+                stream.path,
+            )
+            self._forget(stream)
+            excess -= left
