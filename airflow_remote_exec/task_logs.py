@@ -67,12 +67,6 @@ class StreamNotFound(LookupError):
     pass
 
 
-class OffsetGap(ValueError):
-    def __init__(self, size: int):
-        super().__init__(size)
-        self.size = size
-
-
 def append_chunk(
     session: Session,
     agent: AgentOfRequest,
@@ -86,17 +80,16 @@ def append_chunk(
     """Append ``data``, which starts at ``offset`` of the stream, and return what the stream now holds.
 
     Idempotent: bytes the stream already holds (a chunk sent again after its answer was lost) are not
-    stored twice. A chunk starting past the end would leave a hole: ``OffsetGap`` says where to resume.
+    stored twice. A chunk starting past the end would leave a hole: nothing is stored, and the answer
+    says where the agent must resume.
     """
     params = {"job": job_id, "job_attempt": attempt, "agent": agent.name, "token": agent.token_id}
     row = session.execute(_STREAM_OF_AGENT, params).first()
     if row is None:
         raise StreamNotFound(job_id)
     stream_id, size, truncated = row
-    if offset > size:
-        raise OffsetGap(size)
     new = data[size - offset :]
-    if truncated or not new:
+    if truncated or not new or offset > size:
         return Appended(size, truncated)
     room = max(0, max_bytes - size)
     if len(new) > room:

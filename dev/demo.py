@@ -34,6 +34,7 @@ from dev.stack import (
 DEMO_HOME = REPO_ROOT / ".demo"
 PIDS_FILE = DEMO_HOME / "pids.json"
 DAG_ID = "example_remote"
+LOGGING_CONFIG = "airflow_remote_exec.logging_config.LOGGING_CONFIG"
 EXECUTOR = "airflow_remote_exec.executor.RemoteExecutor"
 # The agents' DAG bundle: the example DAGs, parsed and run on the agents' side only.
 BUNDLES = local_bundles(demo=REPO_ROOT / "dev" / "dags")
@@ -68,8 +69,11 @@ def run(keep: bool) -> int:
         dags_folder=no_dags,
         executor=EXECUTOR,
         port=_port(),
-        # SQLite serialises writers: keep the demo gentle.
-        extra_env={"AIRFLOW__CORE__PARALLELISM": "4"},
+        # SQLite serialises writers: keep the demo gentle. Task logs: what the agents ship, in every state.
+        extra_env={
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS": LOGGING_CONFIG,
+        },
         components=("api-server", "scheduler"),
     )
     agent: Agent | None = None
@@ -112,8 +116,12 @@ def run(keep: bool) -> int:
             _say(f"triggered {DAG_ID} run {run_id}; waiting for it to finish")
             state = client.wait_for_run(DAG_ID, run_id, timeout=300)
             tis = client.task_instances(DAG_ID, run_id)
+            report_log = [
+                line for line in client.task_log(DAG_ID, run_id, "report") if "sum of squares" in line
+            ]
         _print_results(state, tis, _agents_by_try(orch, run_id), time.monotonic() - started)
-        ok = state == "success" and all(ti["state"] == "success" for ti in tis)
+        print(f"The log of 'report', shipped by the agent and served by the REST API: {report_log}\n")
+        ok = state == "success" and all(ti["state"] == "success" for ti in tis) and bool(report_log)
         if not ok:
             print(orch.logs(20), "\n--- agent:\n", agent.log_tail(40), file=sys.stderr)
         if keep:

@@ -56,13 +56,16 @@ def session(airflow_db):
         RemoteApiServer,
         RemoteBundle,
         RemoteJob,
+        RemoteLogChunk,
+        RemoteLogStream,
         RemoteToken,
     )
 
     with create_session(scoped=False) as session:
         yield session
         session.rollback()
-        for model in (RemoteJob, RemoteAgentEvent, RemoteApiServer, RemoteBundle, RemoteAgent, RemoteToken):
+        for model in (RemoteLogChunk, RemoteLogStream, RemoteJob, RemoteAgentEvent, RemoteApiServer, RemoteBundle,
+                      RemoteAgent, RemoteToken):  # fmt: skip
             session.query(model).delete()
 
 

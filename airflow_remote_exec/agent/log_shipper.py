@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from airflow_remote_exec.agent.client import AgentApiError, AgentClient, Unreachable
+from airflow_remote_exec.agent.log_format import job as job_extra
 from airflow_remote_exec.agent.runner import JobKey
 from airflow_remote_exec.api.datamodels import MAX_LOG_CHUNK_BYTES
 
@@ -121,6 +122,11 @@ class LogShipper:
     def track(self, key: JobKey, relative_path: str) -> None:
         """Follow the log of a job attempt about to start; call before its runner starts."""
         path = self.base_folder / relative_path
+        if not path.resolve().is_relative_to(self.base_folder.resolve()):
+            log.warning(
+                "Not shipping %s: outside [logging] base_log_folder", relative_path, **job_extra(key.job_id)
+            )
+            return
         try:
             start = path.stat().st_size
         except OSError:
@@ -162,6 +168,9 @@ class LogShipper:
         self._wake.clear()
         if not self._backing_off():
             self.ship_round()
+        else:
+            with self._round:
+                self._keep_backlog_bounded()
 
     def _backing_off(self) -> bool:
         """Waiting to try again, unless another request of the agent got an answer meanwhile."""
@@ -170,20 +179,25 @@ class LogShipper:
     def ship_round(self) -> None:
         """Send up to a second's worth of bytes; one round at a time (the loop's, or the shutdown's)."""
         with self._round:
-            budget = SHIP_BYTES_PER_SECOND
-            with self._lock:
-                streams = sorted(self._streams.values(), key=lambda s: s.key)
-            for stream in streams:
-                while budget > 0:
-                    data = stream.read(min(MAX_LOG_CHUNK_BYTES, budget))
-                    if not data:
-                        if stream.end is not None and stream.shipped >= stream.end - stream.start:
-                            self._forget(stream)
-                        break
-                    if not self._ship(stream, data):
-                        return
-                    budget -= len(data)
+            self._ship_streams()
             self._keep_backlog_bounded()
+
+    def _ship_streams(self) -> None:
+        budget = SHIP_BYTES_PER_SECOND
+        with self._lock:
+            streams = sorted(self._streams.values(), key=lambda s: s.key)
+        for stream in streams:
+            while budget > 0:
+                data = stream.read(min(MAX_LOG_CHUNK_BYTES, budget))
+                if not data:
+                    if stream.end is not None and stream.shipped >= stream.end - stream.start:
+                        self._forget(stream)
+                    break
+                if not self._ship(stream, data):
+                    return
+                budget -= len(data)
+                if stream.done.is_set():  # given up: refused, or cut at the orchestrator's cap
+                    break
 
     def _ship(self, stream: _Stream, data: bytes) -> bool:
         """Send one chunk; False when the orchestrator cannot take any now (try again later)."""
@@ -200,7 +214,9 @@ class LogShipper:
             if err.status_code in (401, 410, 429):  # the worker registers again, or its token is gone
                 self._back_off(str(err))
                 return False
-            log.warning("Not shipping the log of job %s attempt %s: %s", job_id, attempt, err)
+            log.warning(
+                "Not shipping the log of job %s attempt %s: %s", job_id, attempt, err, **job_extra(job_id)
+            )
             self._forget(stream)
             return True
         if self._failures:
@@ -213,6 +229,7 @@ class LogShipper:
                 job_id,
                 attempt,
                 stream.path,
+                **job_extra(job_id),
             )
             self._forget(stream)
         return True
@@ -252,6 +269,7 @@ class LogShipper:
                 left,
                 *stream.key,
                 stream.path,
+                **job_extra(stream.key.job_id),
             )
             self._forget(stream)
             excess -= left

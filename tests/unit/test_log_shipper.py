@@ -1,0 +1,250 @@
+"""The agent's log shipper against a fake orchestrator that stores what it is sent as the API does."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+from airflow_remote_exec.agent.client import AgentApiError, Unreachable
+from airflow_remote_exec.agent.log_shipper import SHIP_BYTES_PER_SECOND, LogShipper, task_log_path
+from airflow_remote_exec.agent.runner import JobKey
+from airflow_remote_exec.api.datamodels import MAX_LOG_CHUNK_BYTES, LogChunkResponse
+
+KEY = JobKey(7, 1)
+LOG = "dag_id=d/run_id=r/task_id=t/attempt=1.log"
+
+
+class FakeOrchestrator:
+    """Stores each stream as ``api/logs.py`` does: in order, once, never with a hole."""
+
+    def __init__(self, max_bytes: int = 10**9):
+        self.logs: dict[JobKey, bytes] = {}
+        self.chunks: list[tuple[JobKey, int, int]] = []  # (key, offset, length) of every request
+        self.down = False
+        self.refuse: AgentApiError | None = None
+        self.max_bytes = max_bytes
+        self.answers = 0
+
+    def append_log(self, session_id, job_id, attempt, offset, data):
+        key = JobKey(job_id, attempt)
+        self.chunks.append((key, offset, len(data)))
+        if self.down:
+            raise Unreachable("ConnectError: refused")
+        if self.refuse:
+            raise self.refuse
+        self.answers += 1
+        held = self.logs.get(key, b"")
+        if offset <= len(held):
+            held = (held + data[len(held) - offset :])[: self.max_bytes]
+            self.logs[key] = held
+        return LogChunkResponse(size=len(held), truncated=len(held) >= self.max_bytes)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    (tmp_path / LOG).parent.mkdir(parents=True)
+    return tmp_path
+
+
+def _shipper(folder, orchestrator, backlog=10**9, clock=None) -> LogShipper:
+    return LogShipper(orchestrator, lambda: "session-1", folder, backlog, clock=clock or Clock())
+
+
+def _write(folder: Path, text: str | bytes) -> None:
+    with (folder / LOG).open("ab") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+
+
+def test_new_lines_are_shipped_in_order_and_a_half_written_line_waits(folder):
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "one\ntw")
+    shipper.ship_round()
+    assert orchestrator.logs[KEY] == b"one\n"
+    _write(folder, "o\nthree\n")
+    shipper.ship_round()
+    assert orchestrator.logs[KEY] == b"one\ntwo\nthree\n"
+    _write(folder, "no newline at the end")
+    shipper.end(KEY)
+    shipper.ship_round()
+    assert orchestrator.logs[KEY] == b"one\ntwo\nthree\nno newline at the end"
+    assert shipper.pending_bytes() == 0
+    assert KEY not in shipper._streams  # done with it
+
+
+def test_an_attempt_resumed_on_the_same_agent_ships_only_its_own_part_of_the_file(folder):
+    """A task resumed after a deferral appends to the same log file as its first attempt."""
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "first attempt\n")
+    shipper.end(KEY)
+    second = JobKey(7, 2)
+    shipper.track(second, LOG)
+    _write(folder, "second attempt\n")
+    shipper.end(second)
+    shipper.ship_round()
+    assert orchestrator.logs == {KEY: b"first attempt\n", second: b"second attempt\n"}
+
+
+def test_an_unreachable_orchestrator_never_loses_a_line_and_the_shipper_backs_off(folder, caplog):
+    orchestrator, clock = FakeOrchestrator(), Clock()
+    shipper = _shipper(folder, orchestrator, clock=clock)
+    shipper.track(KEY, LOG)
+    _write(folder, "before\n")
+    shipper.ship_round()
+    orchestrator.down = True
+    _write(folder, "during 1\n")
+    with caplog.at_level(logging.WARNING):
+        shipper.ship_round()
+    assert "Cannot ship task logs" in caplog.text and "9 bytes wait on disk" in caplog.text
+    tries = len(orchestrator.chunks)
+    shipper.step()  # backing off: no request
+    assert len(orchestrator.chunks) == tries
+    _write(folder, "during 2\n")
+    orchestrator.down = False
+    clock.now += 1.5
+    shipper.step()
+    assert orchestrator.logs[KEY] == b"before\nduring 1\nduring 2\n"
+
+
+def test_the_back_off_ends_when_another_request_of_the_agent_gets_an_answer(folder):
+    orchestrator, clock = FakeOrchestrator(), Clock()
+    shipper = _shipper(folder, orchestrator, clock=clock)
+    shipper.track(KEY, LOG)
+    orchestrator.down = True
+    for _ in range(5):  # back-off grows
+        _write(folder, "x\n")
+        clock.now += 20
+        shipper.ship_round()
+    orchestrator.down = False
+    assert shipper._backing_off()
+    orchestrator.answers += 1  # a heartbeat got through: the orchestrator is back
+    assert not shipper._backing_off()
+
+
+def test_the_shipper_resumes_where_the_orchestrator_says_its_copy_ends(folder):
+    """A chunk whose answer was lost, or an orchestrator that lost the end: the answer's size rules."""
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "a\nb\n")
+    shipper.ship_round()
+    orchestrator.logs[KEY] = b"a\n"  # the orchestrator holds less than the agent thinks
+    _write(folder, "c\n")
+    shipper.ship_round()
+    shipper.ship_round()
+    assert orchestrator.logs[KEY] == b"a\nb\nc\n"
+
+
+def test_a_refused_stream_is_given_up_and_the_others_go_on(folder, caplog):
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "x\n")
+    orchestrator.refuse = AgentApiError(404, "This agent ran no task as attempt 1 of job 7")
+    with caplog.at_level(logging.WARNING):
+        shipper.ship_round()
+    assert "Not shipping the log of job 7 attempt 1" in caplog.text
+    assert shipper.pending_bytes() == 0
+
+
+def test_a_log_the_orchestrator_cut_at_its_cap_is_not_sent_again(folder):
+    orchestrator = FakeOrchestrator(max_bytes=4)
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "12345678\n")
+    shipper.ship_round()
+    _write(folder, "more\n")
+    shipper.ship_round()
+    assert orchestrator.logs[KEY] == b"1234"
+    assert len(orchestrator.chunks) == 1
+
+
+def test_a_round_sends_at_most_the_rate_in_chunks_of_at_most_the_chunk_size(folder):
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, b"y" * (MAX_LOG_CHUNK_BYTES - 1) + b"\n")
+    _write(folder, (b"z" * 1000 + b"\n") * (SHIP_BYTES_PER_SECOND // 1000))
+    shipper.ship_round()
+    sent = [length for _, _, length in orchestrator.chunks]
+    assert max(sent) <= MAX_LOG_CHUNK_BYTES
+    assert sum(sent) <= SHIP_BYTES_PER_SECOND
+    assert shipper.pending_bytes() > 0
+    shipper.ship_round()
+    assert shipper.pending_bytes() == 0
+
+
+def test_past_the_backlog_cap_the_oldest_finished_log_is_given_up_not_a_running_one(folder, caplog):
+    orchestrator, clock = FakeOrchestrator(), Clock()
+    shipper = _shipper(folder, orchestrator, backlog=30, clock=clock)
+    orchestrator.down = True
+    old, running = JobKey(1, 1), JobKey(2, 1)
+    other = "dag_id=d/run_id=r/task_id=u/attempt=1.log"
+    (folder / other).parent.mkdir(parents=True)
+    shipper.track(old, LOG)
+    _write(folder, "o" * 19 + "\n")
+    shipper.end(old)
+    shipper.track(running, other)
+    (folder / other).write_text("r" * 19 + "\n")
+    with caplog.at_level(logging.ERROR):
+        shipper.ship_round()
+    assert "giving up the last 20 bytes of the log of job 1 attempt 1" in caplog.text
+    assert set(shipper._streams) == {running}
+
+
+def test_end_waits_for_the_tail_to_be_shipped(folder):
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "last words\n")
+    stop = threading.Event()
+    loop = threading.Thread(target=lambda: [shipper.step() for _ in iter(stop.is_set, True)])
+    loop.start()
+    try:
+        shipper.end(KEY, wait=5.0)
+        assert orchestrator.logs[KEY] == b"last words\n"
+    finally:
+        stop.set()
+        loop.join(5)
+
+
+def test_flush_at_shutdown_ships_what_is_left(folder):
+    import time
+
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "z" * (3 * SHIP_BYTES_PER_SECOND))
+    shipper.end(KEY)
+    shipper.flush(time.monotonic() + 10)
+    assert len(orchestrator.logs[KEY]) == 3 * SHIP_BYTES_PER_SECOND
+
+
+def test_a_log_path_outside_the_log_folder_is_not_followed(folder, caplog):
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    with caplog.at_level(logging.WARNING):
+        shipper.track(KEY, "../../etc/passwd")
+    assert "outside [logging] base_log_folder" in caplog.text
+    assert not shipper._streams
+
+
+def test_the_log_path_comes_from_the_task_workload():
+    assert task_log_path('{"log_path": "a/b.log", "ti": {}}') == "a/b.log"
+    assert task_log_path('{"ti": {}}') is None
+    assert task_log_path("not json") is None
+    assert task_log_path("[1, 2]") is None
