@@ -473,12 +473,14 @@ class AirflowClient:
 
     # -- dags and runs
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> list[str]:
+    def task_log(
+        self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1
+    ) -> list[str]:
         """The events of one try's log, as the REST API serves it (the UI's source too)."""
         doc = self.request(
             "GET",
             f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-            params={"full_content": "true"},
+            params={"full_content": "true", "map_index": map_index},
             headers={"Accept": "application/json"},
         )
         items = doc["content"]

@@ -64,8 +64,16 @@ def session(airflow_db):
     with create_session(scoped=False) as session:
         yield session
         session.rollback()
-        for model in (RemoteLogChunk, RemoteLogStream, RemoteJob, RemoteAgentEvent, RemoteApiServer, RemoteBundle,
-                      RemoteAgent, RemoteToken):  # fmt: skip
+        for model in (
+            RemoteLogChunk,
+            RemoteLogStream,
+            RemoteJob,
+            RemoteAgentEvent,
+            RemoteApiServer,
+            RemoteBundle,
+            RemoteAgent,
+            RemoteToken,
+        ):
             session.query(model).delete()
 
 

@@ -214,7 +214,6 @@ _ERROR_MEANINGS = {
     410: "The agent session is over: register again.",
     413: "The body is larger than the route accepts.",
     415: "The body is not of the content type the route takes.",
-    422: "A path, query or body value out of its range or of the wrong type.",
     426: "The agent's Airflow or Task SDK differs from the orchestrator's.",
 }
 

@@ -29,7 +29,13 @@ router = APIRouter(
     "/{job_id}/log",
     response_model=LogChunkResponse,
     summary="Append to the log of a job attempt this agent ran",
-    responses=error_responses(415, 422),
+    responses=error_responses(415),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {LOG_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
 )
 async def append_log(
     session_id: SessionIdPath,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import time
 import uuid
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.e2e
 DAG_FILE = Path(dags.__file__)
 LOCAL_EXECUTOR = "LocalExecutor"
 REMOTE_EXECUTOR = "airflow_remote_exec.executor.RemoteExecutor"
+SHIPPED_LOGS = "airflow_remote_exec.logging_config.LOGGING_CONFIG"
 LOCAL_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 REMOTE_COMPONENTS = ("api-server", "scheduler", "dag-processor")
 AGENT_NAME = "agent-1"
@@ -80,7 +82,9 @@ def _running_stack(name, executor, postgres, home: Path, dags_folder: Path) -> I
     db_url = postgres.create_database(f"airflow_{uuid.uuid4().hex[:12]}")
     remote = executor == REMOTE_EXECUTOR
     components = REMOTE_COMPONENTS if remote else LOCAL_COMPONENTS
-    orch = make_orchestrator(home / "orchestrator", db_url, executor, dags_folder, env, components)
+    # Task logs: LocalExecutor's are files on the orchestrator; RemoteExecutor's, what its agent shipped.
+    orch_env = {**env, "AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS": SHIPPED_LOGS} if remote else env
+    orch = make_orchestrator(home / "orchestrator", db_url, executor, dags_folder, orch_env, components)
     agent = triggerer = None
     try:
         if remote:
@@ -193,19 +197,33 @@ def _wait_for_run(stack: Stack, dag_id: str, run_id: str, timeout: float = RUN_T
 
 
 def _outcome(stack: Stack, dag_id: str, run_id: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """Per task instance: final state, try number and every try's (try number, state)."""
+    """Per task instance: final state, try number, every try's (try number, state) and the milestones
+    of each try's log as the REST API serves it."""
     with stack.client() as client:
-        return {
-            (ti["task_id"], ti["map_index"]): {
+        outcome = {}
+        for ti in client.task_instances(dag_id, run_id):
+            key = (ti["task_id"], ti["map_index"])
+            tries = client.task_tries(dag_id, run_id, *key)
+            outcome[key] = {
                 "state": ti["state"],
                 "try_number": ti["try_number"],
-                "tries": [
-                    (t["try_number"], t["state"])
-                    for t in client.task_tries(dag_id, run_id, ti["task_id"], ti["map_index"])
-                ],
+                "tries": [(t["try_number"], t["state"]) for t in tries],
+                "logs": [_log_milestones(client, dag_id, run_id, *key, t["try_number"]) for t in tries],
             }
-            for ti in client.task_instances(dag_id, run_id)
-        }
+        return outcome
+
+
+# What a try's log says happened to it: the same lines must be there whichever executor ran it.
+LOG_MILESTONES = re.compile(
+    r"Pausing task as DEFERRED|Rescheduling task|Task failed with exception|Done\. Returned value"
+)
+
+
+def _log_milestones(client: AirflowClient, dag_id, run_id, task_id, map_index, try_number) -> list[str]:
+    if try_number < 1:
+        return []
+    events = client.task_log(dag_id, run_id, task_id, try_number, map_index)
+    return [m.group(0) for event in events for m in LOG_MILESTONES.finditer(event)]
 
 
 def _markers(stack: Stack, dag_id: str, run_id: str, event: str) -> list[dict[str, Any]]:
@@ -253,6 +271,8 @@ def _show(stack: Stack, result: dict[str, Any]) -> None:
     timings.update({k: v for k, v in result.items() if k.endswith("_seconds")})
     dag_id = result["run"]["dag_id"]
     print(f"\n{stack.name:6} {dag_id}: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    for key, ti in result.get("outcome", {}).items():
+        print(f"{stack.name:6}   {key} log milestones per try: {ti['logs']}")
 
 
 def _assert_same(local_value: Any, remote_value: Any, what: str) -> None:
@@ -360,6 +380,10 @@ def test_failed_try_is_retried_with_the_same_states_and_tries(local, request):
         ("flaky_mapped", 2): ("success", 1),
     }, expected
     assert [s for _, s in expected["outcome"][("flaky", -1)]["tries"]] == ["failed", "success"], expected
+    assert expected["outcome"][("flaky", -1)]["logs"] == [
+        ["Task failed with exception"],
+        ["Done. Returned value"],
+    ]
 
     remote = _remote(request)
     _show(remote, actual)
@@ -396,6 +420,7 @@ def test_deferred_sensor_resumes_in_the_same_try(local, request):
     assert "deferred" in expected["sensor_states"], expected
     assert {(ti["state"], ti["try_number"]) for ti in expected["outcome"].values()} == {("success", 1)}
     assert expected["outcome"][("wait", -1)]["tries"] == [(1, "success")], expected
+    assert expected["outcome"][("wait", -1)]["logs"] == [["Pausing task as DEFERRED"]], expected
 
     remote = _remote(request)
     _show(remote, actual)
@@ -432,6 +457,8 @@ def test_rescheduled_sensor_pokes_three_times_in_one_try(local, request):
     assert expected["poke_tries"] == [1] * dags.POKES_TO_SUCCEED, expected
     (sensor,) = expected["outcome"].values()
     assert (sensor["state"], sensor["try_number"]) == ("success", 1), expected
+    # One try, three pokes: its log holds both reschedules (a shipped log is one stream per poke).
+    assert sensor["logs"] == [["Rescheduling task"] * (dags.POKES_TO_SUCCEED - 1)], expected
 
     remote = _remote(request)
     _show(remote, actual)
