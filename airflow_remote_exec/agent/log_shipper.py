@@ -59,6 +59,9 @@ class _Stream:
     ended_at: float = 0.0
     file: BinaryIO | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    # What to run once the rest of an ended log is shipped (or given up), or at ``then_by`` at the latest.
+    then: Callable[[], None] | None = None
+    then_by: float = 0.0
 
     def written(self) -> int:
         """Bytes of this attempt's log in the file so far."""
@@ -91,6 +94,13 @@ class _Stream:
             self.file.close()
             self.file = None
         self.done.set()
+
+
+def _run(then: Callable[[], None]) -> None:
+    try:
+        then()
+    except Exception:
+        log.exception("Unexpected error after shipping a task log; carrying on")
 
 
 class LogShipper:
@@ -134,18 +144,26 @@ class LogShipper:
         with self._lock:
             self._streams[key] = _Stream(key, path, start)
 
-    def end(self, key: JobKey, wait: float = 0.0) -> None:
-        """The attempt is over: ship the rest of its log, waiting up to ``wait`` seconds for that unless
-        the orchestrator is unreachable, so that a job reported finished has its log in place."""
+    def end(self, key: JobKey, then: Callable[[], None] | None = None, within: float = 0.0) -> None:
+        """The attempt is over: ship the rest of its log. ``then`` runs once that is done or given up,
+        after ``within`` seconds at the latest, and at once while the orchestrator is unreachable:
+        the worker reports the job finished from it, so that a job reported finished has its log in
+        place, and nobody waits on an orchestrator that is away."""
         with self._lock:
             stream = self._streams.get(key)
-            if stream is None or stream.end is not None:
-                return
-            stream.end = stream.start + stream.written()
-            stream.ended_at = self.clock()
+            if stream is not None and stream.end is None:
+                stream.end = stream.start + stream.written()
+                stream.ended_at = self.clock()
+                if then is not None:
+                    stream.then, stream.then_by, then = then, stream.ended_at + within, None
+        if then is not None:  # nothing of its log to wait for
+            _run(then)
         self._wake.set()
-        if wait > 0 and not self._backing_off():
-            stream.done.wait(wait)
+
+    def holding(self) -> int:
+        """How many ``then`` of ``end`` have not run yet."""
+        with self._lock:
+            return sum(1 for s in self._streams.values() if s.then is not None)
 
     def pending_bytes(self) -> int:
         with self._lock:
@@ -171,6 +189,18 @@ class LogShipper:
         else:
             with self._round:
                 self._keep_backlog_bounded()
+        self._run_due(everything=self._backing_off())
+
+    def _run_due(self, everything: bool) -> None:
+        """Run the ``then`` of ended streams whose time is up (all of them when ``everything``)."""
+        now, due = self.clock(), []
+        with self._lock:
+            for stream in self._streams.values():
+                if stream.then is not None and (everything or now >= stream.then_by):
+                    due.append(stream.then)
+                    stream.then = None
+        for then in due:
+            _run(then)
 
     def _backing_off(self) -> bool:
         """Waiting to try again, unless another request of the agent got an answer meanwhile."""
@@ -250,7 +280,10 @@ class LogShipper:
     def _forget(self, stream: _Stream) -> None:
         with self._lock:
             self._streams.pop(stream.key, None)
+            then, stream.then = stream.then, None
         stream.close()
+        if then is not None:
+            _run(then)
 
     def _keep_backlog_bounded(self) -> None:
         """Past the cap, give up the logs of attempts that ended longest ago: those of running tasks are

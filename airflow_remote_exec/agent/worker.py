@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 REPORT_FLUSH_SECONDS = 60.0
 LOG_FLUSH_SECONDS = 30.0
 # A finished job's report waits this long at most for the end of its log to be shipped, so that a job
-# reported finished has its whole log on the orchestrator (unless the orchestrator is unreachable).
+# reported finished has its whole log on the orchestrator (it waits not at all while unreachable).
 LOG_TAIL_WAIT_SECONDS = 5.0
 # After terminating jobs at the drain timeout, how long beyond the SIGTERM grace to wait for their
 # runners to be reaped: reaping runs every half second, so a few seconds is plenty.
@@ -312,8 +312,8 @@ class Worker:
         held = self.ledger.release(outcome.key)  # an abandoned job's slots are free at once
         if held is None:
             return
-        self.shipper.end(outcome.key, wait=0.0 if held.abandoned else LOG_TAIL_WAIT_SECONDS)
         if held.abandoned:
+            self.shipper.end(outcome.key)
             log.info(
                 "Job %s attempt %s stopped; it is not ours to report",
                 *outcome.key,
@@ -331,7 +331,12 @@ class Worker:
             **job_extra(outcome.job_id),
         )
         report = StateReport(attempt=outcome.attempt, state=state, exit_code=outcome.exit_code, detail=detail)
-        self.reporter.put(outcome.key, report, held.session_id)
+        # Reported once the end of its log is shipped: a job reported finished has its whole log there.
+        self.shipper.end(
+            outcome.key,
+            lambda: self.reporter.put(outcome.key, report, held.session_id),
+            LOG_TAIL_WAIT_SECONDS,
+        )
         if state == "returned":
             self.fail(
                 f"Cannot read the workload of job {outcome.job_id}; handed it back. This agent's Airflow "
@@ -383,7 +388,7 @@ class Worker:
         while self.ledger.count() and time.monotonic() < wait_until:
             time.sleep(0.2)
         flush_deadline = time.monotonic() + REPORT_FLUSH_SECONDS
-        while self.reporter.pending() and time.monotonic() < flush_deadline:
+        while (self.reporter.pending() or self.shipper.holding()) and time.monotonic() < flush_deadline:
             time.sleep(0.1)
         self.reporter.give_up.set()
         self.shipper.flush(time.monotonic() + LOG_FLUSH_SECONDS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import pytest
@@ -206,20 +205,48 @@ def test_past_the_backlog_cap_the_oldest_finished_log_is_given_up_not_a_running_
     assert set(shipper._streams) == {running}
 
 
-def test_end_waits_for_the_tail_to_be_shipped(folder):
-    orchestrator = FakeOrchestrator()
-    shipper = _shipper(folder, orchestrator)
+def test_the_report_of_an_ended_job_waits_for_the_tail_of_its_log(folder):
+    orchestrator, clock = FakeOrchestrator(), Clock()
+    shipper = _shipper(folder, orchestrator, clock=clock)
     shipper.track(KEY, LOG)
     _write(folder, "last words\n")
-    stop = threading.Event()
-    loop = threading.Thread(target=lambda: [shipper.step() for _ in iter(stop.is_set, True)])
-    loop.start()
-    try:
-        shipper.end(KEY, wait=5.0)
-        assert orchestrator.logs[KEY] == b"last words\n"
-    finally:
-        stop.set()
-        loop.join(5)
+    reported = []
+    shipper.end(KEY, lambda: reported.append(orchestrator.logs.get(KEY)), within=5.0)
+    assert reported == [] and shipper.holding() == 1
+    shipper.step()
+    assert reported == [b"last words\n"] and shipper.holding() == 0
+
+
+def test_the_report_goes_at_once_while_the_orchestrator_is_away_and_after_the_wait_at_worst(folder):
+    orchestrator, clock = FakeOrchestrator(), Clock()
+    shipper = _shipper(folder, orchestrator, clock=clock)
+    shipper.track(KEY, LOG)
+    slow = JobKey(8, 1)
+    shipper.track(slow, "dag_id=d/run_id=r/task_id=t/slow.log")
+    (folder / "dag_id=d/run_id=r/task_id=t/slow.log").write_text("x\n")
+    reported = []
+    orchestrator.refuse = AgentApiError(429, "busy")  # answers, but takes nothing for now
+    shipper.end(slow, lambda: reported.append("slow"), within=5.0)
+    shipper.ship_round()
+    assert reported == []
+    clock.now += 5.0
+    orchestrator.refuse = None
+    shipper._run_due(everything=False)
+    assert reported == ["slow"]
+    orchestrator.down = True
+    _write(folder, "x\n")
+    shipper.ship_round()  # unreachable: backing off
+    shipper.end(KEY, lambda: reported.append("during outage"), within=5.0)
+    shipper.step()
+    assert reported == ["slow", "during outage"]
+    assert shipper.pending_bytes() > 0  # still shipped once the orchestrator is back
+
+
+def test_a_job_without_a_tracked_log_is_reported_at_once(folder):
+    shipper = _shipper(folder, FakeOrchestrator())
+    reported = []
+    shipper.end(JobKey(99, 1), lambda: reported.append(True), within=5.0)
+    assert reported == [True]
 
 
 def test_flush_at_shutdown_ships_what_is_left(folder):

@@ -28,6 +28,7 @@ from airflow_remote_exec.api.datamodels import (
     ClaimResponse,
     HeartbeatResponse,
     HeldJob,
+    LogChunkResponse,
     RefusedReport,
     RegisterResponse,
 )
@@ -46,6 +47,7 @@ class FakeClient:
         self.claims: list = []
         self.claim_calls: list = []
         self.executors = "LocalExecutor,airflow_remote_exec.executor.RemoteExecutor"
+        self.logs: dict[tuple[int, int], bytearray] = {}
 
     def register(self, request):
         self.registrations.append(request)
@@ -90,6 +92,14 @@ class FakeClient:
             elif error is not None:
                 raise error
         return refused
+
+    answers = 0
+
+    def append_log(self, session_id, job_id, attempt, offset, data):
+        held = self.logs.setdefault((job_id, attempt), bytearray())
+        if offset == len(held):
+            held.extend(data)
+        return LogChunkResponse(size=len(held), truncated=False)
 
     def deregister(self, session_id):
         pass
@@ -323,6 +333,24 @@ def test_abandoned_job_keeps_its_slots_until_its_runner_is_dead_and_gets_no_repo
     worker._collect_outcomes()
     _deliver_all(worker)
     assert worker.ledger.free_slots() == 4 and _finals(client) == []
+
+
+def test_a_finished_task_is_reported_once_the_end_of_its_log_is_shipped(worker, client, pool, tmp_path):
+    worker.shipper.base_folder = tmp_path
+    log_file = tmp_path / "d" / "t.log"
+    log_file.parent.mkdir()
+    job = _job(1).model_copy(update={"workload": '{"log_path": "d/t.log"}'})
+    worker._start_job(job, "s1")
+    _deliver_all(worker)  # the running report
+    log_file.write_text('{"event": "last line"}\n')
+    pool.die(JobKey(1, 1), state="success", detail="")
+    worker._collect_outcomes()
+    _deliver_all(worker)
+    assert _finals(client) == []  # not before its log's end is on the orchestrator
+    worker.shipper.step()
+    assert bytes(client.logs[(1, 1)]) == b'{"event": "last line"}\n'
+    _deliver_all(worker)
+    assert _finals(client) == [(1, 1, "success")]
 
 
 def test_finished_job_keeps_its_slots_until_its_report_is_delivered(worker, client, pool):
