@@ -6,6 +6,7 @@ from typing import Annotated
 
 from airflow.utils.session import create_session
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
+from sqlalchemy.exc import IntegrityError
 
 from airflow_remote_exec import config
 from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authorize_agent
@@ -64,6 +65,17 @@ async def append_log(
 
 
 def _append(secret: str, session_id: str, job_id: int, attempt: int, offset: int, data: bytes) -> Appended:
+    try:
+        return _append_once(secret, session_id, job_id, attempt, offset, data)
+    except IntegrityError:
+        # A resent chunk stored meanwhile by the request it replaces (SQLite has no row locks to make
+        # it wait): once more, it finds those bytes there.
+        return _append_once(secret, session_id, job_id, attempt, offset, data)
+
+
+def _append_once(
+    secret: str, session_id: str, job_id: int, attempt: int, offset: int, data: bytes
+) -> Appended:
     with create_session(scoped=False) as session:
         agent = authorize_agent(session, secret, session_id, component=Component.WORKER)
         try:

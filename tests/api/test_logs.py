@@ -9,6 +9,8 @@ import pytest
 from sqlalchemy import func, select, update
 
 from airflow_remote_exec import config
+from airflow_remote_exec import task_logs as task_logs_module
+from airflow_remote_exec.api import logs as logs_api
 from airflow_remote_exec.api.datamodels import MAX_LOG_CHUNK_BYTES
 from airflow_remote_exec.executor import RemoteExecutor
 from airflow_remote_exec.housekeeping import purge_old_rows
@@ -66,6 +68,30 @@ def test_a_chunk_past_the_end_stores_nothing_and_says_where_to_resume(client, se
     assert reply.status_code == 200
     assert reply.json()["size"] == 2
     assert _log(session) == "a\n"
+
+
+def test_a_chunk_stored_meanwhile_by_the_request_it_replaces_is_not_a_server_error(
+    client, session, claimed, monkeypatch
+):
+    """Without row locks (SQLite) a resent chunk can race the slow request it replaces."""
+    token, session_id, job_id, attempt = claimed
+    stream = session.scalar(select(RemoteLogStream))
+    session.add(RemoteLogChunk(stream_id=stream.id, offset=0, data=b"x\n"))
+    session.commit()
+    real_append = task_logs_module.append_chunk
+    calls = []
+
+    def racing(session, *args):
+        calls.append(1)
+        if len(calls) == 2:  # the other request committed its size by now
+            session.execute(update(RemoteLogStream).values(size=2))
+        return real_append(session, *args)
+
+    monkeypatch.setattr(logs_api, "append_chunk", racing)
+    reply = _put(client, token, session_id, job_id, attempt, 0, b"x\n")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["size"] == 2 and len(calls) == 2
+    assert _log(session) == "x\n"
 
 
 def test_only_the_agent_that_claimed_the_job_may_append(client, session, claimed, make_token, register):

@@ -101,3 +101,13 @@ def test_triggerer_takes_queues_and_a_capacity_and_refuses_a_bad_one(tmp_path, c
             main.settings_from_args([*args, "--capacity", bad])
         assert exit_info.value.code == 2
         assert "--capacity must be between 1 and 10000" in capsys.readouterr().err
+
+
+def test_worker_log_settings_become_its_settings_and_a_bad_backlog_is_refused(tmp_path, capsys):
+    args = ["worker", "--api-url", "https://airflow.example.com", "--token-file", _token_file(tmp_path)]
+    settings = main.settings_from_args([*args, "--log-backlog-mb", "64", "--log-format", "json"])
+    assert (settings.log_backlog_bytes, settings.log_format) == (64 * 1024 * 1024, "json")
+    with pytest.raises(SystemExit) as exit_info:
+        main.settings_from_args([*args, "--log-backlog-mb", "0"])
+    assert exit_info.value.code == 2
+    assert "--log-backlog-mb must be at least 1" in capsys.readouterr().err
