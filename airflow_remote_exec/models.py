@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects.mysql import LONGBLOB
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 metadata = MetaData(schema=_get_schema(), naming_convention=naming_convention)
@@ -261,14 +262,14 @@ Index(
 class RemoteLogStream(Base):
     """The task log one agent writes for one attempt of a job, shipped to the orchestrator as it grows.
 
-    A task that defers or reschedules runs again as the job's next attempt, perhaps on another agent, so
-    the log of a try is its streams in order. A stream outlives its job row (finished jobs are purged
-    within minutes): it records who may append to it, the agent's name and token, from the claim on.
+    A task that defers or reschedules runs again as the job's next attempt (or, once the finished job
+    row was purged, as attempt 1 of a new row), perhaps on another agent, so the log of a try is its
+    streams in the order they were opened. A stream outlives its job row: it records who may append to
+    it, the agent's name and token, from the claim on.
     """
 
     __tablename__ = "remote_log_stream"
     __table_args__ = (
-        UniqueConstraint("ti_id", "attempt", name="remote_log_stream_ti_attempt"),
         Index("idx_remote_log_stream_try", "dag_id", "run_id", "task_id", "map_index", "try_number"),
         Index("idx_remote_log_stream_job", "job_id", "attempt"),
         Index("idx_remote_log_stream_written", "last_written_at"),  # the purge
@@ -304,4 +305,5 @@ class RemoteLogChunk(Base):
         primary_key=True,
     )
     offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    # MySQL's plain BLOB holds 64 KiB, less than a chunk.
+    data: Mapped[bytes] = mapped_column(LargeBinary().with_variant(LONGBLOB(), "mysql"), nullable=False)

@@ -135,7 +135,7 @@ def read_try(session: Session, dag_id: str, run_id: str, task_id: str, map_index
             _stream.map_index == map_index,
             _stream.try_number == try_number,
         )
-        .order_by(_stream.attempt, _stream.id)
+        .order_by(_stream.id)  # as opened: a purged job's next row starts its attempts at 1 again
     ).all()
     logs = []
     for stream in streams:

@@ -169,6 +169,31 @@ def test_a_try_that_ran_twice_reads_as_both_attempts_in_order(client, session, m
     assert [log.agent_name for log in logs] == ["agent-1", "agent-2"]
 
 
+def test_a_task_resumed_after_its_job_row_was_purged_is_claimed_and_logs_in_order(
+    client, session, make_token, register
+):
+    """A deferral or reschedule longer than the finished-job retention: the resumed try gets a new job
+    row whose attempts start at 1 again, for the same task instance id."""
+    token = make_token()
+    session_id = register(token)
+    first_row = make_job("t1")
+    _add(session, first_row)
+    ti_id = first_row.ti_id
+    (first,) = _claim(client, token, session_id)
+    _put(client, token, session_id, first["job_id"], first["attempt"], 0, b"before deferral\n")
+    from airflow_remote_exec.models import RemoteJob
+
+    session.query(RemoteJob).delete()  # finished, then purged
+    session.commit()
+    resumed = make_job("t1")
+    resumed.ti_id = ti_id
+    _add(session, resumed)
+    (second,) = _claim(client, token, session_id)  # was a 500: the stream's (ti id, attempt) existed
+    assert second["attempt"] == first["attempt"]
+    _put(client, token, session_id, second["job_id"], second["attempt"], 0, b"after resume\n")
+    assert _log(session) == "before deferral\nafter resume\n"
+
+
 def test_no_stream_for_callbacks_and_connection_tests(client, session, make_token, register):
     token = make_token()
     session_id = register(token)

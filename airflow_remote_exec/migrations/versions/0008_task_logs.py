@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from airflow.utils.sqlalchemy import UtcDateTime
 from alembic import op
+from sqlalchemy.dialects.mysql import LONGBLOB
 
 revision = "0008_task_logs"
 down_revision = "0007_triggerer"
@@ -38,7 +39,6 @@ def upgrade() -> None:
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.Column("last_written_at", UtcDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("remote_log_stream_pkey")),
-        sa.UniqueConstraint("ti_id", "attempt", name=op.f("remote_log_stream_ti_attempt")),
     )
     op.create_index(
         "idx_remote_log_stream_try",
@@ -51,7 +51,7 @@ def upgrade() -> None:
         "remote_log_chunk",
         sa.Column("stream_id", _ID, nullable=False),
         sa.Column("offset", sa.BigInteger(), nullable=False),
-        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.Column("data", sa.LargeBinary().with_variant(LONGBLOB(), "mysql"), nullable=False),
         sa.ForeignKeyConstraint(
             ["stream_id"],
             ["remote_log_stream.id"],
