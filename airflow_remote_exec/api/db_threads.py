@@ -13,8 +13,9 @@ long after its agent stopped waiting.
 
 Dag-processor agents' work (a parsing result is deserialized and persisted, which can take seconds)
 runs on ``PARSING_THREADS`` threads of its own, and triggerer agents' work (trigger syncs, events,
-look-ups that may ask an external secrets backend) on ``TRIGGER_THREADS``, so that neither ever holds
-the threads that claims and reports of running tasks need.
+look-ups that may ask an external secrets backend) on ``TRIGGER_THREADS``, and task log chunks on
+``LOG_THREADS``, so that none of them ever holds the threads that heartbeats, claims and reports of
+running tasks need: a flood of log lines slows the logs, never an agent's liveness.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from airflow_remote_exec import config
 SLOT_WAIT_SECONDS = 5.0
 PARSING_THREADS = 2
 TRIGGER_THREADS = 2
-AGENTS, PARSING, TRIGGERS = "agents", "parsing", "triggers"  # the lanes
+LOG_THREADS = 2
+AGENTS, PARSING, TRIGGERS, LOGS = "agents", "parsing", "triggers", "logs"  # the lanes
 
 _T = TypeVar("_T")
 # Forgotten with their loop (a test's, a restarted server's).
@@ -54,6 +56,7 @@ def _limiters_of_loop(lane: str = AGENTS) -> tuple[anyio.CapacityLimiter, anyio.
             AGENTS: anyio.CapacityLimiter(config.api_db_threads()),
             PARSING: anyio.CapacityLimiter(PARSING_THREADS),
             TRIGGERS: anyio.CapacityLimiter(TRIGGER_THREADS),
+            LOGS: anyio.CapacityLimiter(LOG_THREADS),
             "unbounded": anyio.CapacityLimiter(math.inf),
         }
     return limiters[lane], limiters["unbounded"]

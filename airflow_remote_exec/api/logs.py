@@ -16,7 +16,7 @@ from airflow_remote_exec.api.datamodels import (
     LogChunkResponse,
     error_responses,
 )
-from airflow_remote_exec.api.db_threads import run_db
+from airflow_remote_exec.api.db_threads import LOGS, run_db
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import Component
 from airflow_remote_exec.task_logs import Appended, StreamNotFound, append_chunk
@@ -60,7 +60,7 @@ async def append_log(
             status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
             f"A log chunk is at most {MAX_LOG_CHUNK_BYTES} bytes; this one is {len(data)}.",
         )
-    appended = await run_db(_append, secret, session_id, job_id, attempt, offset, data)
+    appended = await run_db(_append, secret, session_id, job_id, attempt, offset, data, lane=LOGS)
     return LogChunkResponse(size=appended.size, truncated=appended.truncated)
 
 

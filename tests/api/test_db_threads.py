@@ -176,3 +176,41 @@ def test_dag_processor_work_never_takes_the_threads_claims_and_reports_need(clie
         statuses = sorted(u.result(timeout=10).status_code for u in uploads)
     assert reply.json()["detail"] == "report ran"
     assert statuses == [409] * db_threads.PARSING_THREADS + [503]  # the parsing lane's own limit
+
+
+def test_log_chunks_never_take_the_threads_heartbeats_claims_and_reports_need(client, monkeypatch):
+    """A flood of log lines waits on the log lane's own threads; a report still runs."""
+    from airflow_remote_exec.api import logs
+
+    release, appending = threading.Event(), []
+
+    def slow_append(*args: object) -> None:
+        appending.append(args)
+        release.wait(10)
+        raise HTTPException(409, "stand-in")
+
+    def report(*args: object) -> None:
+        raise HTTPException(409, "report ran")
+
+    monkeypatch.setattr(logs, "_append", slow_append)
+    monkeypatch.setattr(jobs, "_apply", report)
+    monkeypatch.setattr(config, "api_db_threads", lambda: 1)
+    monkeypatch.setattr(db_threads, "SLOT_WAIT_SECONDS", 0.5)
+    put = f"/agents/{SESSION}/jobs/1/log"
+    octets = {**headers("some-token"), "Content-Type": "application/octet-stream"}
+    with ThreadPoolExecutor(db_threads.LOG_THREADS + 1) as pool:
+        puts = [
+            pool.submit(client.put, put, params={"attempt": 1, "offset": 0}, content=b"x\n", headers=octets)
+            for _ in range(db_threads.LOG_THREADS + 1)
+        ]
+        deadline = time.monotonic() + 10
+        while len(appending) < db_threads.LOG_THREADS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reply = client.post(
+            f"/agents/{SESSION}/jobs/reports", json={"reports": []}, headers=headers("some-token")
+        )
+        time.sleep(2 * db_threads.SLOT_WAIT_SECONDS)  # the chunk without a thread gives up meanwhile
+        release.set()
+        statuses = sorted(p.result(timeout=10).status_code for p in puts)
+    assert reply.json()["detail"] == "report ran"
+    assert statuses == [409] * db_threads.LOG_THREADS + [503]  # the log lane's own limit
