@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -53,47 +55,65 @@ def task_log_path(workload_json: str) -> str | None:
 class _Stream:
     key: JobKey
     path: Path
+    file: BinaryIO  # opened before the task started, never through a link: what is read is its log
     start: int  # where this attempt's log begins in the file
     shipped: int = 0  # bytes of it the orchestrator holds
     end: int | None = None  # where it ends in the file, once the attempt is over
     ended_at: float = 0.0
-    file: BinaryIO | None = None
-    done: threading.Event = field(default_factory=threading.Event)
     # What to run once the rest of an ended log is shipped (or given up), or at ``then_by`` at the latest.
     then: Callable[[], None] | None = None
     then_by: float = 0.0
 
     def written(self) -> int:
-        """Bytes of this attempt's log in the file so far."""
+        """Bytes of this attempt's log in the file so far (the open file's: a path can be swapped)."""
         if self.end is not None:
             return self.end - self.start
         try:
-            return max(0, self.path.stat().st_size - self.start)
-        except OSError:
+            return max(0, os.fstat(self.file.fileno()).st_size - self.start)
+        except (OSError, ValueError):
             return 0
+
+    def unshipped(self) -> int:
+        return max(0, self.written() - self.shipped)
 
     def read(self, limit: int) -> bytes:
         """The next unshipped bytes, at most ``limit``, cut after the last whole line while the task
-        may still be writing (so a live reader never sees half a line), unless one line fills it all."""
-        want = min(limit, self.written() - self.shipped)
+        may still be writing (so a live reader never sees half a line), unless one line fills a chunk."""
+        want = min(limit, self.unshipped())
         if want <= 0:
             return b""
-        if self.file is None:
-            try:
-                self.file = self.path.open("rb")  # held open: a log deleted after its upload stays readable
-            except OSError:
-                return b""
-        self.file.seek(self.start + self.shipped)
-        data = self.file.read(want)
-        if self.end is None and not data.endswith(b"\n") and len(data) < limit:
+        try:
+            data = os.pread(self.file.fileno(), want, self.start + self.shipped)
+        except (OSError, ValueError):
+            data = b""
+        if not data:  # shorter than it was: truncated under us, or unreadable
+            self.end = self.start + self.shipped
+            return b""
+        if self.end is None and not data.endswith(b"\n") and len(data) < MAX_LOG_CHUNK_BYTES:
             data = data[: data.rfind(b"\n") + 1]
         return data
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        self.done.set()
+        self.file.close()
+
+
+def _open_log(base_folder: Path, relative_path: str) -> tuple[Path, BinaryIO]:
+    """Create the log file as Airflow's supervisor does (its folder and file permissions) and open it
+    for reading without following a link. The agent holds it before the task starts, so a task run as
+    another user cannot swap its log for a link to a file only the agent may read."""
+    from airflow.sdk.log import init_log_file
+
+    base = os.path.realpath(base_folder)
+    if not Path(os.path.normpath(os.path.join(base, relative_path))).is_relative_to(base):
+        raise OSError(f"{relative_path} is outside [logging] base_log_folder")
+    path = init_log_file(relative_path)
+    if not Path(os.path.realpath(path)).is_relative_to(base):
+        raise OSError(f"{relative_path} is outside [logging] base_log_folder")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return path, os.fdopen(fd, "rb")
 
 
 def _run(then: Callable[[], None]) -> None:
@@ -104,7 +124,7 @@ def _run(then: Callable[[], None]) -> None:
 
 
 class LogShipper:
-    """One thread's loop (``step``) sends the new bytes of every tracked stream, oldest job first."""
+    """One thread's loop (``step``) sends the new bytes of every tracked stream."""
 
     def __init__(
         self,
@@ -131,18 +151,22 @@ class LogShipper:
     # -- called by the worker --------------------------------------------------------------
     def track(self, key: JobKey, relative_path: str) -> None:
         """Follow the log of a job attempt about to start; call before its runner starts."""
-        path = self.base_folder / relative_path
-        if not path.resolve().is_relative_to(self.base_folder.resolve()):
-            log.warning(
-                "Not shipping %s: outside [logging] base_log_folder", relative_path, **job_extra(key.job_id)
-            )
-            return
         try:
-            start = path.stat().st_size
-        except OSError:
-            start = 0
+            path, file = _open_log(self.base_folder, relative_path)
+        except OSError as err:
+            log.warning("Not shipping the log of job %s attempt %s: %s", *key, err, **job_extra(key.job_id))
+            return
+        start = os.fstat(file.fileno()).st_size
         with self._lock:
-            self._streams[key] = _Stream(key, path, start)
+            for earlier in self._streams.values():
+                # The same file, still followed for an attempt whose end the worker has not collected
+                # yet (a task resumed at once on this agent): that attempt's log ends where this starts.
+                if earlier.end is None and earlier.path == path:
+                    earlier.end, earlier.ended_at = max(earlier.start, start), self.clock()
+            replaced = self._streams.get(key)
+            self._streams[key] = _Stream(key, path, file, start)
+        if replaced is not None:  # a job id used again (SQLite): the earlier file is not ours to read
+            replaced.close()
 
     def end(self, key: JobKey, then: Callable[[], None] | None = None, within: float = 0.0) -> None:
         """The attempt is over: ship the rest of its log. ``then`` runs once that is done or given up,
@@ -151,11 +175,11 @@ class LogShipper:
         place, and nobody waits on an orchestrator that is away."""
         with self._lock:
             stream = self._streams.get(key)
-            if stream is not None and stream.end is None:
-                stream.end = stream.start + stream.written()
-                stream.ended_at = self.clock()
-                if then is not None:
-                    stream.then, stream.then_by, then = then, stream.ended_at + within, None
+            if stream is not None:
+                if stream.end is None:
+                    stream.end, stream.ended_at = stream.start + stream.written(), self.clock()
+                if then is not None and stream.then is None:
+                    stream.then, stream.then_by, then = then, self.clock() + within, None
         if then is not None:  # nothing of its log to wait for
             _run(then)
         self._wake.set()
@@ -167,18 +191,18 @@ class LogShipper:
 
     def pending_bytes(self) -> int:
         with self._lock:
-            return sum(s.written() - s.shipped for s in self._streams.values())
+            return sum(s.unshipped() for s in self._streams.values())
 
     def flush(self, deadline: float) -> None:
         """At shutdown: ship what is left until ``deadline`` (monotonic)."""
-        while time.monotonic() < deadline:
-            if not self.pending_bytes():
-                return
-            if self._backing_off():
-                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-            else:
+        while time.monotonic() < deadline and self.pending_bytes():
+            before = self.pending_bytes()
+            if not self._backing_off():
                 self.ship_round()
-        log.warning("Stopping with %d bytes of task logs not shipped", self.pending_bytes())
+            if self.pending_bytes() >= before:  # nothing went: wait for the orchestrator or the file
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        if self.pending_bytes():
+            log.warning("Stopping with %d bytes of task logs not shipped", self.pending_bytes())
 
     # -- the shipping loop -------------------------------------------------------------------
     def step(self) -> None:
@@ -213,21 +237,25 @@ class LogShipper:
             self._keep_backlog_bounded()
 
     def _ship_streams(self) -> None:
+        """A chunk of each stream in turn until the second's budget is spent: a chatty task cannot hold
+        up the lines of the others."""
         budget = SHIP_BYTES_PER_SECOND
         with self._lock:
-            streams = sorted(self._streams.values(), key=lambda s: s.key)
-        for stream in streams:
-            while budget > 0:
-                data = stream.read(min(MAX_LOG_CHUNK_BYTES, budget))
+            active = sorted(self._streams.values(), key=lambda s: s.key)
+        while active and budget > 0:
+            still = []
+            for stream in active:
+                data = stream.read(min(MAX_LOG_CHUNK_BYTES, budget)) if budget > 0 else b""
                 if not data:
-                    if stream.end is not None and stream.shipped >= stream.end - stream.start:
-                        self._forget(stream)
-                    break
+                    if stream.end is not None and not stream.unshipped():
+                        self._forget(stream)  # all of it shipped (or nothing more can be read)
+                    continue
                 if not self._ship(stream, data):
                     return
                 budget -= len(data)
-                if stream.done.is_set():  # given up: refused, or cut at the orchestrator's cap
-                    break
+                if stream.key in self._streams:  # not given up (refused, or cut at the orchestrator's cap)
+                    still.append(stream)
+            active = still
 
     def _ship(self, stream: _Stream, data: bytes) -> bool:
         """Send one chunk; False when the orchestrator cannot take any now (try again later)."""
@@ -286,15 +314,18 @@ class LogShipper:
             _run(then)
 
     def _keep_backlog_bounded(self) -> None:
-        """Past the cap, give up the logs of attempts that ended longest ago: those of running tasks are
-        still being written to their files by Airflow whatever the agent does."""
+        """Past the cap on what ended attempts still have to send, give up the largest rest first. The
+        logs of running tasks do not count: Airflow writes them to their files whatever the agent does,
+        and one chatty task must not cost the others their logs."""
         with self._lock:
-            ended = sorted((s for s in self._streams.values() if s.end is not None), key=lambda s: s.ended_at)
-        excess = self.pending_bytes() - self.backlog_max_bytes
+            ended = sorted(
+                (s for s in self._streams.values() if s.end is not None), key=lambda s: -s.unshipped()
+            )
+        excess = sum(s.unshipped() for s in ended) - self.backlog_max_bytes
         for stream in ended:
             if excess <= 0:
                 break
-            left = stream.written() - stream.shipped
+            left = stream.unshipped()
             log.error(
                 "Task log backlog over %d bytes: giving up the last %d bytes of the log of job %s attempt "
                 "%s, kept in %s",

@@ -51,8 +51,9 @@ class Clock:
 
 
 @pytest.fixture
-def folder(tmp_path) -> Path:
-    (tmp_path / LOG).parent.mkdir(parents=True)
+def folder(tmp_path, monkeypatch) -> Path:
+    """The agent's ``[logging] base_log_folder``, where Airflow (and the shipper) create task logs."""
+    monkeypatch.setenv("AIRFLOW__LOGGING__BASE_LOG_FOLDER", str(tmp_path))
     return tmp_path
 
 
@@ -187,22 +188,96 @@ def test_a_round_sends_at_most_the_rate_in_chunks_of_at_most_the_chunk_size(fold
     assert shipper.pending_bytes() == 0
 
 
-def test_past_the_backlog_cap_the_oldest_finished_log_is_given_up_not_a_running_one(folder, caplog):
+def test_past_the_backlog_cap_the_largest_finished_rest_is_given_up_and_running_logs_do_not_count(
+    folder, caplog
+):
     orchestrator, clock = FakeOrchestrator(), Clock()
     shipper = _shipper(folder, orchestrator, backlog=30, clock=clock)
     orchestrator.down = True
-    old, running = JobKey(1, 1), JobKey(2, 1)
-    other = "dag_id=d/run_id=r/task_id=u/attempt=1.log"
-    (folder / other).parent.mkdir(parents=True)
-    shipper.track(old, LOG)
-    _write(folder, "o" * 19 + "\n")
-    shipper.end(old)
-    shipper.track(running, other)
-    (folder / other).write_text("r" * 19 + "\n")
+    small, big, running = JobKey(1, 1), JobKey(2, 1), JobKey(3, 1)
+    for key, text in ((small, "s" * 9 + "\n"), (big, "b" * 29 + "\n"), (running, "r" * 999 + "\n")):
+        path = f"dag_id=d/run_id=r/task_id=t{key.job_id}/attempt=1.log"
+        shipper.track(key, path)
+        (folder / path).write_text(text)
+        if key != running:
+            shipper.end(key)
     with caplog.at_level(logging.ERROR):
         shipper.ship_round()
-    assert "giving up the last 20 bytes of the log of job 1 attempt 1" in caplog.text
-    assert set(shipper._streams) == {running}
+        shipper.step()
+    assert "giving up the last 30 bytes of the log of job 2 attempt 1" in caplog.text
+    assert set(shipper._streams) == {small, running}
+
+
+def test_a_chatty_task_does_not_hold_up_the_lines_of_the_others(folder):
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    chatty, quiet = JobKey(1, 1), JobKey(2, 1)
+    shipper.track(chatty, LOG)
+    _write(folder, ("z" * 999 + "\n") * (2 * SHIP_BYTES_PER_SECOND // 1000))
+    shipper.track(quiet, "dag_id=d/run_id=r/task_id=q/attempt=1.log")
+    (folder / "dag_id=d/run_id=r/task_id=q/attempt=1.log").write_text("one line\n")
+    shipper.ship_round()
+    assert orchestrator.logs[quiet] == b"one line\n"
+    assert 0 < len(orchestrator.logs[chatty]) < SHIP_BYTES_PER_SECOND
+
+
+def test_a_log_swapped_for_a_link_before_the_task_starts_is_not_followed(folder, caplog):
+    """A task run as another user could replace its log with a link to a file only the agent reads."""
+    secret = folder / "agent-token"
+    secret.write_text("rex_secret\n")
+    (folder / LOG).parent.mkdir(parents=True)
+    (folder / LOG).symlink_to(secret)
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    with caplog.at_level(logging.WARNING):
+        shipper.track(KEY, LOG)
+    shipper.ship_round()
+    assert "Not shipping the log of job 7 attempt 1" in caplog.text
+    assert orchestrator.logs == {}
+
+
+def test_the_log_opened_at_the_start_is_read_whatever_later_happens_to_its_path(folder):
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "written before the swap\n")
+    secret = folder / "agent-token"
+    secret.write_text("rex_secret\n")
+    (folder / LOG).unlink()
+    (folder / LOG).symlink_to(secret)
+    shipper.end(KEY)
+    shipper.ship_round()
+    assert orchestrator.logs[KEY] == b"written before the swap\n"
+
+
+def test_a_task_resumed_at_once_on_the_same_agent_does_not_ship_its_lines_twice(folder):
+    """Attempt 2 starts before the worker collected attempt 1's end: attempt 1 ends where 2 starts."""
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "first\n")
+    second = JobKey(7, 2)
+    shipper.track(second, LOG)
+    _write(folder, "second\n")
+    shipper.end(KEY)
+    shipper.end(second)
+    shipper.ship_round()
+    assert orchestrator.logs == {KEY: b"first\n", second: b"second\n"}
+
+
+def test_a_truncated_log_ends_its_stream_instead_of_waiting_forever(folder):
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "a\nb\n")
+    shipper.ship_round()
+    _write(folder, "c\n")
+    stream = shipper._streams[KEY]
+    stream.end = stream.start + 6
+    (folder / LOG).write_text("")  # truncated under the shipper
+    shipper.ship_round()
+    shipper.ship_round()
+    assert KEY not in shipper._streams and shipper.pending_bytes() == 0
 
 
 def test_the_report_of_an_ended_job_waits_for_the_tail_of_its_log(folder):
@@ -265,7 +340,8 @@ def test_a_log_path_outside_the_log_folder_is_not_followed(folder, caplog):
     orchestrator = FakeOrchestrator()
     shipper = _shipper(folder, orchestrator)
     with caplog.at_level(logging.WARNING):
-        shipper.track(KEY, "../../etc/passwd")
+        shipper.track(KEY, "../outside.log")
+    assert not (folder.parent / "outside.log").exists()  # not even created
     assert "outside [logging] base_log_folder" in caplog.text
     assert not shipper._streams
 

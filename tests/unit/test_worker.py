@@ -335,10 +335,12 @@ def test_abandoned_job_keeps_its_slots_until_its_runner_is_dead_and_gets_no_repo
     assert worker.ledger.free_slots() == 4 and _finals(client) == []
 
 
-def test_a_finished_task_is_reported_once_the_end_of_its_log_is_shipped(worker, client, pool, tmp_path):
+def test_a_finished_task_is_reported_once_the_end_of_its_log_is_shipped(
+    worker, client, pool, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AIRFLOW__LOGGING__BASE_LOG_FOLDER", str(tmp_path))
     worker.shipper.base_folder = tmp_path
     log_file = tmp_path / "d" / "t.log"
-    log_file.parent.mkdir()
     job = _job(1).model_copy(update={"workload": '{"log_path": "d/t.log"}'})
     worker._start_job(job, "s1")
     _deliver_all(worker)  # the running report
