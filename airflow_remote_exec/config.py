@@ -48,4 +48,6 @@ def task_log_max_bytes() -> int:
 
 
 def task_log_retention_days() -> int:
-    return conf.getint(SECTION, "task_log_retention_days", fallback=int(_default("task_log_retention_days")))
+    """0 (or less) keeps shipped task logs."""
+    days = conf.getint(SECTION, "task_log_retention_days", fallback=int(_default("task_log_retention_days")))
+    return max(0, days)

@@ -7,6 +7,7 @@ module while it sets up logging, so it imports nothing of this package at module
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from airflow.config_templates.airflow_local_settings import DEFAULT_LOGGING_CONFIG
@@ -30,6 +31,12 @@ class ShippedLogIO:
         from airflow_remote_exec.task_logs import read_task_log
 
         return read_task_log(ti, ti.try_number)
+
+    def stream(self, relative_path: str, ti: Any) -> tuple[list[str], list[Iterator[str]]]:
+        """What Airflow's reader uses when it is there: the log a batch of chunks at a time."""
+        from airflow_remote_exec.task_logs import stream_task_log
+
+        return stream_task_log(ti, ti.try_number)
 
 
 REMOTE_TASK_LOG = ShippedLogIO()

@@ -9,11 +9,12 @@ state, ``ShippedLogIO``, the remote-log handler of ``airflow_remote_exec.logging
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import codecs
+from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec.models import JobKind, RemoteJob, RemoteLogChunk, RemoteLogStream
@@ -56,6 +57,16 @@ def open_streams(session: Session, agent: AgentOfRequest, job_ids: list[int], no
     if job_ids:
         params = {"job_ids": job_ids, "token_id": agent.token_id, "zero": 0, "no": False, "now": now}
         session.execute(_OPEN_STREAMS, params)
+
+
+def drop_streams(session: Session, agent: AgentOfRequest, attempts: list[tuple[int, int]]) -> None:
+    """The job attempts ``agent`` handed back without running them have no log: nobody may write one."""
+    for job_id, attempt in attempts:
+        ids = select(_stream.id).where(
+            _stream.job_id == job_id, _stream.attempt == attempt, _stream.agent_name == agent.name
+        )
+        session.execute(delete(RemoteLogChunk.__table__).where(_chunk.stream_id.in_(ids)))
+        session.execute(delete(RemoteLogStream.__table__).where(_stream.id.in_(ids.scalar_subquery())))
 
 
 class Appended(NamedTuple):
@@ -106,13 +117,12 @@ def append_chunk(
     return Appended(size, truncated)
 
 
-@dataclass
-class ShippedLog:
+class ShippedStream(NamedTuple):
+    id: int
     agent_name: str
     attempt: int
-    text: str
-    truncated: bool
     size: int
+    truncated: bool
 
     def source(self) -> str:
         return f"{SOURCE}: agent {self.agent_name}, job attempt {self.attempt}, {self.size} bytes"
@@ -120,13 +130,17 @@ class ShippedLog:
 
 _TRUNCATED_LINE = (
     '{{"event": "The agent stopped shipping this log at [remote_exec] task_log_max_bytes ({size} bytes); '
-    'the rest is in the task log file on agent {agent}.", "level": "warning", "logger": "remote_exec"}}\n'
+    'the rest is in the task log file on agent {agent}.", "level": "warning", "logger": "remote_exec"}}'
 )
+# Chunks a reader holds at once: a log of any size is served in bounded memory.
+READ_BATCH_CHUNKS = 16
 
 
-def read_try(session: Session, dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int):
-    """The shipped logs of one try, one per job attempt in the order they ran."""
-    streams = session.execute(
+def streams_of_try(
+    session: Session, dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int
+) -> list[ShippedStream]:
+    """The shipped logs of one try that hold anything, one per job attempt, in the order they ran."""
+    rows = session.execute(
         select(_stream.id, _stream.agent_name, _stream.attempt, _stream.size, _stream.truncated)
         .where(
             _stream.dag_id == dag_id,
@@ -134,40 +148,79 @@ def read_try(session: Session, dag_id: str, run_id: str, task_id: str, map_index
             _stream.task_id == task_id,
             _stream.map_index == map_index,
             _stream.try_number == try_number,
+            or_(_stream.size > 0, _stream.truncated),
         )
         .order_by(_stream.id)  # as opened: a purged job's next row starts its attempts at 1 again
     ).all()
-    logs = []
-    for stream in streams:
-        data = b"".join(
-            session.scalars(select(_chunk.data).where(_chunk.stream_id == stream.id).order_by(_chunk.offset))
+    return [ShippedStream(*row) for row in rows]
+
+
+def stream_lines(stream: ShippedStream) -> Iterator[str]:
+    """The lines of one shipped log, read a batch of chunks at a time in a session of their own (the
+    reader consumes them after the request's look-up is over)."""
+    from airflow.utils.session import create_session
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    rest = ""
+    with create_session(scoped=False) as session:
+        chunks = session.execute(
+            select(_chunk.data)
+            .where(_chunk.stream_id == stream.id)
+            .order_by(_chunk.offset)
+            .execution_options(yield_per=READ_BATCH_CHUNKS)
         )
-        if not data and not stream.truncated:
-            continue  # claimed, but nothing written (handed back, or not started)
-        text = data.decode("utf-8", errors="replace")
-        if text and not text.endswith("\n"):
-            text += "\n"
-        if stream.truncated:
-            text += _TRUNCATED_LINE.format(size=stream.size, agent=stream.agent_name)
-        logs.append(ShippedLog(stream.agent_name, stream.attempt, text, stream.truncated, stream.size))
-    return logs
+        for (data,) in chunks:
+            *lines, rest = (rest + decoder.decode(data)).split("\n")
+            yield from lines
+    rest += decoder.decode(b"", final=True)
+    if rest:
+        yield rest
+    if stream.truncated:
+        yield _TRUNCATED_LINE.format(size=stream.size, agent=stream.agent_name)
+
+
+def read_try(session: Session, dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int):
+    """The text of each shipped log of one try (for tests and the executor's seam)."""
+    streams = streams_of_try(session, dag_id, run_id, task_id, map_index, try_number)
+    return [(stream, "".join(f"{line}\n" for line in stream_lines(stream))) for stream in streams]
 
 
 def read_task_log(ti: Any, try_number: int) -> tuple[list[str], list[str]]:
-    """Airflow's legacy log response for one try of ``ti`` (a task instance or its history row)."""
+    """Airflow's legacy log response (whole texts) for one try of ``ti``: what the executor's seam
+    returns for a running task."""
     from airflow.utils.session import create_session
 
     with create_session(scoped=False) as session:
         logs = read_try(session, ti.dag_id, ti.run_id, ti.task_id, ti.map_index, try_number)
-    return [log.source() for log in logs], [log.text for log in logs]
+    return [stream.source() for stream, _ in logs], [text for _, text in logs]
+
+
+def stream_task_log(ti: Any, try_number: int) -> tuple[list[str], list[Iterator[str]]]:
+    """Airflow's streaming log response for one try of ``ti``: one line iterator per shipped log."""
+    from airflow.utils.session import create_session
+
+    with create_session(scoped=False) as session:
+        streams = streams_of_try(session, ti.dag_id, ti.run_id, ti.task_id, ti.map_index, try_number)
+    return [stream.source() for stream in streams], [stream_lines(stream) for stream in streams]
+
+
+# Streams deleted per purge, so that the scheduler loop that runs it never waits long.
+PURGE_BATCH = 500
 
 
 def purge_streams(session: Session, written_before: datetime) -> None:
-    """Delete the streams whose last line is older than ``written_before``, chunks first (SQLite may
-    not enforce the cascade)."""
-    old = select(_stream.id).where(_stream.last_written_at < written_before)
-    session.execute(delete(RemoteLogChunk.__table__).where(_chunk.stream_id.in_(old)))
-    session.execute(delete(RemoteLogStream.__table__).where(_stream.last_written_at < written_before))
+    """Delete streams whose last line is older than ``written_before``, a batch at a time. They are
+    locked first, so an agent's append waits and then finds its stream gone, never half of it; chunks
+    go first (SQLite may not enforce the cascade)."""
+    ids = session.scalars(
+        select(_stream.id)
+        .where(_stream.last_written_at < written_before)
+        .limit(PURGE_BATCH)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if ids:
+        session.execute(delete(RemoteLogChunk.__table__).where(_chunk.stream_id.in_(ids)))
+        session.execute(delete(RemoteLogStream.__table__).where(_stream.id.in_(ids)))
 
 
 def shipped_logs_are_remote_logging() -> bool:

@@ -31,7 +31,7 @@ from airflow_remote_exec.api.wakeup import job_wakeup
 from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import AgentState, Component, JobState, RemoteJob
 from airflow_remote_exec.notify import notify_jobs_queued
-from airflow_remote_exec.task_logs import open_streams
+from airflow_remote_exec.task_logs import drop_streams, open_streams
 
 router = APIRouter(
     prefix="/agents/{session_id}/jobs", tags=["jobs"], responses=error_responses(400, 401, 403, 404, 410)
@@ -324,6 +324,7 @@ def apply_reports(
             last[job_id] = report
     if last:
         _write_reports(session, list(last.values()), now or db_now(session))
+        drop_streams(session, agent, [(r.job_id, r.attempt) for r in last.values() if r.state == "returned"])
     return refused
 
 

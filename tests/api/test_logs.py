@@ -45,7 +45,7 @@ def claimed(client, session, make_token, register):
 
 def _log(session, task_id="t1", try_number=1) -> str:
     session.expire_all()
-    return "".join(log.text for log in read_try(session, "d1", "r1", task_id, -1, try_number))
+    return "".join(text for _, text in read_try(session, "d1", "r1", task_id, -1, try_number))
 
 
 def test_chunks_append_in_order_and_a_resent_chunk_is_stored_once(client, session, claimed):
@@ -166,7 +166,7 @@ def test_a_try_that_ran_twice_reads_as_both_attempts_in_order(client, session, m
     _put(client, token, second_agent, job_id, second["attempt"], 0, b"after resume")
     assert _log(session) == "before deferral\nafter resume\n"
     logs = read_try(session, "d1", "r1", "t1", -1, 1)
-    assert [log.agent_name for log in logs] == ["agent-1", "agent-2"]
+    assert [stream.agent_name for stream, _ in logs] == ["agent-1", "agent-2"]
 
 
 def test_a_task_resumed_after_its_job_row_was_purged_is_claimed_and_logs_in_order(
@@ -194,6 +194,33 @@ def test_a_task_resumed_after_its_job_row_was_purged_is_claimed_and_logs_in_orde
     assert _log(session) == "before deferral\nafter resume\n"
 
 
+def test_a_job_handed_back_unrun_has_no_log_to_add_to(client, session, claimed):
+    """Else a token could claim a task, hand it back, and write lines into the log of its real run."""
+    token, session_id, job_id, attempt = claimed
+    reply = client.post(
+        f"/agents/{session_id}/jobs/{job_id}/state",
+        json={"attempt": attempt, "state": "returned", "detail": "cannot read it"},
+        headers=headers(token),
+    )
+    assert reply.status_code == 204, reply.text
+    assert _put(client, token, session_id, job_id, attempt, 0, b"forged line\n").status_code == 404
+    assert session.scalar(select(func.count()).select_from(RemoteLogStream)) == 0
+
+
+def test_a_log_is_streamed_line_by_line_across_chunks_and_batches(client, session, claimed, monkeypatch):
+    """A character or a line split between chunks comes out whole; the reader holds a batch at a time."""
+    token, session_id, job_id, attempt = claimed
+    monkeypatch.setattr("airflow_remote_exec.task_logs.READ_BATCH_CHUNKS", 2)
+    text = "première ligne\nsecond line\n".encode()
+    offset = 0
+    for size in (3, 1, 7, 2, 100):  # "è" is two bytes: the cut after 3 splits it
+        _put(client, token, session_id, job_id, attempt, offset, text[offset : offset + size])
+        offset = min(len(text), offset + size)
+    ti = SimpleNamespace(dag_id="d1", run_id="r1", task_id="t1", map_index=-1, try_number=1)
+    _, (lines,) = ShippedLogIO().stream("ignored", ti)
+    assert list(lines) == ["première ligne", "second line"]
+
+
 def test_no_stream_for_callbacks_and_connection_tests(client, session, make_token, register):
     token = make_token()
     session_id = register(token)
@@ -210,6 +237,10 @@ def test_airflow_reads_the_shipped_log_through_the_io_and_the_executor(client, s
     assert texts == ['{"event": "hello"}\n']
     assert sources == [f"remote-exec: agent agent-1, job attempt {attempt}, 19 bytes"]
 
+    sources_streamed, streams = ShippedLogIO().stream("ignored/path.log", ti)
+    assert sources_streamed == sources
+    assert [list(lines) for lines in streams] == [['{"event": "hello"}']]
+
     executor = RemoteExecutor()
     monkeypatch.setattr("airflow_remote_exec.executor.shipped_logs_are_remote_logging", lambda: False)
     assert executor.get_task_log(ti, 1) == (sources, texts)
@@ -220,20 +251,42 @@ def test_airflow_reads_the_shipped_log_through_the_io_and_the_executor(client, s
     assert texts == [] and sources
 
 
-def test_purge_keeps_logs_for_the_retention_and_only_a_day_beside_another_store(
-    client, session, claimed, monkeypatch
-):
+def _written_two_days_ago(client, session, claimed) -> None:
     token, session_id, job_id, attempt = claimed
     _put(client, token, session_id, job_id, attempt, 0, b"x\n")
     stream = session.scalar(select(RemoteLogStream))
-    stream.last_written_at = stream.last_written_at - timedelta(days=2)
+    stream.last_written_at -= timedelta(days=2)
     session.commit()
+
+
+def _streams_after_purge(session) -> int:
+    purge_old_rows(session)
+    session.commit()
+    return session.scalar(select(func.count()).select_from(RemoteLogStream))
+
+
+def test_shipped_logs_are_kept_for_their_retention_and_then_gone_for_their_agent_too(
+    client, session, claimed, monkeypatch
+):
+    _written_two_days_ago(client, session, claimed)
     monkeypatch.setattr("airflow_remote_exec.housekeeping.another_remote_log_store", lambda: False)
-    purge_old_rows(session)
-    session.commit()
-    assert session.scalar(select(func.count()).select_from(RemoteLogStream)) == 1
-    monkeypatch.setattr("airflow_remote_exec.housekeeping.another_remote_log_store", lambda: True)
-    purge_old_rows(session)
-    session.commit()
-    assert session.scalar(select(func.count()).select_from(RemoteLogStream)) == 0
+    assert _streams_after_purge(session) == 1  # 30 days by default
+    monkeypatch.setattr(config, "task_log_retention_days", lambda: 0)  # 0: kept
+    assert _streams_after_purge(session) == 1
+    monkeypatch.setattr(config, "task_log_retention_days", lambda: 1)
+    assert _streams_after_purge(session) == 0
     assert session.scalar(select(func.count()).select_from(RemoteLogChunk)) == 0
+    token, session_id, job_id, attempt = claimed
+    assert _put(client, token, session_id, job_id, attempt, 2, b"y\n").status_code == 404
+
+
+def test_beside_another_log_store_the_shipped_copy_is_kept_a_day(client, session, claimed, monkeypatch):
+    _written_two_days_ago(client, session, claimed)
+    monkeypatch.setattr("airflow_remote_exec.housekeeping.another_remote_log_store", lambda: True)
+    assert _streams_after_purge(session) == 0
+    assert session.scalar(select(func.count()).select_from(RemoteLogChunk)) == 0
+
+
+def test_a_negative_retention_keeps_logs_rather_than_deleting_them_all(monkeypatch):
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXEC__TASK_LOG_RETENTION_DAYS", "-5")
+    assert config.task_log_retention_days() == 0
