@@ -28,6 +28,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 metadata = MetaData(schema=_get_schema(), naming_convention=naming_convention)
 
 
+# Row ids that never run out on Postgres; SQLite's rowid is its INTEGER PRIMARY KEY.
+BIG_ID = BigInteger().with_variant(Integer, "sqlite")
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -157,9 +161,7 @@ class RemoteAgentEvent(Base):
         Index("idx_remote_agent_event_at", "at"),  # the purge of old history
     )
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
     agent_name: Mapped[str] = mapped_column(String(250), nullable=False)
     state: Mapped[str] = mapped_column(String(20), nullable=False)
     at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
@@ -196,7 +198,17 @@ class RemoteApiServer(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
 
-class RemoteJob(Base):
+class TaskTry:
+    """The columns naming the try of a task instance a row is about."""
+
+    dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    task_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    run_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    map_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class RemoteJob(TaskTry, Base):
     """One try of one task instance, waiting for, held by, or finished on an agent.
 
     ``attempt`` grows at every claim; an agent's report must carry the attempt it claimed, so a
@@ -212,17 +224,10 @@ class RemoteJob(Base):
         Index("idx_remote_job_finished", "finished_at"),  # the purge reads only rows past retention
     )
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(20), nullable=False, default=JobKind.TASK)
     # The task instance id, or for a callback the callback id.
     ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
-    dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
-    task_id: Mapped[str] = mapped_column(String(250), nullable=False)
-    run_id: Mapped[str] = mapped_column(String(250), nullable=False)
-    map_index: Mapped[int] = mapped_column(Integer, nullable=False)
-    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
     queue: Mapped[str] = mapped_column(String(256), nullable=False)
     priority_weight: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     pool_slots: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
@@ -259,7 +264,7 @@ Index(
 )
 
 
-class RemoteLogStream(Base):
+class RemoteLogStream(TaskTry, Base):
     """The task log one agent writes for one attempt of a job, shipped to the orchestrator as it grows.
 
     A task that defers or reschedules runs again as the job's next attempt (or, once the finished job
@@ -275,17 +280,10 @@ class RemoteLogStream(Base):
         Index("idx_remote_log_stream_written", "last_written_at"),  # the purge
     )
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
-    job_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), nullable=False)
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(BIG_ID, nullable=False)
     attempt: Mapped[int] = mapped_column(Integer, nullable=False)
     ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
-    dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
-    task_id: Mapped[str] = mapped_column(String(250), nullable=False)
-    run_id: Mapped[str] = mapped_column(String(250), nullable=False)
-    map_index: Mapped[int] = mapped_column(Integer, nullable=False)
-    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
     agent_name: Mapped[str] = mapped_column(String(250), nullable=False)
     token_id: Mapped[int] = mapped_column(Integer, nullable=False)
     size: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)  # bytes held, in order
@@ -300,7 +298,7 @@ class RemoteLogChunk(Base):
     __tablename__ = "remote_log_chunk"
 
     stream_id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"),
+        BIG_ID,
         ForeignKey("remote_log_stream.id", ondelete="CASCADE"),
         primary_key=True,
     )

@@ -474,15 +474,27 @@ class AirflowClient:
     # -- dags and runs
 
     def task_log(
-        self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        try_number: int = 1,
+        map_index: int = -1,
+        missing_ok: bool = False,
     ) -> list[str]:
-        """The events of one try's log, as the REST API serves it (the UI's source too)."""
-        doc = self.request(
-            "GET",
-            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-            params={"full_content": "true", "map_index": map_index},
-            headers={"Accept": "application/json"},
-        )
+        """The events of one try's log, as the REST API serves it (the UI's source too); with
+        ``missing_ok``, none while the try does not exist yet (404)."""
+        try:
+            doc = self.request(
+                "GET",
+                f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                params={"full_content": "true", "map_index": map_index},
+                headers={"Accept": "application/json"},
+            )
+        except httpx.HTTPStatusError as err:
+            if missing_ok and err.response.status_code == 404:
+                return []
+            raise
         items = doc["content"]
         return [str(item.get("event", "")) if isinstance(item, dict) else str(item) for item in items]
 

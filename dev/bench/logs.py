@@ -22,8 +22,6 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
-
 from dev.bench.compare import DAGS, say
 from dev.stack import Agent, Orchestrator, Postgres, create_agent_token
 
@@ -38,12 +36,7 @@ def watch(client, run_id: str, markers: int, timeout: float) -> dict[int, float]
     delays: dict[int, float] = {}
     deadline = time.monotonic() + timeout
     while len(delays) < markers and time.monotonic() < deadline:
-        try:
-            events = client.task_log(DAG_ID, run_id, TASK_ID)
-        except httpx.HTTPStatusError as err:
-            if err.response.status_code != 404:  # 404: the try is not scheduled yet
-                raise
-            events = []
+        events = client.task_log(DAG_ID, run_id, TASK_ID, missing_ok=True)  # none until the try is queued
         seen = time.time()
         for event in events:
             for m in MARKER.finditer(event):

@@ -139,42 +139,50 @@ def test_each_event_loop_keeps_its_own_limiter_while_another_loop_runs_work():
         second.close()
 
 
-def test_dag_processor_work_never_takes_the_threads_claims_and_reports_need(client, monkeypatch, make_token):
-    """Parsing results persist on threads of their own: with those all busy, a report still runs."""
-    from airflow_remote_exec.api import dag_processing
+def _fill_a_lane_then_report(client, monkeypatch, module, work: str, threads: int, send) -> list[int]:
+    """Hold every thread of a lane with slow ``module.work`` calls made by ``send()`` (one more than
+    the lane has threads), send a report meanwhile, and return the statuses of the held calls. The
+    report must run: a lane never takes the threads of another."""
+    release, working = threading.Event(), []
 
-    release, persisting = threading.Event(), []
-
-    def slow_persist(*args: object) -> None:
-        persisting.append(args)
+    def slow(*args: object) -> None:
+        working.append(args)
         release.wait(10)
         raise HTTPException(409, "stand-in")
 
     def report(*args: object) -> None:
         raise HTTPException(409, "report ran")
 
-    monkeypatch.setattr(dag_processing, "_persist", slow_persist)
+    monkeypatch.setattr(module, work, slow)
     monkeypatch.setattr(jobs, "_apply", report)
     monkeypatch.setattr(config, "api_db_threads", lambda: 1)
     monkeypatch.setattr(db_threads, "SLOT_WAIT_SECONDS", 0.5)
-    result = {"relative_fileloc": "a.py", "run_duration": 0.1, "result": {}, "sources": {}}
-    upload = f"/agents/{SESSION}/dag-processor/bundles/b/parsing-results"
-    token = make_token("parser", components=["dag-processor"])
-    with ThreadPoolExecutor(db_threads.PARSING_THREADS + 1) as pool:
-        uploads = [
-            pool.submit(client.post, upload, json=result, headers=headers(token))
-            for _ in range(db_threads.PARSING_THREADS + 1)
-        ]
+    with ThreadPoolExecutor(threads + 1) as pool:
+        calls = [pool.submit(send) for _ in range(threads + 1)]
         deadline = time.monotonic() + 10
-        while len(persisting) < db_threads.PARSING_THREADS and time.monotonic() < deadline:
+        while len(working) < threads and time.monotonic() < deadline:
             time.sleep(0.01)
         reply = client.post(
             f"/agents/{SESSION}/jobs/reports", json={"reports": []}, headers=headers("some-token")
         )
-        time.sleep(2 * db_threads.SLOT_WAIT_SECONDS)  # the upload without a thread gives up meanwhile
+        time.sleep(2 * db_threads.SLOT_WAIT_SECONDS)  # the call without a thread gives up meanwhile
         release.set()
-        statuses = sorted(u.result(timeout=10).status_code for u in uploads)
+        statuses = sorted(c.result(timeout=10).status_code for c in calls)
     assert reply.json()["detail"] == "report ran"
+    return statuses
+
+
+def test_dag_processor_work_never_takes_the_threads_claims_and_reports_need(client, monkeypatch, make_token):
+    """Parsing results persist on threads of their own: with those all busy, a report still runs."""
+    from airflow_remote_exec.api import dag_processing
+
+    result = {"relative_fileloc": "a.py", "run_duration": 0.1, "result": {}, "sources": {}}
+    upload = f"/agents/{SESSION}/dag-processor/bundles/b/parsing-results"
+    token = make_token("parser", components=["dag-processor"])
+    statuses = _fill_a_lane_then_report(
+        client, monkeypatch, dag_processing, "_persist", db_threads.PARSING_THREADS,
+        lambda: client.post(upload, json=result, headers=headers(token)),
+    )  # fmt: skip
     assert statuses == [409] * db_threads.PARSING_THREADS + [503]  # the parsing lane's own limit
 
 
@@ -182,35 +190,10 @@ def test_log_chunks_never_take_the_threads_heartbeats_claims_and_reports_need(cl
     """A flood of log lines waits on the log lane's own threads; a report still runs."""
     from airflow_remote_exec.api import logs
 
-    release, appending = threading.Event(), []
-
-    def slow_append(*args: object) -> None:
-        appending.append(args)
-        release.wait(10)
-        raise HTTPException(409, "stand-in")
-
-    def report(*args: object) -> None:
-        raise HTTPException(409, "report ran")
-
-    monkeypatch.setattr(logs, "_append", slow_append)
-    monkeypatch.setattr(jobs, "_apply", report)
-    monkeypatch.setattr(config, "api_db_threads", lambda: 1)
-    monkeypatch.setattr(db_threads, "SLOT_WAIT_SECONDS", 0.5)
     put = f"/agents/{SESSION}/jobs/1/log"
     octets = {**headers("some-token"), "Content-Type": "application/octet-stream"}
-    with ThreadPoolExecutor(db_threads.LOG_THREADS + 1) as pool:
-        puts = [
-            pool.submit(client.put, put, params={"attempt": 1, "offset": 0}, content=b"x\n", headers=octets)
-            for _ in range(db_threads.LOG_THREADS + 1)
-        ]
-        deadline = time.monotonic() + 10
-        while len(appending) < db_threads.LOG_THREADS and time.monotonic() < deadline:
-            time.sleep(0.01)
-        reply = client.post(
-            f"/agents/{SESSION}/jobs/reports", json={"reports": []}, headers=headers("some-token")
-        )
-        time.sleep(2 * db_threads.SLOT_WAIT_SECONDS)  # the chunk without a thread gives up meanwhile
-        release.set()
-        statuses = sorted(p.result(timeout=10).status_code for p in puts)
-    assert reply.json()["detail"] == "report ran"
+    statuses = _fill_a_lane_then_report(
+        client, monkeypatch, logs, "_append", db_threads.LOG_THREADS,
+        lambda: client.put(put, params={"attempt": 1, "offset": 0}, content=b"x\n", headers=octets),
+    )  # fmt: skip
     assert statuses == [409] * db_threads.LOG_THREADS + [503]  # the log lane's own limit

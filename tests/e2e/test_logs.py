@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from dev.services import Moto
@@ -100,12 +99,7 @@ def _watch_live(client: AirflowClient, run_id: str, until_marker: int, timeout: 
     delays: dict[int, float] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            events = client.task_log(DAG_ID, run_id, TASK_ID)
-        except httpx.HTTPStatusError as err:
-            if err.response.status_code != 404:  # 404: the try is not scheduled yet
-                raise
-            events = []
+        events = client.task_log(DAG_ID, run_id, TASK_ID, missing_ok=True)  # none until the try is queued
         seen_at = time.time()
         state = client.task_instances(DAG_ID, run_id)[0]["state"]
         for event in events:
