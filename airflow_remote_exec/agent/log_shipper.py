@@ -166,7 +166,7 @@ class LogShipper:
             replaced = self._streams.get(key)
             self._streams[key] = _Stream(key, path, file, start)
         if replaced is not None:  # a job id used again (SQLite): the earlier file is not ours to read
-            replaced.close()
+            self._forget(replaced)
 
     def end(self, key: JobKey, then: Callable[[], None] | None = None, within: float = 0.0) -> None:
         """The attempt is over: ship the rest of its log. ``then`` runs once that is done or given up,
@@ -306,8 +306,10 @@ class LogShipper:
             )
 
     def _forget(self, stream: _Stream) -> None:
+        """Stop following ``stream`` (done, given up or replaced), and run what waited for it."""
         with self._lock:
-            self._streams.pop(stream.key, None)
+            if self._streams.get(stream.key) is stream:
+                del self._streams[stream.key]
             then, stream.then = stream.then, None
         stream.close()
         if then is not None:

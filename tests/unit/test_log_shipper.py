@@ -351,3 +351,16 @@ def test_the_log_path_comes_from_the_task_workload():
     assert task_log_path('{"ti": {}}') is None
     assert task_log_path("not json") is None
     assert task_log_path("[1, 2]") is None
+
+
+def test_a_job_id_used_again_does_not_lose_the_report_waiting_on_the_earlier_log(folder):
+    """SQLite gives a purged job's id to the next job: the earlier stream's report still goes."""
+    orchestrator = FakeOrchestrator()
+    shipper = _shipper(folder, orchestrator)
+    shipper.track(KEY, LOG)
+    _write(folder, "x\n")
+    reported = []
+    orchestrator.refuse = AgentApiError(429, "busy")
+    shipper.end(KEY, lambda: reported.append("earlier"), within=60)
+    shipper.track(KEY, "dag_id=d/run_id=r/task_id=other/attempt=1.log")
+    assert reported == ["earlier"]
