@@ -10,6 +10,7 @@ state, ``ShippedLogIO``, the remote-log handler of ``airflow_remote_exec.logging
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -128,9 +129,9 @@ class ShippedStream(NamedTuple):
         return f"{SOURCE}: agent {self.agent_name}, job attempt {self.attempt}, {self.size} bytes"
 
 
-_TRUNCATED_LINE = (
-    '{{"event": "The agent stopped shipping this log at [remote_exec] task_log_max_bytes ({size} bytes); '
-    'the rest is in the task log file on agent {agent}.", "level": "warning", "logger": "remote_exec"}}'
+_TRUNCATED = (
+    "The agent stopped shipping this log at [remote_exec] task_log_max_bytes ({size} bytes); the rest is "
+    "in the task log file on agent {agent}."
 )
 # Chunks a reader holds at once: a log of any size is served in bounded memory.
 READ_BATCH_CHUNKS = 16
@@ -176,7 +177,8 @@ def stream_lines(stream: ShippedStream) -> Iterator[str]:
     if rest:
         yield rest
     if stream.truncated:
-        yield _TRUNCATED_LINE.format(size=stream.size, agent=stream.agent_name)
+        event = _TRUNCATED.format(size=stream.size, agent=stream.agent_name)
+        yield json.dumps({"event": event, "level": "warning", "logger": "remote_exec"})
 
 
 def read_try(session: Session, dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int):
