@@ -25,6 +25,7 @@ TOKEN_ENV = ENV_PREFIX + "TOKEN"
 BUNDLE_CONFIG_ENV = "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"
 PR_SET_DUMPABLE = 4
 MAX_TRIGGERER_CAPACITY = 10_000
+TASK_LOG_MODES = ("ship", "keep")
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Connection tests from the UI: 'held' tests only connections this agent's secrets backends "
         "hold; 'any' also tests details typed into a request (a hook may then use this agent's ambient "
         "credentials); 'off' (default: held) [CONNECTION_TESTS]",
+    )
+    worker.add_argument(
+        "--task-logs",
+        choices=TASK_LOG_MODES,
+        default=_env("TASK_LOGS", "ship"),
+        help="'ship' sends each task's log to the orchestrator as it is written, for the UI; 'keep' "
+        "leaves task logs on this agent (and in your object storage with Airflow's remote logging): "
+        "logs hold what tasks print, TaskFlow return values included (default: ship) [TASK_LOGS]",
     )
     worker.add_argument(
         "--log-backlog-mb",
@@ -268,6 +277,8 @@ def settings_from_args(argv: list[str] | None = None):
 
     if args.slots < 1:
         parser.error("--slots must be at least 1")
+    if args.task_logs not in TASK_LOG_MODES:
+        parser.error(f"--task-logs must be one of {', '.join(TASK_LOG_MODES)}")
     if args.log_backlog_mb < 1:
         parser.error("--log-backlog-mb must be at least 1")
     if args.connection_tests not in connection_test.MODES:
@@ -283,6 +294,7 @@ def settings_from_args(argv: list[str] | None = None):
         health_host=args.health_host,
         health_port=int(args.health_port) if args.health_port not in (None, "") else None,
         drain_timeout=args.drain_timeout,
+        ship_task_logs=args.task_logs == "ship",
         log_backlog_bytes=args.log_backlog_mb * 1024 * 1024,
         log_format=args.log_format,
     )

@@ -71,6 +71,7 @@ class WorkerSettings:
     health_host: str = "0.0.0.0"
     health_port: int | None = None
     drain_timeout: float = 300.0
+    ship_task_logs: bool = True  # --task-logs ship; keep: task logs stay on the agent
     log_backlog_bytes: int = 512 * 1024 * 1024
     log_format: str = "text"
 
@@ -289,7 +290,7 @@ class Worker:
     def _start_job(self, job: ClaimedJob, session_id: str) -> None:
         key = JobKey(job.job_id, job.attempt)
         self.ledger.add(Holding(key, job.kind, job.pool_slots, session_id))
-        if job.kind == "task" and (log_path := task_log_path(job.workload)):
+        if job.kind == "task" and self.settings.ship_task_logs and (log_path := task_log_path(job.workload)):
             self.shipper.track(key, log_path)
         if not self.pool.start(Assignment(job.job_id, job.attempt, job.workload, job.kind)):
             # Cannot happen while claims ask for at most the idle runners; hand it back if it does.

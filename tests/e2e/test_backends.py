@@ -166,7 +166,7 @@ def test_5mb_xcoms_travel_both_ways_through_the_store_and_secrets_stay_on_the_ag
             [f"{store}-{side}"],
             2,
             setup.env,
-            args=setup.args,
+            args=[*setup.args, "--task-logs", "keep"],  # logs hold the payload: TaskFlow logs return values
         )  # fmt: skip
         for side in "ab"
     ]

@@ -198,7 +198,10 @@ def _wait_for_run(stack: Stack, dag_id: str, run_id: str, timeout: float = RUN_T
 
 def _outcome(stack: Stack, dag_id: str, run_id: str) -> dict[tuple[str, int], dict[str, Any]]:
     """Per task instance: final state, try number, every try's (try number, state) and the milestones
-    of each try's log as the REST API serves it."""
+    of each try's log as the REST API serves it (once the agent reported its jobs: Airflow's supervisor
+    sets a task's state a moment before the agent ships the log's last lines)."""
+    if stack.agent is not None:
+        _wait(stack, lambda: not _unreported_jobs(stack, dag_id, run_id), 60, "the agent to report its jobs")
     with stack.client() as client:
         outcome = {}
         for ti in client.task_instances(dag_id, run_id):
@@ -211,6 +214,16 @@ def _outcome(stack: Stack, dag_id: str, run_id: str) -> dict[tuple[str, int], di
                 "logs": [_log_milestones(client, dag_id, run_id, *key, t["try_number"]) for t in tries],
             }
         return outcome
+
+
+def _unreported_jobs(stack: Stack, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    return _db_rows(
+        stack,
+        "SELECT id FROM remote_job WHERE dag_id = :d AND run_id = :r "
+        "AND state IN ('queued', 'claimed', 'running')",
+        d=dag_id,
+        r=run_id,
+    )
 
 
 # What a try's log says happened to it: the same lines must be there whichever executor ran it.

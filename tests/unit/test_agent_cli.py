@@ -107,6 +107,8 @@ def test_worker_log_settings_become_its_settings_and_a_bad_backlog_is_refused(tm
     args = ["worker", "--api-url", "https://airflow.example.com", "--token-file", _token_file(tmp_path)]
     settings = main.settings_from_args([*args, "--log-backlog-mb", "64", "--log-format", "json"])
     assert (settings.log_backlog_bytes, settings.log_format) == (64 * 1024 * 1024, "json")
+    assert settings.ship_task_logs
+    assert not main.settings_from_args([*args, "--task-logs", "keep"]).ship_task_logs
     with pytest.raises(SystemExit) as exit_info:
         main.settings_from_args([*args, "--log-backlog-mb", "0"])
     assert exit_info.value.code == 2

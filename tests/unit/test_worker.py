@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -353,6 +354,15 @@ def test_a_finished_task_is_reported_once_the_end_of_its_log_is_shipped(
     assert bytes(client.logs[(1, 1)]) == b'{"event": "last line"}\n'
     _deliver_all(worker)
     assert _finals(client) == [(1, 1, "success")]
+
+
+def test_an_agent_that_keeps_task_logs_ships_none(client, pool, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__LOGGING__BASE_LOG_FOLDER", str(tmp_path))
+    keeper = Worker(dataclasses.replace(SETTINGS, ship_task_logs=False), client=client, pool=pool)
+    keeper._register()
+    keeper.shipper.base_folder = tmp_path
+    keeper._start_job(_job(1).model_copy(update={"workload": '{"log_path": "d/t.log"}'}), "s1")
+    assert not keeper.shipper._streams and not (tmp_path / "d").exists()
 
 
 def test_finished_job_keeps_its_slots_until_its_report_is_delivered(worker, client, pool):
