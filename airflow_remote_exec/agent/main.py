@@ -131,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-backlog-mb",
         type=int,
         default=int(_env("LOG_BACKLOG_MB", "512")),
-        help="Task logs not yet shipped to the orchestrator (it is unreachable, say) that the agent keeps "
-        "sending once it answers; beyond this, the oldest finished task's rest is given up, and stays "
-        "in its log file (default: 512) [LOG_BACKLOG_MB]",
+        help="Most unsent log of finished tasks the agent keeps sending once the orchestrator answers "
+        "again; beyond it the largest rest is given up, and stays in its log file (default: 512) "
+        "[LOG_BACKLOG_MB]",
     )
     dag_processor = commands.add_parser(
         "dag-processor", help="Parse this agent's DAG bundles and publish them to the orchestrator"
