@@ -59,7 +59,6 @@ class _Stream:
     start: int  # where this attempt's log begins in the file
     shipped: int = 0  # bytes of it the orchestrator holds
     end: int | None = None  # where it ends in the file, once the attempt is over
-    ended_at: float = 0.0
     # What to run once the rest of an ended log is shipped (or given up), or at ``then_by`` at the latest.
     then: Callable[[], None] | None = None
     then_by: float = 0.0
@@ -162,7 +161,7 @@ class LogShipper:
                 # The same file, still followed for an attempt whose end the worker has not collected
                 # yet (a task resumed at once on this agent): that attempt's log ends where this starts.
                 if earlier.end is None and earlier.path == path:
-                    earlier.end, earlier.ended_at = max(earlier.start, start), self.clock()
+                    earlier.end = max(earlier.start, start)
             replaced = self._streams.get(key)
             self._streams[key] = _Stream(key, path, file, start)
         if replaced is not None:  # a job id used again (SQLite): the earlier file is not ours to read
@@ -177,7 +176,7 @@ class LogShipper:
             stream = self._streams.get(key)
             if stream is not None:
                 if stream.end is None:
-                    stream.end, stream.ended_at = stream.start + stream.written(), self.clock()
+                    stream.end = stream.start + stream.written()
                 if then is not None and stream.then is None:
                     stream.then, stream.then_by, then = then, self.clock() + within, None
         if then is not None:  # nothing of its log to wait for
