@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from airflow_remote_exec.models import JobKind, RemoteJob, RemoteLogChunk, RemoteLogStream
+from airflow_remote_exec.models import JobKind, JobState, RemoteJob, RemoteLogChunk, RemoteLogStream
 
 if TYPE_CHECKING:
     from airflow_remote_exec.api.auth import AgentOfRequest
@@ -211,12 +211,17 @@ PURGE_BATCH = 500
 
 
 def purge_streams(session: Session, written_before: datetime) -> None:
-    """Delete streams whose last line is older than ``written_before``, a batch at a time. They are
-    locked first, so an agent's append waits and then finds its stream gone, never half of it; chunks
-    go first (SQLite may not enforce the cascade)."""
+    """Delete streams whose last line is older than ``written_before``, a batch at a time; a quiet task
+    still running keeps its log. They are locked first, so an agent's append waits and then finds its
+    stream gone, never half of it; chunks go first (SQLite may not enforce the cascade)."""
+    running = (
+        select(_job.id)
+        .where(_job.id == _stream.job_id, _job.attempt == _stream.attempt, _job.state.in_(JobState.HELD))
+        .exists()
+    )
     ids = session.scalars(
         select(_stream.id)
-        .where(_stream.last_written_at < written_before)
+        .where(_stream.last_written_at < written_before, ~running)
         .limit(PURGE_BATCH)
         .with_for_update(skip_locked=True)
     ).all()

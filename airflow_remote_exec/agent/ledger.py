@@ -80,6 +80,11 @@ class Ledger:
             )
             return self.slots - taken
 
+    def unreported(self) -> int:
+        """Finished jobs of ours whose final report is not yet delivered (nor dropped)."""
+        with self.lock:
+            return len(self._unreported)
+
     def count(self) -> int:
         with self.lock:
             return len(self._held)

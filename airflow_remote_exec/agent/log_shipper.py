@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from airflow_remote_exec.agent.client import AgentApiError, AgentClient, Unreachable
+from airflow_remote_exec.agent.client import AgentApiError, AgentClient
 from airflow_remote_exec.agent.log_format import job as job_extra
 from airflow_remote_exec.agent.runner import JobKey
 from airflow_remote_exec.api.datamodels import MAX_LOG_CHUNK_BYTES
@@ -152,7 +152,7 @@ class LogShipper:
         """Follow the log of a job attempt about to start; call before its runner starts."""
         try:
             path, file = _open_log(self.base_folder, relative_path)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - no log shipped, but the job must start
             log.warning("Not shipping the log of job %s attempt %s: %s", *key, err, **job_extra(key.job_id))
             return
         start = os.fstat(file.fileno()).st_size
@@ -207,12 +207,14 @@ class LogShipper:
     def step(self) -> None:
         self._wake.wait(SHIP_EVERY_SECONDS)
         self._wake.clear()
-        if not self._backing_off():
-            self.ship_round()
-        else:
-            with self._round:
-                self._keep_backlog_bounded()
-        self._run_due(everything=self._backing_off())
+        try:
+            if not self._backing_off():
+                self.ship_round()
+            else:
+                with self._round:
+                    self._keep_backlog_bounded()
+        finally:  # whatever went wrong, the reports waiting on logs go when due
+            self._run_due(everything=self._backing_off())
 
     def _run_due(self, everything: bool) -> None:
         """Run the ``then`` of ended streams whose time is up (all of them when ``everything``)."""
@@ -236,25 +238,22 @@ class LogShipper:
             self._keep_backlog_bounded()
 
     def _ship_streams(self) -> None:
-        """A chunk of each stream in turn until the second's budget is spent: a chatty task cannot hold
-        up the lines of the others."""
+        """At most one chunk of each stream a round, within the second's budget: a chatty task cannot
+        hold up the lines of the others, and a round takes one request per log at most."""
         budget = SHIP_BYTES_PER_SECOND
         with self._lock:
-            active = sorted(self._streams.values(), key=lambda s: s.key)
-        while active and budget > 0:
-            still = []
-            for stream in active:
-                data = stream.read(min(MAX_LOG_CHUNK_BYTES, budget)) if budget > 0 else b""
-                if not data:
-                    if stream.end is not None and not stream.unshipped():
-                        self._forget(stream)  # all of it shipped (or nothing more can be read)
-                    continue
-                if not self._ship(stream, data):
-                    return
-                budget -= len(data)
-                if stream.key in self._streams:  # not given up (refused, or cut at the orchestrator's cap)
-                    still.append(stream)
-            active = still
+            streams = sorted(self._streams.values(), key=lambda s: s.key)
+        for stream in streams:
+            data = stream.read(min(MAX_LOG_CHUNK_BYTES, budget)) if budget > 0 else b""
+            if not data:
+                if stream.end is not None and not stream.unshipped():
+                    self._forget(stream)  # all of it shipped (or nothing more can be read)
+                continue
+            if not self._ship(stream, data):
+                return
+            budget -= len(data)
+            if stream.end is not None and not stream.unshipped():
+                self._forget(stream)  # its end is there: what waited for it goes now
 
     def _ship(self, stream: _Stream, data: bytes) -> bool:
         """Send one chunk; False when the orchestrator cannot take any now (try again later)."""
@@ -264,11 +263,8 @@ class LogShipper:
         job_id, attempt = stream.key
         try:
             reply = self.client.append_log(session_id, job_id, attempt, stream.shipped, data)
-        except Unreachable as err:
-            self._back_off(f"{err}")
-            return False
         except AgentApiError as err:
-            if err.status_code in (401, 410, 429):  # the worker registers again, or its token is gone
+            if err.status_code in (401, 410):  # the worker registers again, or its token is gone
                 self._back_off(str(err))
                 return False
             log.warning(
@@ -276,6 +272,9 @@ class LogShipper:
             )
             self._forget(stream)
             return True
+        except Exception as err:  # noqa: BLE001 - unreachable, or an answer it cannot read: try later
+            self._back_off(f"{type(err).__name__}: {err}")
+            return False
         if self._failures:
             log.info("Shipping task logs again after %d failed tries", self._failures)
         self._failures, self._retry_at = 0, 0.0
@@ -310,9 +309,11 @@ class LogShipper:
             if self._streams.get(stream.key) is stream:
                 del self._streams[stream.key]
             then, stream.then = stream.then, None
-        stream.close()
-        if then is not None:
-            _run(then)
+        try:
+            stream.close()
+        finally:
+            if then is not None:
+                _run(then)
 
     def _keep_backlog_bounded(self) -> None:
         """Past the cap on what ended attempts still have to send, give up the largest rest first. The

@@ -389,7 +389,8 @@ class Worker:
         while self.ledger.count() and time.monotonic() < wait_until:
             time.sleep(0.2)
         flush_deadline = time.monotonic() + REPORT_FLUSH_SECONDS
-        while (self.reporter.pending() or self.shipper.holding()) and time.monotonic() < flush_deadline:
+        # A finished job is unreported from its release on, before its report waits on its log.
+        while self.ledger.unreported() and time.monotonic() < flush_deadline:
             time.sleep(0.1)
         self.reporter.give_up.set()
         self.shipper.flush(time.monotonic() + LOG_FLUSH_SECONDS)

@@ -251,9 +251,12 @@ def test_airflow_reads_the_shipped_log_through_the_io_and_the_executor(client, s
     assert texts == [] and sources
 
 
-def _written_two_days_ago(client, session, claimed) -> None:
+def _written_two_days_ago(client, session, claimed, job_state: str = "success") -> None:
     token, session_id, job_id, attempt = claimed
     _put(client, token, session_id, job_id, attempt, 0, b"x\n")
+    from airflow_remote_exec.models import RemoteJob
+
+    session.execute(update(RemoteJob).values(state=job_state))
     stream = session.scalar(select(RemoteLogStream))
     stream.last_written_at -= timedelta(days=2)
     session.commit()
@@ -285,6 +288,12 @@ def test_beside_another_log_store_the_shipped_copy_is_kept_a_day(client, session
     monkeypatch.setattr("airflow_remote_exec.housekeeping.another_remote_log_store", lambda: True)
     assert _streams_after_purge(session) == 0
     assert session.scalar(select(func.count()).select_from(RemoteLogChunk)) == 0
+
+
+def test_a_quiet_task_still_running_keeps_its_log_past_the_retention(client, session, claimed, monkeypatch):
+    _written_two_days_ago(client, session, claimed, job_state="running")
+    monkeypatch.setattr("airflow_remote_exec.housekeeping.another_remote_log_store", lambda: True)
+    assert _streams_after_purge(session) == 1
 
 
 def test_a_negative_retention_keeps_logs_rather_than_deleting_them_all(monkeypatch):

@@ -181,10 +181,12 @@ def test_a_round_sends_at_most_the_rate_in_chunks_of_at_most_the_chunk_size(fold
     _write(folder, (b"z" * 1000 + b"\n") * (SHIP_BYTES_PER_SECOND // 1000))
     shipper.ship_round()
     sent = [length for _, _, length in orchestrator.chunks]
-    assert max(sent) <= MAX_LOG_CHUNK_BYTES
-    assert sum(sent) <= SHIP_BYTES_PER_SECOND
+    assert len(sent) == 1 and sent[0] <= MAX_LOG_CHUNK_BYTES  # one chunk per log and round
     assert shipper.pending_bytes() > 0
-    shipper.ship_round()
+    for _ in range(10):
+        shipper.ship_round()
+    sent = [length for _, _, length in orchestrator.chunks]
+    assert max(sent) <= MAX_LOG_CHUNK_BYTES and len(sent) <= 7
     assert shipper.pending_bytes() == 0
 
 
@@ -298,15 +300,13 @@ def test_the_report_goes_at_once_while_the_orchestrator_is_away_and_after_the_wa
     shipper.track(KEY, LOG)
     slow = JobKey(8, 1)
     shipper.track(slow, "dag_id=d/run_id=r/task_id=t/slow.log")
-    (folder / "dag_id=d/run_id=r/task_id=t/slow.log").write_text("x\n")
+    (folder / "dag_id=d/run_id=r/task_id=t/slow.log").write_text("x" * 999 + "\n" * (4 * MAX_LOG_CHUNK_BYTES))
     reported = []
-    orchestrator.refuse = AgentApiError(429, "busy")  # answers, but takes nothing for now
-    shipper.end(slow, lambda: reported.append("slow"), within=5.0)
-    shipper.ship_round()
+    shipper.end(slow, lambda: reported.append("slow"), within=5.0)  # a tail of four rounds
+    shipper.step()
     assert reported == []
     clock.now += 5.0
-    orchestrator.refuse = None
-    shipper._run_due(everything=False)
+    shipper.step()
     assert reported == ["slow"]
     orchestrator.down = True
     _write(folder, "x\n")
@@ -322,6 +322,30 @@ def test_a_job_without_a_tracked_log_is_reported_at_once(folder):
     reported = []
     shipper.end(JobKey(99, 1), lambda: reported.append(True), within=5.0)
     assert reported == [True]
+
+
+def test_an_answer_the_shipper_cannot_read_backs_off_and_still_lets_the_report_go(folder):
+    """Any error of a request, not only an unreachable orchestrator, must leave reports free to go."""
+    orchestrator, clock = FakeOrchestrator(), Clock()
+    shipper = _shipper(folder, orchestrator, clock=clock)
+    shipper.track(KEY, LOG)
+    _write(folder, "x\n")
+    orchestrator.refuse = ValueError("the 2xx body is not JSON")
+    reported = []
+    shipper.end(KEY, lambda: reported.append(True), within=5.0)
+    shipper.step()
+    assert reported == [True]
+    orchestrator.refuse = None
+    clock.now += 2
+    shipper.step()
+    assert orchestrator.logs[KEY] == b"x\n"
+
+
+def test_a_log_that_cannot_be_opened_does_not_keep_its_job_from_starting(folder, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS", "not-octal")
+    shipper = _shipper(folder, FakeOrchestrator())
+    shipper.track(KEY, LOG)  # no exception
+    assert not shipper._streams
 
 
 def test_flush_at_shutdown_ships_what_is_left(folder):
@@ -360,7 +384,8 @@ def test_a_job_id_used_again_does_not_lose_the_report_waiting_on_the_earlier_log
     shipper.track(KEY, LOG)
     _write(folder, "x\n")
     reported = []
-    orchestrator.refuse = AgentApiError(429, "busy")
+    orchestrator.down = True
+    shipper.ship_round()  # backing off: the report would go at the next step
     shipper.end(KEY, lambda: reported.append("earlier"), within=60)
     shipper.track(KEY, "dag_id=d/run_id=r/task_id=other/attempt=1.log")
     assert reported == ["earlier"]
