@@ -99,6 +99,7 @@ class Worker:
         self._session: Session | None = None
         self._last_contact = 0.0
         self._fatal: str | None = None
+        self._token_rejected = False  # nothing more can be delivered: the drain sends no reports nor logs
         self._executors: str | None = None  # the orchestrator's [core] executor, from registration
 
     @property
@@ -169,6 +170,7 @@ class Worker:
         """Our token expired or was revoked: nothing we run can be reported any more, and the
         orchestrator will declare us lost and retry it, so stop it all now rather than at the drain
         timeout (or the self-fence), and exit."""
+        self._token_rejected = True
         self.stop_own_jobs(f"the agent token was rejected ({err})")
         self.fail(f"Agent token rejected ({err}); stopping the running jobs and exiting.")
 
@@ -375,6 +377,21 @@ class Worker:
         }
 
     # -- shutdown --------------------------------------------------------------------------
+    def _deliver_what_is_left(self) -> None:
+        """Reports first, then task logs, each for a while; nothing once our token is rejected, since
+        no request of ours can get through then."""
+        if self._token_rejected:
+            log.warning("Token rejected: %d job reports and the unshipped task logs are not delivered",
+                        self.ledger.unreported())  # fmt: skip
+            self.reporter.give_up.set()
+            return
+        flush_deadline = time.monotonic() + REPORT_FLUSH_SECONDS
+        # A finished job is unreported from its release on, before its report waits on its log.
+        while self.ledger.unreported() and time.monotonic() < flush_deadline:
+            time.sleep(0.1)
+        self.reporter.give_up.set()
+        self.shipper.flush(time.monotonic() + LOG_FLUSH_SECONDS)
+
     def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout
         while self.ledger.count() and time.monotonic() < deadline:
@@ -388,12 +405,7 @@ class Worker:
         wait_until = time.monotonic() + STOP_GRACE_SECONDS + REAP_MARGIN_SECONDS
         while self.ledger.count() and time.monotonic() < wait_until:
             time.sleep(0.2)
-        flush_deadline = time.monotonic() + REPORT_FLUSH_SECONDS
-        # A finished job is unreported from its release on, before its report waits on its log.
-        while self.ledger.unreported() and time.monotonic() < flush_deadline:
-            time.sleep(0.1)
-        self.reporter.give_up.set()
-        self.shipper.flush(time.monotonic() + LOG_FLUSH_SECONDS)
+        self._deliver_what_is_left()
         self._done.set()
         self.pool.shutdown()
         session = self._session

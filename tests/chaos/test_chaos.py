@@ -535,7 +535,10 @@ def test_revoked_token_gets_401_and_its_agent_claims_nothing_more(chaos):
         assert agent.process.alive
         chaos.orch.airflow("remote-exec", "tokens", "revoke", "chaos-revoked")
         chaos.orch.airflow("remote-exec", "agents", "resume", "revoked")
-        wait_until(lambda: not agent.process.alive, 60, what="the agent to stop")
+        try:
+            wait_until(lambda: not agent.process.alive, 60, what="the agent to stop")
+        except TimeoutError as err:
+            raise AssertionError(f"{err}; the agent's log ends:\n{agent.log_tail(30)}") from err
         assert agent.process.returncode == 1
         assert "401" in agent.log_tail(50) and "token rejected" in agent.log_tail(50)
         [job] = chaos.jobs("chaos_revoked", waiting)

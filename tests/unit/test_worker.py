@@ -507,6 +507,19 @@ def test_rejected_token_stops_running_jobs_at_once_and_stops_the_agent(worker, c
     assert caplog.text.count("Agent token rejected") == 1
 
 
+def test_a_rejected_token_stops_the_agent_without_waiting_on_what_it_cannot_deliver(worker, client, caplog):
+    """Nothing gets past a revoked token: a report or log still waiting must not hold the exit."""
+    worker.ledger.awaiting_report(JobKey(1, 1), worker.session.session_id)  # its report undelivered
+    worker.shipper.pending_bytes = lambda: 4096  # and part of a log
+    worker.token_rejected(Unauthorized(401, "Agent token is unknown, expired or revoked."))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        worker._drain()
+    assert time.monotonic() - started < 5  # not REPORT_FLUSH_SECONDS, nor LOG_FLUSH_SECONDS
+    assert worker.reporter.give_up.is_set()
+    assert "Token rejected: 1 job reports and the unshipped task logs are not delivered" in caplog.text
+
+
 def test_a_later_different_fatal_error_is_logged_too(worker, caplog):
     with caplog.at_level(logging.ERROR):
         worker.fail("Cannot read the workload")
