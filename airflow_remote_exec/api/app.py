@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from airflow_remote_exec import __version__
-from airflow_remote_exec.api import agents, dag_processing, jobs, logs, lookups, triggers
+from airflow_remote_exec.api import agents, dag_processing, jobs, logs, lookups, queues, sentinel, triggers
 from airflow_remote_exec.api.body_limit import DEFAULT_LIMIT, BodyLimit
 from airflow_remote_exec.api.presence import ensure_presence, stop_presence
 
@@ -45,6 +45,8 @@ def create_app(prefix: str = "") -> FastAPI:
     app.include_router(agents.router, prefix=prefix)
     app.include_router(jobs.router, prefix=prefix)
     app.include_router(logs.router, prefix=prefix)
+    app.include_router(queues.router, prefix=prefix)
+    app.include_router(sentinel.router, prefix=prefix)
     app.include_router(dag_processing.router, prefix=prefix)
     app.include_router(lookups.dag_processor_lookups, prefix=prefix)
     app.include_router(triggers.router, prefix=prefix)

@@ -35,17 +35,24 @@ async def check_api_version(version: Annotated[str | None, Header(alias=API_VERS
         )
 
 
-async def bearer_secret(
-    authorization: Annotated[str | None, Header()] = None,
-    _version: Annotated[None, Depends(check_api_version)] = None,
-) -> str:
+async def any_client_secret(authorization: Annotated[str | None, Header()] = None) -> str:
+    """The bearer token of a caller that is not an agent (an autoscaler): no API version header."""
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise _unauthorized("Missing agent token: send 'Authorization: Bearer <token>'.")
     return secret.strip()
 
 
+async def bearer_secret(
+    secret: Annotated[str, Depends(any_client_secret)],
+    _version: Annotated[None, Depends(check_api_version)] = None,
+) -> str:
+    return secret
+
+
 SecretDep = Annotated[str, Depends(bearer_secret)]
+# KEDA's metrics-api scaler sends a bearer token and no other header.
+ScalerSecretDep = Annotated[str, Depends(any_client_secret)]
 # Session ids are UUIDs: anything else (a NUL byte, a newline) is a 422, never a database error.
 SessionIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9-]{1,36}$")]
 

@@ -406,3 +406,40 @@ class TriggerReportsResponse(BaseModel):
         description="Triggers not assigned to this agent any more (another triggerer runs them): their "
         "events and failures were not applied."
     )
+
+
+# -- queue depth -------------------------------------------------------------------------------
+
+
+class QueueDepth(BaseModel):
+    queued: int = Field(description="Jobs waiting for an agent.")
+    running: int = Field(description="Jobs an agent holds: claimed or running.")
+
+
+class QueueDepthResponse(BaseModel):
+    """Queued plus running: the slots a worker group needs now. KEDA reads ``depth``."""
+
+    queued: int
+    running: int
+    depth: int = Field(description="queued + running, over all the queues asked about.")
+    queues: dict[str, QueueDepth] = Field(description="The same per queue.")
+
+
+# -- sentinel ----------------------------------------------------------------------------------
+
+
+class ComponentHealth(AgentRequest):
+    healthy: bool
+    detail: str = Field(default="", max_length=500, description="Why not, in a few words.")
+
+
+class SentinelReport(AgentRequest):
+    """What a sentinel saw of the components it watches, each probed from outside."""
+
+    components: dict[Annotated[str, Field(pattern=_NAME)], ComponentHealth] = Field(
+        min_length=1, max_length=100
+    )
+
+
+class SentinelReply(BaseModel):
+    report_every_seconds: int = Field(description="When to send the next report: the orchestrator's cadence.")
