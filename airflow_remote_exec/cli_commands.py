@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from airflow.cli.simple_table import AirflowConsole
@@ -10,8 +11,16 @@ from airflow.utils.session import create_session
 from rich.markup import escape
 from sqlalchemy import select
 
+from airflow_remote_exec import config
 from airflow_remote_exec.cli import fail
-from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteAgentEvent, RemoteToken, utcnow
+from airflow_remote_exec.models import (
+    AgentState,
+    Component,
+    RemoteAgent,
+    RemoteAgentEvent,
+    RemoteToken,
+    utcnow,
+)
 from airflow_remote_exec.tokens import (
     TokenError,
     create_token,
@@ -78,6 +87,8 @@ def tokens_revoke(args) -> None:
 
 
 RECENT_TRANSITIONS = 4
+# A sentinel's report is stale once this many reports are missing.
+STALE_AFTER_REPORTS = 3
 
 
 def _recent_transitions(session) -> dict[str, str]:
@@ -98,6 +109,7 @@ def agents_list(args) -> None:
     with create_session() as session:
         rows = session.scalars(select(RemoteAgent).order_by(RemoteAgent.name)).all()
         transitions = _recent_transitions(session)
+        now = utcnow()
         data = [
             {
                 "name": row.name,
@@ -110,10 +122,25 @@ def agents_list(args) -> None:
                 "slots": row.slots,
                 "last_heartbeat": _iso(row.last_heartbeat_at),
                 "version": row.version,
+                "health": sentinel_health(row, now),
             }
             for row in rows
         ]
     _print_rows(data, args.output)
+
+
+def sentinel_health(agent: RemoteAgent, now) -> str:
+    """A sentinel's last report in one line: ``healthy (3 components)``, or what is not, and ``stale``
+    once three reports are missing. Empty for agents that are not sentinels."""
+    if agent.health is None or agent.health_reported_at is None:
+        return "no report yet" if Component.SENTINEL in agent.components.split(",") else ""
+    components = json.loads(agent.health)
+    sick = [f"{name} ({c['detail'] or 'unhealthy'})" for name, c in components.items() if not c["healthy"]]
+    text = f"unhealthy: {', '.join(sick)}" if sick else f"healthy ({len(components)} components)"
+    age = (now - agent.health_reported_at).total_seconds()
+    if age > STALE_AFTER_REPORTS * config.sentinel_report_interval():
+        text = f"stale, {age:.0f} s old: {text}"
+    return text
 
 
 @cli_utils.action_cli

@@ -51,3 +51,10 @@ def task_log_retention_days() -> int:
     """0 (or less) keeps shipped task logs."""
     days = conf.getint(SECTION, "task_log_retention_days", fallback=int(_default("task_log_retention_days")))
     return max(0, days)
+
+
+def sentinel_report_interval() -> int:
+    return max(
+        1,
+        conf.getint(SECTION, "sentinel_report_interval", fallback=int(_default("sentinel_report_interval"))),
+    )

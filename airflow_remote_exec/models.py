@@ -136,6 +136,9 @@ class RemoteAgent(Base):
     # The last batch of trigger events applied for this agent: a batch sent again after its answer was
     # lost is not applied twice.
     last_event_batch: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # A sentinel agent's last aggregate health report (JSON), and when it came.
+    health: Mapped[str | None] = mapped_column(Text, nullable=True)
+    health_reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     @property
     def queue_list(self) -> list[str]:

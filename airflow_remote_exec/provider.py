@@ -72,6 +72,13 @@ CONFIG_OPTIONS: dict[str, dict] = {
         "integer",
         "30",
     ),
+    "sentinel_report_interval": _option(
+        "Seconds between a sentinel agent's health reports (``airflow-remote-agent sentinel``). Sent to "
+        "the sentinel with each answer; ``airflow remote-exec agents list`` calls a report older than "
+        "three of these stale.",
+        "integer",
+        "30",
+    ),
 }
 
 
