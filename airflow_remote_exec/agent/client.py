@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -28,6 +28,9 @@ from airflow_remote_exec.api.datamodels import (
     ReportsRequest,
     ReportsResponse,
 )
+
+if TYPE_CHECKING:
+    from airflow_remote_exec.agent.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +111,10 @@ class AgentClient:
         stop: threading.Event | None = None,
         *,
         transport: httpx.BaseTransport | None = None,
+        metrics: AgentMetrics | None = None,
     ):
         self.api_url = api_url.rstrip("/")
+        self.metrics = metrics  # every try of every request is timed and counted into it, if given
         self._stop = stop or threading.Event()
         # Counts answers from the agent API: a retry waiting out its backoff goes at once when another
         # request gets through (the orchestrator is back), so outcomes are not held back after an outage.
@@ -151,6 +156,7 @@ class AgentClient:
         payload = body.model_dump(mode="json") if body is not None else None
         delay_base, failures = 0.5, 0
         while True:
+            started = time.monotonic()
             try:
                 response = self._http.request(
                     method,
@@ -161,11 +167,13 @@ class AgentClient:
                     headers={"Content-Type": LOG_CONTENT_TYPE} if content is not None else None,
                     timeout=timeout or httpx.USE_CLIENT_DEFAULT,
                 )
+                self._observe(method, path, response.status_code, started)
                 if response.status_code < 500 and response.status_code != 429 and not _foreign_401(response):
                     self._note_answer()
                     break
                 problem = f"HTTP {response.status_code}: {_detail(response)}"
             except httpx.TransportError as err:
+                self._observe(method, path, "error", started)
                 problem = f"{type(err).__name__}: {err}"
             failures += 1
             if (max_tries is not None and failures >= max_tries) or not keep_trying():
@@ -183,6 +191,10 @@ class AgentClient:
             return response.json() if response.content else None
         error = _ERRORS.get(response.status_code, AgentApiError)
         raise error(response.status_code, _detail(response))
+
+    def _observe(self, method: str, path: str, status: int | str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request(method, path, status, time.monotonic() - started)
 
     @property
     def answers(self) -> int:

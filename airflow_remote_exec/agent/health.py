@@ -1,12 +1,16 @@
-"""A local ``/healthz`` endpoint for Kubernetes probes; it never receives orchestrator traffic."""
+"""A local ``/healthz`` endpoint for Kubernetes probes, and ``/metrics`` for Prometheus beside it; it
+never receives orchestrator traffic."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 
@@ -14,20 +18,43 @@ log = logging.getLogger(__name__)
 SOCKET_TIMEOUT_SECONDS = 5.0
 
 
-def serve_health(host: str, port: int, status: Callable[[], tuple[bool, dict]]) -> ThreadingHTTPServer:
-    """Serve ``GET /healthz`` in a daemon thread: 200 when ``status()`` says healthy, else 503."""
+def seconds_since(mark: float) -> float | None:
+    """Seconds since a ``time.monotonic()`` mark; None if the mark is 0.0 (it never happened)."""
+    return time.monotonic() - mark if mark else None
+
+
+def recent_contact(mark: float, window: float) -> tuple[bool, float | None]:
+    """Whether the orchestrator was last heard from (at ``mark``) within ``window`` seconds, and how long
+    ago: an agent it has not heard from in that long is about to be, or already is, declared lost."""
+    since = seconds_since(mark)
+    return since is not None and since < window, since
+
+
+def serve_health(
+    host: str,
+    port: int,
+    status: Callable[[], tuple[bool, dict]],
+    metrics: Callable[[], bytes] | None = None,
+) -> ThreadingHTTPServer:
+    """Serve ``GET /healthz`` in a daemon thread: 200 when ``status()`` says healthy, else 503; and
+    ``GET /metrics``, the text ``metrics()`` renders, if given."""
 
     class Handler(BaseHTTPRequestHandler):
         timeout = SOCKET_TIMEOUT_SECONDS
 
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
-            if self.path.rstrip("/") != "/healthz":
+            path = self.path.rstrip("/")
+            if path == "/healthz":
+                healthy, body = status()
+                self._send(200 if healthy else 503, "application/json", json.dumps(body).encode())
+            elif path == "/metrics" and metrics is not None:
+                self._send(200, CONTENT_TYPE_LATEST, metrics())
+            else:
                 self.send_error(404)
-                return
-            healthy, body = status()
-            payload = json.dumps(body).encode()
-            self.send_response(200 if healthy else 503)
-            self.send_header("Content-Type", "application/json")
+
+        def _send(self, code: int, content_type: str, payload: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
@@ -37,5 +64,6 @@ def serve_health(host: str, port: int, status: Callable[[], tuple[bool, dict]]) 
 
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
-    log.info("Serving /healthz on %s:%d", host, server.server_address[1])
+    served = "/healthz and /metrics" if metrics is not None else "/healthz"
+    log.info("Serving %s on %s:%d", served, host, server.server_address[1])
     return server

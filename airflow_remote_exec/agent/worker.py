@@ -26,11 +26,12 @@ from airflow_remote_exec.agent.client import (
     Unreachable,
     VersionMismatch,
 )
-from airflow_remote_exec.agent.health import serve_health
+from airflow_remote_exec.agent.health import recent_contact, seconds_since, serve_health
 from airflow_remote_exec.agent.heartbeat import Heartbeat
 from airflow_remote_exec.agent.ledger import Holding, Ledger, Session
 from airflow_remote_exec.agent.log_format import job as job_extra
 from airflow_remote_exec.agent.log_shipper import LogShipper, base_log_folder, task_log_path
+from airflow_remote_exec.agent.metrics import AgentMetrics
 from airflow_remote_exec.agent.registration import (
     installed_versions,
     register_request,
@@ -83,7 +84,10 @@ class Worker:
         self.settings = settings
         self._stop = threading.Event()  # SIGTERM/SIGINT or fatal error: stop claiming, drain
         self._done = threading.Event()  # drained: background threads end
-        self.client = client or AgentClient(settings.api_url, settings.token, stop=self._stop)
+        self.metrics = AgentMetrics(settings.name, "worker")
+        self.client = client or AgentClient(
+            settings.api_url, settings.token, stop=self._stop, metrics=self.metrics
+        )
         self.ledger = Ledger(settings.slots)
         self.pool = pool
         self.reporter = Reporter(self.client, self.ledger, self.abandon, self.contact)
@@ -101,6 +105,7 @@ class Worker:
         self._fatal: str | None = None
         self._token_rejected = False  # nothing more can be delivered: the drain sends no reports nor logs
         self._executors: str | None = None  # the orchestrator's [core] executor, from registration
+        self._read_gauges()
 
     @property
     def session(self) -> Session | None:
@@ -124,7 +129,9 @@ class Worker:
         if self.pool is None:
             self.pool = RunnerPool(self.settings.slots, server=f"{self.settings.api_url}/execution/")
         if self.settings.health_port is not None:
-            serve_health(self.settings.health_host, self.settings.health_port, self.health)
+            serve_health(
+                self.settings.health_host, self.settings.health_port, self.health, self.metrics.render
+            )
         self.start_threads()
         log.info(
             "Agent %s serving queues %s with %d slots",
@@ -259,6 +266,7 @@ class Worker:
             if not free and not reports:
                 self.ledger.slot_freed.wait(1.0)
                 return None
+            self.metrics.claims.inc()
             reply = self.client.claim(
                 session.session_id,
                 free,
@@ -284,6 +292,7 @@ class Worker:
             self.reporter.put_back(reports)
             raise
         self.contact()
+        self.metrics.jobs_claimed.inc(len(reply.jobs))
         self.reporter.settle(reports, reply.refused)
         for job in reply.jobs:
             self._start_job(job, session.session_id)
@@ -359,12 +368,19 @@ class Worker:
             self.pool.stop_job(*key)
 
     # -- health ----------------------------------------------------------------------------
+    def _read_gauges(self) -> None:
+        """The worker's gauges, read at every scrape of /metrics."""
+        self.metrics.read("slots", lambda: self.settings.slots)
+        self.metrics.read("running_jobs", self.ledger.count)
+        self.metrics.read("free_slots", self.ledger.free_slots)
+        self.metrics.read("heartbeat_age_seconds", lambda: seconds_since(self._last_contact))
+
     def health(self) -> tuple[bool, dict]:
-        since = time.monotonic() - self._last_contact if self._last_contact else None
         session = self._session
         window = 3 * session.heartbeat_interval + session.claim_wait_seconds if session else 0.0
+        recent, since = recent_contact(self._last_contact, window)
         dead = self.threads.dead()
-        healthy = since is not None and since < window and not self._fatal and not dead
+        healthy = recent and not self._fatal and not dead
         return healthy, {
             "agent": self.settings.name,
             "healthy": healthy,
