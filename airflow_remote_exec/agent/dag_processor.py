@@ -261,6 +261,7 @@ class DagProcessorAgent:
             return refused
         use_orchestrator_executors(self.session.executors)
         self.session.start_heartbeats()
+        self.session.serve_probes()
         manager = _manager_class()(max_runs=conf_num_runs(), agent=self.session)
         try:
             manager.run()

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from airflow_remote_exec.agent import connection_test, log_format
 from airflow_remote_exec.agent.backends import add_backend_args, apply_backend_args
+from airflow_remote_exec.agent.sentinel import parse_watch
 from airflow_remote_exec.agent.session import ComponentSettings
 
 ENV_PREFIX = "AIRFLOW_REMOTE_AGENT_"
@@ -41,7 +42,7 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(ENV_PREFIX + name, default)
 
 
-def _add_connection_args(command: argparse.ArgumentParser, default_name: str) -> None:
+def _add_connection_args(command: argparse.ArgumentParser, default_name: str, backends: bool = True) -> None:
     """What every component needs to reach the orchestrator as this agent, and its backends."""
     command.add_argument(
         "--api-url",
@@ -62,7 +63,8 @@ def _add_connection_args(command: argparse.ArgumentParser, default_name: str) ->
         "credentials would cross the network in clear text [ALLOW_INSECURE_HTTP]",
     )
     _add_log_format_arg(command)
-    add_backend_args(command)
+    if backends:
+        add_backend_args(command)
 
 
 def _add_log_format_arg(command: argparse.ArgumentParser) -> None:
@@ -81,6 +83,25 @@ def _add_queues_arg(command: argparse.ArgumentParser, meaning: str) -> None:
     )
 
 
+def _add_health_args(command: argparse.ArgumentParser) -> None:
+    """The local port for Kubernetes probes and Prometheus scrapes, which every component can serve."""
+    command.add_argument(
+        "--health-port",
+        type=int,
+        default=_env("HEALTH_PORT"),
+        help="Serve /healthz and /metrics (Prometheus) on this port (default: off) [HEALTH_PORT]",
+    )
+    command.add_argument(
+        "--health-host",
+        default=_env("HEALTH_HOST", "0.0.0.0"),
+        help="Address for /healthz and /metrics (default: 0.0.0.0) [HEALTH_HOST]",
+    )
+
+
+def _health_port(args: argparse.Namespace) -> int | None:
+    return int(args.health_port) if args.health_port not in (None, "") else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="airflow-remote-agent", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,17 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("SLOTS", "4")),
         help="Concurrent task slots (default: 4) [SLOTS]",
     )
-    worker.add_argument(
-        "--health-port",
-        type=int,
-        default=_env("HEALTH_PORT"),
-        help="Serve /healthz on this port (default: off) [HEALTH_PORT]",
-    )
-    worker.add_argument(
-        "--health-host",
-        default=_env("HEALTH_HOST", "0.0.0.0"),
-        help="Address for /healthz (default: 0.0.0.0) [HEALTH_HOST]",
-    )
+    _add_health_args(worker)
     worker.add_argument(
         "--drain-timeout",
         type=float,
@@ -146,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="The bundles to parse, as Airflow's [dag_processor] dag_bundle_config_list JSON "
         "(default: that setting) [DAG_BUNDLE_CONFIG_LIST]",
     )
+    _add_health_args(dag_processor)
     triggerer = commands.add_parser(
         "triggerer", help="Run the triggers of deferred tasks and asset watchers of this agent's scope"
     )
@@ -157,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("CAPACITY", "1000")),
         help="Most triggers run at once, as Airflow's [triggerer] capacity (default: 1000) [CAPACITY]",
     )
+    _add_health_args(triggerer)
+    sentinel = commands.add_parser(
+        "sentinel", help="Probe this agent's components' /healthz and report their health to the orchestrator"
+    )
+    _add_connection_args(sentinel, f"{socket.gethostname()}-sentinel", backends=False)
+    sentinel.add_argument(
+        "--watch",
+        action="append",
+        default=[w for w in [_env("WATCH")] if w],
+        metavar="NAME=URL",
+        help="A component to probe, e.g. worker-etl=http://agent-worker-etl:8080/healthz; repeat it, or "
+        "give a comma-separated list [WATCH]",
+    )
+    _add_health_args(sentinel)
     check = commands.add_parser(
         "check", help="Check the XCom store and secrets backend as the agent would at start, and report"
     )
@@ -252,14 +278,36 @@ def _check_bundle_config(parser: argparse.ArgumentParser, text: str | None) -> N
 def settings_from_args(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    apply_backend_args(parser, args)
+    if args.command != "sentinel":
+        apply_backend_args(parser, args)
     if args.command == "check":
         return CheckSettings(args.name)
     api_url = _check_api_url(parser, args)
+    if args.command == "sentinel":
+        try:
+            watch = parse_watch(args.watch)
+        except ValueError as err:
+            parser.error(str(err))
+        return ComponentSettings(
+            api_url,
+            _read_token(parser, args),
+            args.name,
+            "sentinel",
+            log_format=args.log_format,
+            health_host=args.health_host,
+            health_port=_health_port(args),
+            watch=watch,
+        )
     if args.command == "dag-processor":
         _check_bundle_config(parser, args.dag_bundle_config_list)
         return ComponentSettings(
-            api_url, _read_token(parser, args), args.name, "dag-processor", log_format=args.log_format
+            api_url,
+            _read_token(parser, args),
+            args.name,
+            "dag-processor",
+            log_format=args.log_format,
+            health_host=args.health_host,
+            health_port=_health_port(args),
         )
     if args.command == "triggerer":
         if not 1 <= args.capacity <= MAX_TRIGGERER_CAPACITY:
@@ -272,6 +320,8 @@ def settings_from_args(argv: list[str] | None = None):
             queues=_queues(parser, args.queues),
             capacity=args.capacity,
             log_format=args.log_format,
+            health_host=args.health_host,
+            health_port=_health_port(args),
         )
     from airflow_remote_exec.agent.worker import WorkerSettings
 
@@ -292,7 +342,7 @@ def settings_from_args(argv: list[str] | None = None):
         slots=args.slots,
         name=args.name,
         health_host=args.health_host,
-        health_port=int(args.health_port) if args.health_port not in (None, "") else None,
+        health_port=_health_port(args),
         drain_timeout=args.drain_timeout,
         ship_task_logs=args.task_logs == "ship",
         log_backlog_bytes=args.log_backlog_mb * 1024 * 1024,
@@ -349,6 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     component = settings.component if isinstance(settings, ComponentSettings) else "worker"
     log_format.configure(level, settings.name, component, settings.log_format)
     _hide_process_memory()
+    if component == "sentinel":
+        from airflow_remote_exec.agent.sentinel import SentinelAgent
+
+        sys.exit(SentinelAgent(settings).run())
     _exit_unless_backends_work(settings)
     if isinstance(settings, ComponentSettings) and settings.component == "dag-processor":
         from airflow_remote_exec.agent.dag_processor import DagProcessorAgent

@@ -1,6 +1,7 @@
 """The session of an agent component that runs one of Airflow's own loops (dag processor, triggerer):
-registration, a heartbeat thread, and registering again when the orchestrator ends the session (it
-declared the agent lost). The worker keeps its own, which also reports the jobs it holds."""
+registration, a heartbeat thread, registering again when the orchestrator ends the session (it
+declared the agent lost), and the local /healthz and /metrics. The worker keeps its own, which also
+reports the jobs it holds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from airflow_remote_exec.agent.client import (
@@ -20,6 +23,8 @@ from airflow_remote_exec.agent.client import (
     Unreachable,
     VersionMismatch,
 )
+from airflow_remote_exec.agent.health import recent_contact, seconds_since, serve_health
+from airflow_remote_exec.agent.metrics import AgentMetrics
 from airflow_remote_exec.agent.registration import (
     installed_versions,
     register_request,
@@ -44,6 +49,9 @@ class ComponentSettings:
     queues: list[str] = field(default_factory=list)
     capacity: int = 0  # a triggerer's: how many triggers it runs at once
     log_format: str = "text"  # the agent's own log lines: text or json
+    watch: dict[str, str] = field(default_factory=dict)  # a sentinel's: component name -> its /healthz URL
+    health_host: str = "0.0.0.0"
+    health_port: int | None = None  # serves /healthz and /metrics when set
 
 
 class AgentSession:
@@ -52,11 +60,15 @@ class AgentSession:
     def __init__(self, settings: ComponentSettings, stop: threading.Event, client: AgentClient | None = None):
         self.settings = settings
         self.stop = stop
-        self.client = client or AgentClient(settings.api_url, settings.token, stop=stop)
+        self.metrics = AgentMetrics(settings.name, settings.component)
+        self.client = client or AgentClient(settings.api_url, settings.token, stop=stop, metrics=self.metrics)
         self._lock = threading.Lock()
         self.session_id = ""
         self.heartbeat_interval = 10.0
+        self.lost_after_missed_heartbeats = 3
         self.executors = ""
+        self._last_beat = 0.0  # monotonic: when the orchestrator last accepted us (0.0: never)
+        self.metrics.read("heartbeat_age_seconds", lambda: seconds_since(self._last_beat))
 
     def register(self) -> None:
         settings = self.settings
@@ -65,7 +77,9 @@ class AgentSession:
         )
         reply = register_until_name_free(self.client, request, self.stop, NAME_TAKEN_RETRY_SECONDS)
         self.session_id, self.heartbeat_interval = reply.session_id, float(reply.heartbeat_interval)
+        self.lost_after_missed_heartbeats = reply.lost_after_missed_heartbeats
         self.executors = reply.executors
+        self._last_beat = time.monotonic()
         log.info("Registered as %s (session %s)", settings.name, reply.session_id)
 
     def register_again(self, gone: str) -> None:
@@ -83,6 +97,7 @@ class AgentSession:
                 self.client.heartbeat(
                     session_id, HeartbeatRequest(running=[], free_slots=0), self.heartbeat_interval
                 )
+                self._last_beat = time.monotonic()
             except SessionGone:
                 try:
                     self.register_again(session_id)
@@ -97,6 +112,27 @@ class AgentSession:
 
     def start_heartbeats(self) -> None:
         threading.Thread(target=self.beat_forever, name="heartbeat", daemon=True).start()
+
+    def health(self) -> tuple[bool, dict]:
+        """Healthy while registered and heard from within the time the orchestrator gives us before it
+        declares us lost."""
+        window = self.lost_after_missed_heartbeats * self.heartbeat_interval
+        recent, since = recent_contact(self._last_beat, window)
+        healthy = bool(self.session_id) and recent
+        return healthy, {
+            "agent": self.settings.name,
+            "component": self.settings.component,
+            "healthy": healthy,
+            "stopping": self.stop.is_set(),
+            "seconds_since_heartbeat": round(since, 1) if since is not None else None,
+        }
+
+    def serve_probes(self) -> ThreadingHTTPServer | None:
+        """``/healthz`` and ``/metrics`` on the health port, if one is set."""
+        settings = self.settings
+        if settings.health_port is None:
+            return None
+        return serve_health(settings.health_host, settings.health_port, self.health, self.metrics.render)
 
     def call(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
         """A route of this component's session; registers again once if the session is over."""

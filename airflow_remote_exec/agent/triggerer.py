@@ -266,6 +266,7 @@ class TriggererAgent:
         if refused is not None:
             return refused
         self.session.start_heartbeats()
+        self.session.serve_probes()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         settings = self.session.settings

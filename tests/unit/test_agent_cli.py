@@ -113,3 +113,42 @@ def test_worker_log_settings_become_its_settings_and_a_bad_backlog_is_refused(tm
         main.settings_from_args([*args, "--log-backlog-mb", "0"])
     assert exit_info.value.code == 2
     assert "--log-backlog-mb must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("component", ["worker", "dag-processor", "triggerer"])
+def test_every_component_takes_a_health_port_and_host(tmp_path, monkeypatch, component):
+    args = [component, "--api-url", "https://airflow.example.com", "--token-file", _token_file(tmp_path)]
+    settings = main.settings_from_args(args)
+    assert (settings.health_host, settings.health_port) == ("0.0.0.0", None)  # off unless asked
+    settings = main.settings_from_args([*args, "--health-port", "9102", "--health-host", "127.0.0.1"])
+    assert (settings.health_host, settings.health_port) == ("127.0.0.1", 9102)
+    monkeypatch.setenv(main.ENV_PREFIX + "HEALTH_PORT", "9103")
+    monkeypatch.setenv(main.ENV_PREFIX + "HEALTH_HOST", "::1")
+    settings = main.settings_from_args(args)
+    assert (settings.health_host, settings.health_port) == ("::1", 9103)
+
+
+def test_health_port_help_names_both_endpoints(capsys):
+    for component in ("worker", "dag-processor", "triggerer"):
+        with pytest.raises(SystemExit):
+            main.settings_from_args([component, "--help"])
+        assert "Serve /healthz and /metrics" in " ".join(capsys.readouterr().out.split())
+
+
+def test_sentinel_takes_what_it_watches_from_flags_or_the_environment(tmp_path, monkeypatch, capsys):
+    args = ["sentinel", "--api-url", "https://airflow.example.com", "--token-file", _token_file(tmp_path)]
+    settings = main.settings_from_args(
+        [*args, "--watch", "worker-etl=http://w:8080/healthz", "--watch", "triggerer=http://t:8080/healthz"]
+    )
+    assert settings.component == "sentinel"
+    assert settings.watch == {"worker-etl": "http://w:8080/healthz", "triggerer": "http://t:8080/healthz"}
+    monkeypatch.setenv("AIRFLOW_REMOTE_AGENT_WATCH", "a=http://a:1/healthz,b=http://b:1/healthz")
+    assert list(main.settings_from_args(args).watch) == ["a", "b"]
+    with pytest.raises(SystemExit) as exit_info:
+        main.settings_from_args([*args, "--watch", "worker-etl"])
+    assert exit_info.value.code == 2
+    assert "--watch 'worker-etl': expected NAME=http(s)://HOST:PORT/healthz" in capsys.readouterr().err
+    monkeypatch.delenv("AIRFLOW_REMOTE_AGENT_WATCH")
+    with pytest.raises(SystemExit):
+        main.settings_from_args(args)
+    assert "--watch needs at least one NAME=URL" in capsys.readouterr().err

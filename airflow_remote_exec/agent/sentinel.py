@@ -1,0 +1,134 @@
+"""The sentinel: watches an agent's components from outside them and tells the orchestrator.
+
+A component reports its own health on ``/healthz``; but a component that hangs, crash-loops or lost its
+network says nothing to the orchestrator, which then sees only silence. The sentinel probes each
+component's ``/healthz`` as Kubernetes does, and sends the whole picture to the orchestrator at the
+cadence the orchestrator sets, where ``airflow remote-exec agents list`` shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+
+import httpx
+
+from airflow_remote_exec.agent.client import AgentApiError, AgentClient, Unauthorized, Unreachable
+from airflow_remote_exec.agent.session import AgentSession, ComponentSettings, register_or_explain
+from airflow_remote_exec.api.datamodels import ComponentHealth, SentinelReply, SentinelReport
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_SECONDS = 5.0
+# Until the orchestrator names its cadence (its first answer).
+FIRST_REPORT_EVERY_SECONDS = 30.0
+_WATCH_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,250}$")
+
+
+def parse_watch(items: list[str]) -> dict[str, str]:
+    """``NAME=URL`` pairs (also comma-separated) into a mapping; raises ValueError naming a bad one."""
+    watched: dict[str, str] = {}
+    for item in (part.strip() for entry in items for part in entry.split(",")):
+        if not item:
+            continue
+        name, sep, url = item.partition("=")
+        if not sep or not _WATCH_NAME.match(name) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--watch {item!r}: expected NAME=http(s)://HOST:PORT/healthz")
+        if name in watched:
+            raise ValueError(f"--watch names {name!r} twice")
+        watched[name] = url
+    if not watched:
+        raise ValueError("--watch needs at least one NAME=URL")
+    return watched
+
+
+def probe(http: httpx.Client, url: str) -> ComponentHealth:
+    """One component's health as its probe sees it: a 200 is healthy; anything else says why not."""
+    try:
+        response = http.get(url, timeout=PROBE_TIMEOUT_SECONDS)
+    except httpx.HTTPError as err:
+        return ComponentHealth(healthy=False, detail=f"unreachable: {type(err).__name__}: {err}"[:500])
+    if response.status_code == 200:
+        return ComponentHealth(healthy=True)
+    return ComponentHealth(healthy=False, detail=f"HTTP {response.status_code}{_why(response)}"[:500])
+
+
+def _why(response: httpx.Response) -> str:
+    """The reason an agent's ``/healthz`` gives, if it gives one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    if body.get("fatal"):
+        return f": {body['fatal']}"
+    if body.get("dead_threads"):
+        return f": dead threads {body['dead_threads']}"
+    since = body.get("seconds_since_orchestrator_contact", body.get("seconds_since_heartbeat"))
+    return f": no orchestrator contact for {since} s" if since is not None else ""
+
+
+class SentinelAgent:
+    def __init__(
+        self, settings: ComponentSettings, client: AgentClient | None = None, http: httpx.Client | None = None
+    ):
+        self.stop = threading.Event()
+        self.session = AgentSession(settings, self.stop, client)
+        self.watched = settings.watch
+        self.http = http or httpx.Client()
+        self.report_every = FIRST_REPORT_EVERY_SECONDS
+        self._last: dict[str, ComponentHealth] = {}
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.info("Received %s: stopping", signal.Signals(signum).name)
+        self.stop.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        refused = register_or_explain(self.session)
+        if refused is not None:
+            return refused
+        self.session.start_heartbeats()
+        self.session.serve_probes()
+        log.info("Watching %s", ", ".join(f"{name} at {url}" for name, url in self.watched.items()))
+        code = 0
+        try:
+            while not self.stop.is_set():
+                if not self.report_once():
+                    code = 1
+                    break
+                self.stop.wait(self.report_every)
+        finally:
+            self.session.deregister()
+            self.http.close()
+        return code
+
+    def check(self) -> dict[str, ComponentHealth]:
+        seen = {name: probe(self.http, url) for name, url in self.watched.items()}
+        for name, health in seen.items():
+            before = self._last.get(name)
+            if before is None or before.healthy != health.healthy:
+                level = logging.INFO if health.healthy else logging.WARNING
+                log.log(
+                    level, "%s is %s", name, "healthy" if health.healthy else f"unhealthy ({health.detail})"
+                )
+        self._last = seen
+        return seen
+
+    def report_once(self) -> bool:
+        """Probe every component and report; False when the token is rejected (nothing more to do)."""
+        report = SentinelReport(components=self.check())
+        try:
+            reply = SentinelReply.model_validate(self.session.call("POST", "/health", report, max_tries=1))
+        except Unauthorized as err:
+            log.error("Agent token rejected (%s); stopping", err)
+            return False
+        except (AgentApiError, Unreachable) as err:
+            log.warning("Could not send the health report: %s", err)
+            return True
+        self.report_every = float(reply.report_every_seconds)
+        return True
