@@ -1117,3 +1117,23 @@ class TriggererAgent(_ComponentAgent):
         env = agent_env(Path(home).resolve(), Path(home).resolve() / "no-dags", extra_env)
         args = ["--queues", ",".join(queues), "--capacity", str(capacity)]
         super().__init__(api_url, home, token, name, args, env)
+
+
+class SentinelAgent(_ComponentAgent):
+    """An ``airflow-remote-agent sentinel`` process probing ``watch`` (name -> /healthz URL)."""
+
+    component = "sentinel"
+    ready_line = b"Watching "
+
+    def __init__(
+        self,
+        api_url: str,
+        home: Path,
+        token: str,
+        name: str,
+        watch: Mapping[str, str],
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = agent_env(Path(home).resolve(), Path(home).resolve() / "no-dags", extra_env)
+        args = [arg for item, url in watch.items() for arg in ("--watch", f"{item}={url}")]
+        super().__init__(api_url, home, token, name, args, env)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from dev.stack import (
     VENV_BIN,
     Agent,
     Orchestrator,
+    SentinelAgent,
     create_agent_token,
     query,
     queued_to_start_latencies,
@@ -455,3 +458,105 @@ def test_fuzzing_the_agent_api_gets_no_server_error_and_no_answer_outside_its_sc
         assert result.returncode == 0, f"{name} token:\n{output[-6000:]}"
         generated = re.search(r"(\d+) generated", output)
         assert generated and int(generated.group(1)) >= 100, output[-2000:]
+
+
+def _depth(orch: Orchestrator, token: str, queues: str) -> httpx.Response:
+    """What KEDA's metrics-api scaler reads: a bearer token and nothing else."""
+    return httpx.get(
+        f"{orch.api_url}/remote/v1/queues/depth",
+        params={"queues": queues},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+
+
+def _counts(orch: Orchestrator, token: str, queues: str) -> tuple[int, int, int]:
+    reply = _depth(orch, token, queues)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    return body["queued"], body["running"], body["depth"]
+
+
+def _scrape(agent: Agent) -> list:
+    """The samples of the agent's Prometheus /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = httpx.get(f"http://127.0.0.1:{agent.health_port}/metrics", timeout=5)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain"), reply.text
+    return [sample for family in text_string_to_metric_families(reply.text) for sample in family.samples]
+
+
+def _metric(samples: list, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+    assert found, f"no sample {name} {labels}"
+    return sum(found)
+
+
+def test_queue_depth_and_agent_metrics_count_what_waits_and_runs(stack):
+    """Three 15 s tasks on ``etl``: queued while agent-b is drained, then running on it, then done. The
+    depth endpoint and agent-b's /metrics say so at each step."""
+    orch, agents, tokens = stack
+    agent_b = agents["b"]
+    claimed_before = _metric(_scrape(agent_b), "airflow_remote_agent_jobs_claimed_total")
+    orch.airflow("remote-exec", "agents", "drain", "agent-b")
+    try:
+        with orch.client() as client:
+            client.wait_for_dag("remote_depth")
+            run_id = client.trigger("remote_depth")
+            wait_until(lambda: _counts(orch, tokens["b"], "etl") == (3, 0, 3), 120, what="3 queued on etl")
+            orch.airflow("remote-exec", "agents", "resume", "agent-b")
+            wait_until(lambda: _counts(orch, tokens["b"], "etl") == (0, 3, 3), 60, what="3 running on etl")
+            samples = _scrape(agent_b)
+            labels = {"agent": "agent-b", "component": "worker"}
+            assert _metric(samples, "airflow_remote_agent_slots", **labels) == 4
+            assert _metric(samples, "airflow_remote_agent_running_jobs", **labels) == 3
+            assert _metric(samples, "airflow_remote_agent_free_slots", **labels) == 1
+            assert _metric(samples, "airflow_remote_agent_jobs_claimed_total") == claimed_before + 3
+            assert _metric(samples, "airflow_remote_agent_claims_total") >= 1
+            assert 0 <= _metric(samples, "airflow_remote_agent_heartbeat_age_seconds") <= 12  # 10 s beats
+            claim_route = {"route": "/agents/{session}/jobs/claim", "method": "POST"}
+            assert _metric(samples, "airflow_remote_agent_api_request_seconds_count", **claim_route) >= 1
+            assert not [
+                s for s in samples if "route" in s.labels and re.search(r"\d{3,}|-", s.labels["route"])
+            ]
+            # A queue outside the token's scope is not shown; two queues add up.
+            assert _depth(orch, tokens["a"], "etl").status_code == 403
+            assert _counts(orch, tokens["a"], "default") == (0, 0, 0)
+            assert client.wait_for_run("remote_depth", run_id, timeout=120) == "success"
+        wait_until(lambda: _counts(orch, tokens["b"], "etl") == (0, 0, 0), 60, what="etl to be empty")
+        wait_until(
+            lambda: _metric(_scrape(agent_b), "airflow_remote_agent_running_jobs") == 0,
+            30,
+            what="slots freed",
+        )
+        assert _metric(_scrape(agent_b), "airflow_remote_agent_free_slots") == 4
+    finally:
+        orch.airflow("remote-exec", "agents", "resume", "agent-b")
+
+
+def test_a_sentinel_reports_its_components_health_to_agents_list(stack, tmp_path):
+    orch, agents, _ = stack
+    token = create_agent_token(orch, "tok-sentinel", ["default"], components=["sentinel"])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    watch = {
+        "worker-a": f"http://127.0.0.1:{agents['a'].health_port}/healthz",
+        "worker-gone": f"http://127.0.0.1:{closed}/healthz",
+    }
+    sentinel = SentinelAgent(orch.api_url, tmp_path / "sentinel", token, "site-sentinel", watch)
+    sentinel.start()
+    try:
+
+        def health() -> str:
+            rows = json.loads(orch.airflow("remote-exec", "agents", "list", "-o", "json").stdout)
+            return {row["name"]: row["health"] for row in rows}
+
+        wait_until(lambda: health().get("site-sentinel", "").startswith("unhealthy"), 90, what="a report")
+        shown = health()
+        assert shown["site-sentinel"].startswith("unhealthy: worker-gone (unreachable: ConnectError"), shown
+        assert "worker-a" not in shown["site-sentinel"] and shown["agent-a"] == ""
+    finally:
+        sentinel.stop()
+    assert sentinel.process.returncode == 0, sentinel.log_tail()

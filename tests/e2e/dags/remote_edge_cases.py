@@ -122,3 +122,16 @@ def remote_hostile():
 
 
 remote_hostile()
+
+
+@dag(dag_id="remote_depth", schedule=None, start_date=datetime(2026, 1, 1), catchup=False)
+def remote_depth():
+    @task(queue="etl", retries=0)
+    def hold_a_slot(n: int) -> int:  # long enough to be counted running, short enough to wait out
+        time.sleep(15)
+        return n
+
+    hold_a_slot.expand(n=[1, 2, 3])
+
+
+remote_depth()
