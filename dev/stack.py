@@ -1028,8 +1028,16 @@ class _ComponentAgent:
     ready_line = b""
 
     def __init__(
-        self, api_url: str, home: Path, token: str, name: str, args: Sequence[str], env: Mapping[str, str]
+        self,
+        api_url: str,
+        home: Path,
+        token: str,
+        name: str,
+        args: Sequence[str],
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
+        """Its own AIRFLOW_HOME, with no DAG files: what it needs comes from the orchestrator."""
+        env = agent_env(Path(home).resolve(), Path(home).resolve() / "no-dags", extra_env)
         self.name = name
         self.home = Path(home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -1094,8 +1102,7 @@ class DagProcessorAgent(_ComponentAgent):
         bundles: str,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
-        env = agent_env(Path(home).resolve(), Path(home).resolve() / "no-dags", extra_env)
-        super().__init__(api_url, home, token, name, ["--dag-bundle-config-list", bundles], env)
+        super().__init__(api_url, home, token, name, ["--dag-bundle-config-list", bundles], extra_env)
 
 
 class TriggererAgent(_ComponentAgent):
@@ -1114,9 +1121,8 @@ class TriggererAgent(_ComponentAgent):
         capacity: int = 1000,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
-        env = agent_env(Path(home).resolve(), Path(home).resolve() / "no-dags", extra_env)
         args = ["--queues", ",".join(queues), "--capacity", str(capacity)]
-        super().__init__(api_url, home, token, name, args, env)
+        super().__init__(api_url, home, token, name, args, extra_env)
 
 
 class SentinelAgent(_ComponentAgent):
@@ -1134,6 +1140,5 @@ class SentinelAgent(_ComponentAgent):
         watch: Mapping[str, str],
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
-        env = agent_env(Path(home).resolve(), Path(home).resolve() / "no-dags", extra_env)
         args = [arg for item, url in watch.items() for arg in ("--watch", f"{item}={url}")]
-        super().__init__(api_url, home, token, name, args, env)
+        super().__init__(api_url, home, token, name, args, extra_env)

@@ -275,6 +275,34 @@ def _check_bundle_config(parser: argparse.ArgumentParser, text: str | None) -> N
     os.environ[BUNDLE_CONFIG_ENV] = text
 
 
+def _component_settings(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, api_url: str
+) -> ComponentSettings:
+    """A dag processor's, triggerer's or sentinel's settings: what they share, and each one's own."""
+    own: dict = {}
+    if args.command == "sentinel":
+        try:
+            own["watch"] = parse_watch(args.watch)
+        except ValueError as err:
+            parser.error(str(err))
+    elif args.command == "dag-processor":
+        _check_bundle_config(parser, args.dag_bundle_config_list)
+    else:
+        if not 1 <= args.capacity <= MAX_TRIGGERER_CAPACITY:
+            parser.error(f"--capacity must be between 1 and {MAX_TRIGGERER_CAPACITY}")
+        own.update(queues=_queues(parser, args.queues), capacity=args.capacity)
+    return ComponentSettings(
+        api_url,
+        _read_token(parser, args),
+        args.name,
+        args.command,
+        log_format=args.log_format,
+        health_host=args.health_host,
+        health_port=_health_port(args),
+        **own,
+    )
+
+
 def settings_from_args(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -283,46 +311,8 @@ def settings_from_args(argv: list[str] | None = None):
     if args.command == "check":
         return CheckSettings(args.name)
     api_url = _check_api_url(parser, args)
-    if args.command == "sentinel":
-        try:
-            watch = parse_watch(args.watch)
-        except ValueError as err:
-            parser.error(str(err))
-        return ComponentSettings(
-            api_url,
-            _read_token(parser, args),
-            args.name,
-            "sentinel",
-            log_format=args.log_format,
-            health_host=args.health_host,
-            health_port=_health_port(args),
-            watch=watch,
-        )
-    if args.command == "dag-processor":
-        _check_bundle_config(parser, args.dag_bundle_config_list)
-        return ComponentSettings(
-            api_url,
-            _read_token(parser, args),
-            args.name,
-            "dag-processor",
-            log_format=args.log_format,
-            health_host=args.health_host,
-            health_port=_health_port(args),
-        )
-    if args.command == "triggerer":
-        if not 1 <= args.capacity <= MAX_TRIGGERER_CAPACITY:
-            parser.error(f"--capacity must be between 1 and {MAX_TRIGGERER_CAPACITY}")
-        return ComponentSettings(
-            api_url,
-            _read_token(parser, args),
-            args.name,
-            "triggerer",
-            queues=_queues(parser, args.queues),
-            capacity=args.capacity,
-            log_format=args.log_format,
-            health_host=args.health_host,
-            health_port=_health_port(args),
-        )
+    if args.command in ("sentinel", "dag-processor", "triggerer"):
+        return _component_settings(parser, args, api_url)
     from airflow_remote_exec.agent.worker import WorkerSettings
 
     if args.slots < 1:

@@ -11,7 +11,13 @@ from fastapi import APIRouter, HTTPException, status
 from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
-from airflow_remote_exec.api.auth import SecretDep, SessionIdPath, authenticate, authorize_agent
+from airflow_remote_exec.api.auth import (
+    SecretDep,
+    SessionIdPath,
+    authenticate,
+    authorize_agent,
+    require_queues_in_scope,
+)
 from airflow_remote_exec.api.beats import HELD_JOBS, Beat, heartbeat_writer
 from airflow_remote_exec.api.datamodels import (
     HeartbeatRequest,
@@ -62,12 +68,7 @@ def _register(body: RegisterRequest, secret: str) -> str:
     components = sorted(set(body.components))
     with create_session(scoped=False) as session:
         token = authenticate(session, secret)
-        outside = [q for q in queues if q not in token.queue_list]
-        if outside:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                f"Token {token.name!r} may not serve queue(s) {outside}; it allows {token.queue_list}.",
-            )
+        require_queues_in_scope(token, queues, "serve")
         not_allowed = [c for c in components if c not in token.component_list]
         if not_allowed:
             raise HTTPException(

@@ -65,6 +65,16 @@ def authenticate(session: Session, secret: str) -> RemoteToken:
     return token
 
 
+def require_queues_in_scope(token: RemoteToken, queues: list[str], action: str) -> None:
+    """403 naming the queues of ``queues`` outside the token's scope, if any."""
+    outside = [q for q in queues if q not in token.queue_list]
+    if outside:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"Token {token.name!r} may not {action} queue(s) {outside}; it allows {token.queue_list}.",
+        )
+
+
 class AgentOfRequest(NamedTuple):
     """What a request needs of its agent's row, read without loading ORM objects (the job routes run it
     for every claim and report); a route that changes the agent loads it with ``session.get``."""

@@ -14,7 +14,7 @@ from airflow.utils.session import create_session
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import func, select
 
-from airflow_remote_exec.api.auth import ScalerSecretDep, authenticate
+from airflow_remote_exec.api.auth import ScalerSecretDep, authenticate, require_queues_in_scope
 from airflow_remote_exec.api.datamodels import QueueDepth, QueueDepthResponse, error_responses
 from airflow_remote_exec.api.db_threads import run_db
 from airflow_remote_exec.models import JobState, RemoteJob
@@ -49,12 +49,7 @@ async def queue_depth(queues: QueuesParam, secret: ScalerSecretDep) -> QueueDept
 def _depth(names: list[str], secret: str) -> QueueDepthResponse:
     with create_session(scoped=False) as session:
         token = authenticate(session, secret)
-        outside = [q for q in names if q not in token.queue_list]
-        if outside:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                f"Token {token.name!r} may not see queue(s) {outside}; it allows {token.queue_list}.",
-            )
+        require_queues_in_scope(token, names, "see")
         rows = session.execute(
             select(RemoteJob.queue, RemoteJob.state, func.count())
             .where(RemoteJob.queue.in_(names), RemoteJob.state.in_((JobState.QUEUED, *JobState.HELD)))
