@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from airflow_remote_exec import config
 from airflow_remote_exec.cli import fail
+from airflow_remote_exec.clock import db_now
 from airflow_remote_exec.models import (
     AgentState,
     Component,
@@ -109,7 +110,7 @@ def agents_list(args) -> None:
     with create_session() as session:
         rows = session.scalars(select(RemoteAgent).order_by(RemoteAgent.name)).all()
         transitions = _recent_transitions(session)
-        now = utcnow()
+        now = db_now(session)  # the clock the reports were stamped with
         data = [
             {
                 "name": row.name,

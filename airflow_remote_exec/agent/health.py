@@ -1,5 +1,9 @@
-"""A local ``/healthz`` endpoint for Kubernetes probes, and ``/metrics`` for Prometheus beside it; it
-never receives orchestrator traffic."""
+"""Local endpoints for Kubernetes probes and Prometheus; they never receive orchestrator traffic.
+
+``/healthz`` (readiness) says whether the agent is in touch with the orchestrator and can work.
+``/livez`` (liveness) says only whether the process itself works: an orchestrator outage must not get
+an agent restarted, which would kill the tasks it runs.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +34,19 @@ def recent_contact(mark: float, window: float) -> tuple[bool, float | None]:
     return since is not None and since < window, since
 
 
+def _answering() -> tuple[bool, dict]:
+    return True, {"live": True}
+
+
 def serve_health(
     host: str,
     port: int,
     status: Callable[[], tuple[bool, dict]],
     metrics: Callable[[], bytes] | None = None,
+    live: Callable[[], tuple[bool, dict]] | None = None,
 ) -> ThreadingHTTPServer:
-    """Serve ``GET /healthz`` in a daemon thread: 200 when ``status()`` says healthy, else 503; and
+    """Serve, in a daemon thread, ``GET /healthz``: 200 when ``status()`` says healthy, else 503;
+    ``GET /livez``: the same for ``live()`` (200 if not given: the process answers); and
     ``GET /metrics``, the text ``metrics()`` renders, if given."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -44,8 +54,9 @@ def serve_health(
 
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
             path = self.path.rstrip("/")
-            if path == "/healthz":
-                healthy, body = status()
+            if path in ("/healthz", "/livez"):
+                check = status if path == "/healthz" else live or _answering
+                healthy, body = check()
                 self._send(200 if healthy else 503, "application/json", json.dumps(body).encode())
             elif path == "/metrics" and metrics is not None:
                 self._send(200, CONTENT_TYPE_LATEST, metrics())
@@ -64,6 +75,6 @@ def serve_health(
 
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
-    served = "/healthz and /metrics" if metrics is not None else "/healthz"
+    served = "/healthz, /livez and /metrics" if metrics is not None else "/healthz and /livez"
     log.info("Serving %s on %s:%d", served, host, server.server_address[1])
     return server

@@ -23,7 +23,9 @@ def run_guarded(name: str, step: Callable[[], None], done: threading.Event) -> N
             log.exception("Unexpected error in the %s thread; carrying on", name)
             done.wait(ERROR_PAUSE_SECONDS)
         except BaseException:
-            log.critical("The %s thread died; /healthz now reports the agent unhealthy", name, exc_info=True)
+            log.critical(
+                "The %s thread died; /healthz and /livez now report the agent unhealthy", name, exc_info=True
+            )
             raise
 
 

@@ -130,7 +130,11 @@ class Worker:
             self.pool = RunnerPool(self.settings.slots, server=f"{self.settings.api_url}/execution/")
         if self.settings.health_port is not None:
             serve_health(
-                self.settings.health_host, self.settings.health_port, self.health, self.metrics.render
+                self.settings.health_host,
+                self.settings.health_port,
+                self.health,
+                self.metrics.render,
+                self.live,
             )
         self.start_threads()
         log.info(
@@ -374,6 +378,11 @@ class Worker:
         self.metrics.read("running_jobs", self.ledger.count)
         self.metrics.read("free_slots", self.ledger.free_slots)
         self.metrics.read("heartbeat_age_seconds", lambda: seconds_since(self._last_contact))
+
+    def live(self) -> tuple[bool, dict]:
+        """Whether this process works, whatever the orchestrator does: its loops all run."""
+        dead = self.threads.dead()
+        return not dead, {"agent": self.settings.name, "live": not dead, "dead_threads": dead}
 
     def health(self) -> tuple[bool, dict]:
         session = self._session

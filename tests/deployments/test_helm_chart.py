@@ -355,7 +355,7 @@ def test_token_value_becomes_a_secret_and_a_token_file_mounts_none(chart):
 
 
 @pytest.mark.parametrize("which", ["defaults", "full example"])
-def test_pods_are_non_root_with_a_read_only_root_and_probes_on_healthz(chart, full_values, which):
+def test_pods_are_non_root_with_a_read_only_root_and_probes_that_outlive_an_outage(chart, full_values, which):
     full = which == "full example"
     deployments = [d for d in render(chart, full_values if full else None) if d["kind"] == "Deployment"]
     assert len(deployments) == (5 if full else 2)
@@ -371,8 +371,10 @@ def test_pods_are_non_root_with_a_read_only_root_and_probes_on_healthz(chart, fu
         assert box["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         assert flag(deployment, "health-port") == ["8080"]
         assert box["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert box[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+        # Only readiness follows the orchestrator: an outage must not restart agents and kill tasks.
+        assert box["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        for probe in ("startupProbe", "livenessProbe"):
+            assert box[probe]["httpGet"] == {"path": "/livez", "port": "health"}
         assert box["livenessProbe"]["failureThreshold"] * box["livenessProbe"]["periodSeconds"] >= 60
         # Where the agent and Airflow write, with the root filesystem read-only.
         mounts = {m["mountPath"]: m["name"] for m in box["volumeMounts"]}

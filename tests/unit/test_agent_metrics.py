@@ -91,6 +91,34 @@ def test_a_worker_serves_its_gauges_and_claim_counts_beside_healthz(served):
         worker._stop.set()
 
 
+def test_livez_follows_the_process_not_the_orchestrator(served):
+    """Kubernetes restarts an agent whose liveness fails, killing its tasks: an orchestrator outage
+    fails /healthz (readiness) only; a loop of the agent that died fails /livez too."""
+    worker = Worker(SETTINGS, client=FakeClient(), pool=FakePool(4))
+    try:
+        worker._register()
+        worker._last_contact = time.monotonic() - 3600  # not heard from the orchestrator in an hour
+        server = serve_health("127.0.0.1", 0, worker.health, worker.metrics.render, worker.live)
+        served.append(server)
+        assert _get(server, "/healthz").status_code == 503
+        assert _get(server, "/livez").status_code == 200
+        worker.threads.start("doomed", lambda: (_ for _ in ()).throw(SystemExit()))
+        wait = time.monotonic() + 5
+        while not worker.threads.dead() and time.monotonic() < wait:
+            time.sleep(0.05)
+        answer = _get(server, "/livez")
+        assert answer.status_code == 503 and answer.json()["dead_threads"] == ["doomed"]
+    finally:
+        worker._done.set()
+        worker._stop.set()
+
+
+def test_a_server_without_a_liveness_check_is_live_while_it_answers(served):
+    server = serve_health("127.0.0.1", 0, lambda: (False, {"healthy": False}))
+    served.append(server)
+    assert _get(server, "/livez").status_code == 200 and _get(server, "/healthz").status_code == 503
+
+
 def test_gauges_are_read_at_each_scrape_and_no_heartbeat_age_before_any_contact():
     worker = Worker(SETTINGS, client=FakeClient(), pool=FakePool(4))
     before = worker.metrics.render().decode()

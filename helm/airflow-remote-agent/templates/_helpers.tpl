@@ -146,7 +146,7 @@ agents use, and no token at all would only show as a crash loop.
 {{/* Probe timings: the values' settings over the handler every probe shares. */}}
 {{- define "airflow-remote-agent.probe" -}}
 httpGet:
-  path: /healthz
+  path: {{ .path }}
   port: health
 {{- with .settings }}
 {{ toYaml . }}
@@ -245,11 +245,11 @@ spec:
           containerPort: {{ $values.healthPort | int }}
           protocol: TCP
       startupProbe:
-        {{- include "airflow-remote-agent.probe" (dict "settings" $values.startupProbe) | nindent 8 }}
+        {{- include "airflow-remote-agent.probe" (dict "path" "/livez" "settings" $values.startupProbe) | nindent 8 }}
       livenessProbe:
-        {{- include "airflow-remote-agent.probe" (dict "settings" $values.livenessProbe) | nindent 8 }}
+        {{- include "airflow-remote-agent.probe" (dict "path" "/livez" "settings" $values.livenessProbe) | nindent 8 }}
       readinessProbe:
-        {{- include "airflow-remote-agent.probe" (dict "settings" $values.readinessProbe) | nindent 8 }}
+        {{- include "airflow-remote-agent.probe" (dict "path" "/healthz" "settings" $values.readinessProbe) | nindent 8 }}
       {{- with $cfg.resources }}
       resources:
         {{- toYaml . | nindent 8 }}
