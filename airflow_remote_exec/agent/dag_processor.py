@@ -256,12 +256,12 @@ class DagProcessorAgent:
         if problem:
             log.error(problem)
             return 1
+        self.session.serve_probes()  # before registering: liveness must answer while the orchestrator is down
         refused = register_or_explain(self.session)
         if refused is not None:
             return refused
         use_orchestrator_executors(self.session.executors)
         self.session.start_heartbeats()
-        self.session.serve_probes()
         manager = _manager_class()(max_runs=conf_num_runs(), agent=self.session)
         try:
             manager.run()

@@ -8,10 +8,12 @@ cadence the orchestrator sets, where ``airflow remote-exec agents list`` shows i
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
 import threading
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -22,6 +24,8 @@ from airflow_remote_exec.api.datamodels import ComponentHealth, SentinelReply, S
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_SECONDS = 5.0
+# A /healthz answer is a few hundred bytes; more than this is not read.
+PROBE_MAX_BYTES = 64 * 1024
 # Until the orchestrator names its cadence (its first answer).
 FIRST_REPORT_EVERY_SECONDS = 30.0
 _WATCH_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,250}$")
@@ -36,6 +40,12 @@ def parse_watch(items: list[str]) -> dict[str, str]:
         name, sep, url = item.partition("=")
         if not sep or not _WATCH_NAME.match(name) or not url.startswith(("http://", "https://")):
             raise ValueError(f"--watch {item!r}: expected NAME=http(s)://HOST:PORT/healthz")
+        try:
+            host = urlsplit(url).hostname
+        except ValueError as err:
+            raise ValueError(f"--watch {item!r}: {err}") from err
+        if not host:
+            raise ValueError(f"--watch {item!r}: the URL names no host")
         if name in watched:
             raise ValueError(f"--watch names {name!r} twice")
         watched[name] = url
@@ -45,21 +55,32 @@ def parse_watch(items: list[str]) -> dict[str, str]:
 
 
 def probe(http: httpx.Client, url: str) -> ComponentHealth:
-    """One component's health as its probe sees it: a 200 is healthy; anything else says why not."""
+    """One component's health as its probe sees it: a 200 is healthy; anything else says why not. What
+    a component answers is read only so far, and never stops the sentinel."""
     try:
-        response = http.get(url, timeout=PROBE_TIMEOUT_SECONDS)
-    except httpx.HTTPError as err:
-        return ComponentHealth(healthy=False, detail=f"unreachable: {type(err).__name__}: {err}"[:500])
+        with http.stream("GET", url, timeout=PROBE_TIMEOUT_SECONDS) as response:
+            body = b""
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) >= PROBE_MAX_BYTES:
+                    break
+    except Exception as err:  # noqa: BLE001 - unreachable, or an answer no HTTP client can read
+        return _unhealthy(f"unreachable: {type(err).__name__}: {err}")
     if response.status_code == 200:
         return ComponentHealth(healthy=True)
-    return ComponentHealth(healthy=False, detail=f"HTTP {response.status_code}{_why(response)}"[:500])
+    return _unhealthy(f"HTTP {response.status_code}{_why(body)}")
 
 
-def _why(response: httpx.Response) -> str:
+def _unhealthy(detail: str) -> ComponentHealth:
+    """Printable ASCII only: operators read it in a terminal (``agents list``)."""
+    return ComponentHealth(healthy=False, detail="".join(c if " " <= c <= "~" else "?" for c in detail)[:500])
+
+
+def _why(answer: bytes) -> str:
     """The reason an agent's ``/healthz`` gives, if it gives one."""
     try:
-        body = response.json()
-    except ValueError:
+        body = json.loads(answer)
+    except (ValueError, RecursionError):
         return ""
     if not isinstance(body, dict):
         return ""
@@ -78,7 +99,8 @@ class SentinelAgent:
         self.stop = threading.Event()
         self.session = AgentSession(settings, self.stop, client)
         self.watched = settings.watch
-        self.http = http or httpx.Client()
+        # Components are probed directly, never through a proxy the environment names for the orchestrator.
+        self.http = http or httpx.Client(trust_env=False)
         self.report_every = FIRST_REPORT_EVERY_SECONDS
         self._last: dict[str, ComponentHealth] = {}
 
@@ -89,11 +111,11 @@ class SentinelAgent:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.session.serve_probes()  # before registering: liveness must answer while the orchestrator is down
         refused = register_or_explain(self.session)
         if refused is not None:
             return refused
         self.session.start_heartbeats()
-        self.session.serve_probes()
         log.info("Watching %s", ", ".join(f"{name} at {url}" for name, url in self.watched.items()))
         code = 0
         try:

@@ -262,11 +262,11 @@ class TriggererAgent:
     def run(self) -> int:
         import structlog
 
+        self.session.serve_probes()  # before registering: liveness must answer while the orchestrator is down
         refused = register_or_explain(self.session)
         if refused is not None:
             return refused
         self.session.start_heartbeats()
-        self.session.serve_probes()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         settings = self.session.settings

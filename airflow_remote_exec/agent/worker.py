@@ -115,6 +115,14 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.settings.health_port is not None:  # before registering: liveness answers meanwhile
+            serve_health(
+                self.settings.health_host,
+                self.settings.health_port,
+                self.health,
+                self.metrics.render,
+                self.live,
+            )
         try:
             self._register()
         except VersionMismatch as err:
@@ -128,14 +136,6 @@ class Worker:
         self._use_orchestrator_executors()
         if self.pool is None:
             self.pool = RunnerPool(self.settings.slots, server=f"{self.settings.api_url}/execution/")
-        if self.settings.health_port is not None:
-            serve_health(
-                self.settings.health_host,
-                self.settings.health_port,
-                self.health,
-                self.metrics.render,
-                self.live,
-            )
         self.start_threads()
         log.info(
             "Agent %s serving queues %s with %d slots",
@@ -376,7 +376,7 @@ class Worker:
         """The worker's gauges, read at every scrape of /metrics."""
         self.metrics.read("slots", lambda: self.settings.slots)
         self.metrics.read("running_jobs", self.ledger.count)
-        self.metrics.read("free_slots", self.ledger.free_slots)
+        self.metrics.read("free_slots", lambda: max(0, self.ledger.free_slots()))
         self.metrics.read("heartbeat_age_seconds", lambda: seconds_since(self._last_contact))
 
     def live(self) -> tuple[bool, dict]:

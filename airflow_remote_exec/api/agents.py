@@ -95,6 +95,7 @@ def _register(body: RegisterRequest, secret: str) -> str:
         agent.queues = ",".join(queues)
         agent.components = ",".join(components)
         agent.slots = body.slots
+        agent.health = agent.health_reported_at = None  # a sentinel's report belongs to its session
         agent.registered_at = now
         agent.last_heartbeat_at = now
         agent.state = ""  # every registration is recorded, also one that follows a registration

@@ -414,14 +414,19 @@ class TriggerReportsResponse(BaseModel):
 class QueueDepth(BaseModel):
     queued: int = Field(description="Jobs waiting for an agent.")
     running: int = Field(description="Jobs an agent holds: claimed or running.")
+    slots: int = Field(description="The pool_slots of those jobs: the worker slots they take.")
 
 
 class QueueDepthResponse(BaseModel):
-    """Queued plus running: the slots a worker group needs now. KEDA reads ``depth``."""
+    """Queued plus running: what a worker group needs now. KEDA reads ``slots``."""
 
     queued: int
     running: int
     depth: int = Field(description="queued + running, over all the queues asked about.")
+    slots: int = Field(
+        description="The pool_slots of those jobs, added up: what a worker group with several slots per "
+        "agent scales on (a job wider than an agent still takes a whole agent)."
+    )
     queues: dict[str, QueueDepth] = Field(description="The same per queue.")
 
 
@@ -430,7 +435,9 @@ class QueueDepthResponse(BaseModel):
 
 class ComponentHealth(AgentRequest):
     healthy: bool
-    detail: str = Field(default="", max_length=500, description="Why not, in a few words.")
+    detail: str = Field(
+        default="", max_length=500, pattern=r"^[\x20-\x7e]*$", description="Why not, in a few words."
+    )
 
 
 class SentinelReport(AgentRequest):

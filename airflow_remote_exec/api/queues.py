@@ -51,16 +51,23 @@ def _depth(names: list[str], secret: str) -> QueueDepthResponse:
         token = authenticate(session, secret)
         require_queues_in_scope(token, names, "see")
         rows = session.execute(
-            select(RemoteJob.queue, RemoteJob.state, func.count())
+            select(RemoteJob.queue, RemoteJob.state, func.count(), func.sum(RemoteJob.pool_slots))
             .where(RemoteJob.queue.in_(names), RemoteJob.state.in_((JobState.QUEUED, *JobState.HELD)))
             .group_by(RemoteJob.queue, RemoteJob.state)
         ).all()
-    per_queue = {name: QueueDepth(queued=0, running=0) for name in names}
-    for queue, state, count in rows:
+    per_queue = {name: QueueDepth(queued=0, running=0, slots=0) for name in names}
+    for queue, state, count, slots in rows:
+        depth = per_queue.get(queue)
+        if depth is None:  # a database comparing names without case (MySQL): not a queue asked about
+            continue
         if state == JobState.QUEUED:
-            per_queue[queue].queued += count
+            depth.queued += count
         else:
-            per_queue[queue].running += count
+            depth.running += count
+        depth.slots += int(slots or 0)
     queued = sum(d.queued for d in per_queue.values())
     running = sum(d.running for d in per_queue.values())
-    return QueueDepthResponse(queued=queued, running=running, depth=queued + running, queues=per_queue)
+    slots = sum(d.slots for d in per_queue.values())
+    return QueueDepthResponse(
+        queued=queued, running=running, depth=queued + running, slots=slots, queues=per_queue
+    )

@@ -35,10 +35,11 @@ def test_depth_counts_queued_and_held_jobs_per_queue_and_in_total(client, make_t
         "queued": 2,
         "running": 3,
         "depth": 5,
+        "slots": 5,
         "queues": {
-            "etl": {"queued": 2, "running": 2},
-            "gpu": {"queued": 0, "running": 1},
-            "idle": {"queued": 0, "running": 0},
+            "etl": {"queued": 2, "running": 2, "slots": 4},
+            "gpu": {"queued": 0, "running": 1, "slots": 1},
+            "idle": {"queued": 0, "running": 0, "slots": 0},
         },
     }
     one = client.get("/queues/depth", params={"queues": "gpu"}, headers=headers(token)).json()
@@ -85,3 +86,14 @@ def test_too_many_queues_is_422(client, make_token):
     many = ",".join(f"q{i}" for i in range(101))
     reply = client.get("/queues/depth", params={"queues": many}, headers=headers(token))
     assert reply.status_code == 422 and "At most 100" in reply.json()["detail"]
+
+
+def test_slots_weigh_each_job_by_its_pool_slots(client, make_token, session):
+    """Workers count pool_slots: two 4-slot jobs need two 4-slot agents, not one."""
+    session.add_all(
+        [make_job("wide1", queue="ml", pool_slots=4), make_job("wide2", queue="ml", pool_slots=4)]
+    )
+    session.commit()
+    token = make_token(queues=("ml",))
+    body = client.get("/queues/depth", params={"queues": "ml"}, headers=headers(token)).json()
+    assert (body["depth"], body["slots"]) == (2, 8)

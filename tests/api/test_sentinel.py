@@ -86,8 +86,20 @@ def test_another_token_cannot_report_for_the_sentinel(client, make_token, sentin
         {"worker": {"healthy": "yes"}},
         {"worker": {"healthy": False, "detail": "x" * 501}},
         {f"c{i}": {"healthy": True} for i in range(101)},
+        {"worker": {"healthy": False, "detail": "\x1b[2J\x1b]0;owned\x07"}},  # terminal control codes
+        {"worker": {"healthy": False, "detail": "two\nlines"}},
     ],
 )
 def test_a_malformed_report_is_422(client, sentinel, components):
     token, session_id = sentinel
     assert _report(client, token, session_id, components).status_code == 422
+
+
+def test_a_new_session_of_the_name_starts_with_no_report(client, session, sentinel):
+    """A report belongs to the session that sent it: a restarted sentinel (or a worker taking the name
+    over) does not show the health its predecessor saw."""
+    token, session_id = sentinel
+    assert _report(client, token, session_id, HEALTHY).status_code == 200
+    _register(client, token, "site-a-sentinel", ["sentinel"], [])
+    session.expire_all()
+    assert sentinel_health(session.get(RemoteAgent, "site-a-sentinel"), utcnow()) == "no report yet"

@@ -148,7 +148,12 @@ def test_full_example_renders_every_component(chart, full_values):
 
     processor = find(docs, "Deployment", f"{PREFIX}-dag-processor")
     assert container(processor)["args"][0] == "dag-processor"
-    assert yaml.safe_load(flag(processor, "dag-bundle-config-list")[0]) == full_values["dagBundleConfigList"]
+    # The bundles (credentials in their kwargs, say) go in the environment, not the readable command line.
+    assert (
+        yaml.safe_load(env_of(processor)["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"])
+        == (full_values["dagBundleConfigList"])
+    )
+    assert "bundle" not in " ".join(container(processor)["args"])
     assert "xcom-path" not in " ".join(container(processor)["args"])
     triggerer = find(docs, "Deployment", f"{PREFIX}-triggerer")
     assert container(triggerer)["args"][0] == "triggerer"
@@ -237,7 +242,7 @@ def test_keda_scales_a_group_on_its_queue_depth(chart):
     assert trigger["type"] == "metrics-api"
     meta = trigger["metadata"]
     assert meta["url"] == "https://airflow.example.com/remote/v1/queues/depth?queues=gpu,gpu:a100"
-    assert meta["valueLocation"] == "depth"
+    assert meta["valueLocation"] == "slots"  # pool_slots, as the workers count them
     assert meta["targetValue"] == "2"  # the group's slots
     assert meta["authMode"] == "bearer"
     assert all(isinstance(v, str) for v in meta.values())  # KEDA's trigger metadata is map[string]string
@@ -311,10 +316,10 @@ def test_grace_period_shorter_than_the_drain_fails_naming_the_group(chart):
         render(chart, values)
     docs = render(chart, two_groups(drainTimeoutSeconds=600))
     gpu = find(docs, "Deployment", f"{PREFIX}-worker-gpu")
-    assert gpu["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 630
+    assert gpu["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 700  # drain + 100 s of reports
     assert flag(gpu, "drain-timeout") == ["600"]
     general = find(docs, "Deployment", f"{PREFIX}-worker-general")
-    assert general["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 330  # the 300 s default
+    assert general["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 400  # the 300 s default
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,46 @@ def test_livez_follows_the_process_not_the_orchestrator(served):
         worker._stop.set()
 
 
+def test_a_worker_answers_its_probes_while_it_waits_to_register(monkeypatch):
+    """An orchestrator down when a pod starts must not fail the pod's startup and liveness probes."""
+    port = _free_port()
+    registering, release = threading.Event(), threading.Event()
+    client = FakeClient()
+
+    def register(request):
+        registering.set()
+        release.wait(10)
+        raise worker_module.AgentApiError(403, "not today")
+
+    client.register = register
+    monkeypatch.setattr(worker_module.signal, "signal", lambda *args: None)  # not the main thread
+    worker = Worker(
+        WorkerSettings(**{**SETTINGS.__dict__, "health_host": "127.0.0.1", "health_port": port}),
+        client=client,
+        pool=FakePool(4),
+    )
+    outcome: list[int] = []
+    thread = threading.Thread(target=lambda: outcome.append(worker.run()))
+    thread.start()
+    try:
+        assert registering.wait(10)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/livez", trust_env=False).status_code == 200
+        assert httpx.get(f"{base}/healthz", trust_env=False).status_code == 503
+    finally:
+        release.set()
+        thread.join(10)
+    assert outcome == [1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_a_server_without_a_liveness_check_is_live_while_it_answers(served):
     server = serve_health("127.0.0.1", 0, lambda: (False, {"healthy": False}))
     served.append(server)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -113,3 +115,55 @@ def test_a_change_of_health_is_logged_once(components, caplog):
     assert (
         caplog.text.count("triggerer is unhealthy") == 1 and caplog.text.count("worker-etl is healthy") == 1
     )
+
+
+class _Answer(BaseHTTPRequestHandler):
+    """A component's /healthz that answers what the test puts in ``body``."""
+
+    body = b""
+
+    def do_GET(self):  # noqa: N802 - http.server naming
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hostile():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 200_000,  # JSON nested deeper than Python's recursion limit
+        b'{"fatal": "' + b"x" * 20_000_000 + b'"}',  # 20 MB: the probe reads a bounded part of it
+        b"\xff\xfe not json",
+    ],
+)
+def test_a_hostile_answer_is_just_unhealthy(hostile, body):
+    _Answer.body = body
+    with httpx.Client() as http:
+        health = probe(http, f"http://127.0.0.1:{hostile.server_address[1]}/healthz")
+    assert not health.healthy and health.detail.startswith("HTTP 503") and len(health.detail) <= 500
+
+
+def test_probes_go_straight_to_the_component_whatever_proxy_the_environment_names(components, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{_closed_port()}")
+    agent = SentinelAgent(dataclasses.replace(SETTINGS, watch={"worker-etl": components[0]}))
+    assert agent.check()["worker-etl"].healthy
+
+
+def test_a_bad_url_is_refused_by_the_watch_list():
+    with pytest.raises(ValueError, match="http://\\[x"):
+        parse_watch(["a=http://[x/healthz"])

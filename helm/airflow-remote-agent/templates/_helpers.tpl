@@ -171,7 +171,7 @@ metadata:
   {{- $annotations := dict }}
   {{- if $values.token.value }}
   {{- /* Pods restart when the chart's token changes. */}}
-  {{- $_ := set $annotations "checksum/token" (sha256sum $values.token.value) }}
+  {{- $_ := set $annotations "checksum/token" (sha256sum (printf "%s/%s" $root.Release.Name $values.token.value)) }}
   {{- end }}
   {{- if $values.metrics.enabled }}
   {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
@@ -277,14 +277,14 @@ spec:
     - name: tmp
       {{- with $values.scratchVolumes.tmpSizeLimit }}
       emptyDir:
-        sizeLimit: {{ . }}
+        sizeLimit: {{ . | quote }}
       {{- else }}
       emptyDir: {}
       {{- end }}
     - name: logs
       {{- with $values.scratchVolumes.logsSizeLimit }}
       emptyDir:
-        sizeLimit: {{ . }}
+        sizeLimit: {{ . | quote }}
       {{- else }}
       emptyDir: {}
       {{- end }}
