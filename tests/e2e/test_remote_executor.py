@@ -507,6 +507,7 @@ def test_queue_depth_and_agent_metrics_count_what_waits_and_runs(stack):
             wait_until(lambda: _counts(orch, tokens["b"], "etl") == (3, 0, 3), 120, what="3 queued on etl")
             orch.airflow("remote-exec", "agents", "resume", "agent-b")
             wait_until(lambda: _counts(orch, tokens["b"], "etl") == (0, 3, 3), 60, what="3 running on etl")
+            assert _depth(orch, tokens["b"], "etl").json()["slots"] == 3  # one pool slot each
             samples = _scrape(agent_b)
             labels = {"agent": "agent-b", "component": "worker"}
             assert _metric(samples, "airflow_remote_agent_slots", **labels) == 4
