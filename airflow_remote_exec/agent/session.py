@@ -128,7 +128,7 @@ class AgentSession:
         }
 
     def serve_probes(self) -> ThreadingHTTPServer | None:
-        """``/healthz`` and ``/metrics`` on the health port, if one is set."""
+        """``/healthz``, ``/livez`` and ``/metrics`` on the health port, if one is set."""
         settings = self.settings
         if settings.health_port is None:
             return None
