@@ -62,6 +62,16 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 app.kubernetes.io/part-of: airflow-remote-agent
 {{- end }}
 
+{{/* The fewest pods a worker group runs: its replicas, or with autoscaling its minReplicaCount. */}}
+{{- define "airflow-remote-agent.minPods" -}}
+{{- $autoscaling := .autoscaling | default dict }}
+{{- if $autoscaling.enabled }}
+{{- ternary $autoscaling.minReplicaCount 0 (hasKey $autoscaling "minReplicaCount") | int }}
+{{- else }}
+{{- ternary .replicas 1 (hasKey . "replicas") | int }}
+{{- end }}
+{{- end }}
+
 {{/* The service account the pods run as. */}}
 {{- define "airflow-remote-agent.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
