@@ -13,6 +13,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -57,6 +58,7 @@ def parse_watch(items: list[str]) -> dict[str, str]:
 def probe(http: httpx.Client, url: str) -> ComponentHealth:
     """One component's health as its probe sees it: a 200 is healthy; anything else says why not. What
     a component answers is read only so far, and never stops the sentinel."""
+    deadline = time.monotonic() + PROBE_TIMEOUT_SECONDS  # the whole answer, not each read
     try:
         with http.stream("GET", url, timeout=PROBE_TIMEOUT_SECONDS) as response:
             body = b""
@@ -64,6 +66,8 @@ def probe(http: httpx.Client, url: str) -> ComponentHealth:
                 body += chunk
                 if len(body) >= PROBE_MAX_BYTES:
                     break
+                if time.monotonic() > deadline:
+                    return _unhealthy(f"HTTP {response.status_code}, answer too slow")
     except Exception as err:  # noqa: BLE001 - unreachable, or an answer no HTTP client can read
         return _unhealthy(f"unreachable: {type(err).__name__}: {err}")
     if response.status_code == 200:

@@ -68,6 +68,7 @@ class AgentSession:
         self.lost_after_missed_heartbeats = 3
         self.executors = ""
         self._last_beat = 0.0  # monotonic: when the orchestrator last accepted us (0.0: never)
+        self._heartbeats: threading.Thread | None = None
         self.metrics.read("heartbeat_age_seconds", lambda: seconds_since(self._last_beat))
 
     def register(self) -> None:
@@ -109,9 +110,21 @@ class AgentSession:
                 return
             except (AgentApiError, Unreachable) as err:
                 log.warning("Heartbeat failed: %s", err)
+            except Exception:  # an answer it cannot read (a proxy's HTML page, say): the next beat goes on
+                log.exception("Unexpected error in the heartbeat thread; carrying on")
 
     def start_heartbeats(self) -> None:
-        threading.Thread(target=self.beat_forever, name="heartbeat", daemon=True).start()
+        self._heartbeats = threading.Thread(target=self.beat_forever, name="heartbeat", daemon=True)
+        self._heartbeats.start()
+
+    def live(self) -> tuple[bool, dict]:
+        """Whether this process works, whatever the orchestrator does: its heartbeat thread runs (once
+        started, until the agent stops)."""
+        thread = self._heartbeats
+        dead = (
+            ["heartbeat"] if thread is not None and not thread.is_alive() and not self.stop.is_set() else []
+        )
+        return not dead, {"agent": self.settings.name, "live": not dead, "dead_threads": dead}
 
     def health(self) -> tuple[bool, dict]:
         """Healthy while registered and heard from within the time the orchestrator gives us before it
@@ -132,7 +145,9 @@ class AgentSession:
         settings = self.settings
         if settings.health_port is None:
             return None
-        return serve_health(settings.health_host, settings.health_port, self.health, self.metrics.render)
+        return serve_health(
+            settings.health_host, settings.health_port, self.health, self.metrics.render, self.live
+        )
 
     def call(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
         """A route of this component's session; registers again once if the session is over."""

@@ -283,3 +283,49 @@ def test_a_component_heartbeat_resets_its_age_and_no_port_serves_nothing():
     beating.join(timeout=5)
     session.heartbeat_interval = 1.0
     assert session.health()[0] and session.health()[1]["seconds_since_heartbeat"] < 1
+
+
+def _session_beating(served, failure: BaseException) -> tuple[AgentSession, list, threading.Event]:
+    """A registered component with a port, whose heartbeats raise ``failure``."""
+    calls, stop = [], threading.Event()
+
+    class Failing(SessionClient):
+        def heartbeat(self, session_id, request, interval):
+            calls.append(1)
+            raise failure
+
+    settings = ComponentSettings(
+        "http://127.0.0.1:9", "t", "trig", "triggerer", health_host="127.0.0.1", health_port=0
+    )
+    session = AgentSession(settings, stop, Failing())
+    session.register()
+    session.heartbeat_interval = 0.02
+    served.append(session.serve_probes())
+    session.start_heartbeats()
+    return session, calls, stop
+
+
+def test_a_component_heartbeat_that_gets_an_unreadable_answer_carries_on(served):
+    session, calls, stop = _session_beating(served, ValueError("a 200 that is not JSON"))
+    try:
+        deadline = time.monotonic() + 5
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(calls) >= 3  # the thread did not die at the first bad answer
+        assert _get(served[-1], "/livez").status_code == 200
+    finally:
+        stop.set()
+
+
+def test_a_component_whose_heartbeat_thread_died_fails_livez(served):
+    """Liveness must catch it: without heartbeats the orchestrator declares the agent lost, and only a
+    restart brings it back."""
+    session, calls, stop = _session_beating(served, KeyboardInterrupt())
+    try:
+        deadline = time.monotonic() + 5
+        while _get(served[-1], "/livez").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answer = _get(served[-1], "/livez")
+        assert answer.status_code == 503 and answer.json()["dead_threads"] == ["heartbeat"]
+    finally:
+        stop.set()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
+from airflow_remote_exec.agent import sentinel as sentinel_module
 from airflow_remote_exec.agent.client import Unauthorized, Unreachable
 from airflow_remote_exec.agent.health import serve_health
 from airflow_remote_exec.agent.sentinel import SentinelAgent, parse_watch, probe
@@ -167,3 +169,39 @@ def test_probes_go_straight_to_the_component_whatever_proxy_the_environment_name
 def test_a_bad_url_is_refused_by_the_watch_list():
     with pytest.raises(ValueError, match="http://\\[x"):
         parse_watch(["a=http://[x/healthz"])
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    """An answer that never ends: a byte a second of a promised hundred."""
+
+    def do_GET(self):  # noqa: N802 - http.server naming
+        self.send_response(503)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        for _ in range(100):
+            try:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(1)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_component_that_answers_too_slowly_is_unhealthy_within_the_probe_timeout(monkeypatch):
+    monkeypatch.setattr(sentinel_module, "PROBE_TIMEOUT_SECONDS", 2.0)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    server.handle_error = lambda *args: None  # the probe hangs up mid-answer, as it should
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with httpx.Client() as http:
+            health = probe(http, f"http://127.0.0.1:{server.server_address[1]}/healthz")
+        assert time.monotonic() - started < 4  # one slow component must not hold up every report
+        assert not health.healthy and "too slow" in health.detail
+    finally:
+        server.shutdown()
+        server.server_close()
