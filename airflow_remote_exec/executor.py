@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 from airflow.configuration import conf
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
-from airflow.models.callback import CallbackKey
-from airflow.models.connection_test import ConnectionTestKey
 from airflow.models.taskinstance import TaskInstance
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.db import DBLocks, create_global_lock
@@ -27,6 +25,7 @@ from airflow.utils.state import TaskInstanceState
 from sqlalchemy import and_, delete, select, true, tuple_, update
 
 from airflow_remote_exec.clock import db_now
+from airflow_remote_exec.compat import CONNECTION_TESTS, CallbackKey, ConnectionTestKey, callback_key
 from airflow_remote_exec.db import RemoteDBManager
 from airflow_remote_exec.housekeeping import purge_old_rows
 from airflow_remote_exec.models import JobKind, JobState, RemoteJob
@@ -68,7 +67,7 @@ WorkloadKey = TaskInstanceKey | CallbackKey | ConnectionTestKey
 
 def _key_of(job) -> WorkloadKey:
     if job.kind == JobKind.CALLBACK:
-        return CallbackKey(id=job.ti_id)
+        return callback_key(job.ti_id)
     if job.kind == JobKind.CONNECTION_TEST:
         return ConnectionTestKey(id=job.ti_id)
     return TaskInstanceKey(
@@ -105,7 +104,7 @@ class RemoteExecutor(BaseExecutor):
 
     supports_ad_hoc_ti_run = True
     supports_callbacks = True
-    supports_connection_test = True  # on an agent of the test's queue, inside the agents' network
+    supports_connection_test = CONNECTION_TESTS  # on an agent of the test's queue, inside the agents' network
     serve_logs = False
 
     def __init__(self, *args, **kwargs):
@@ -134,7 +133,7 @@ class RemoteExecutor(BaseExecutor):
             self._queue_task(workload, session)
         elif isinstance(workload, workloads.ExecuteCallback):
             self._queue_callback(workload, session)
-        elif isinstance(workload, workloads.TestConnection):
+        elif CONNECTION_TESTS and isinstance(workload, workloads.TestConnection):
             self._queue_connection_test(workload, session)
         else:
             self.log.error("RemoteExecutor cannot run %s workloads; ignored", type(workload).__name__)
@@ -179,7 +178,7 @@ class RemoteExecutor(BaseExecutor):
             workload=workload,
             not_before=None,
         )
-        self._hold(workload.key)
+        self._hold(callback_key(callback_id))
 
     def _queue_connection_test(self, workload: workloads.TestConnection, session: Session) -> None:
         """A connection test runs on an agent of its queue, which has the network (and perhaps the

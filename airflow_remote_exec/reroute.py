@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 
 from airflow.jobs.job import Job
 from airflow.jobs.job import JobState as AirflowJobState
-from airflow.models.connection_test import ACTIVE_STATES, ConnectionTestRequest, ConnectionTestState
 from airflow.models.taskinstance import TaskInstance
 from airflow.utils.state import TaskInstanceState
 from sqlalchemy import func, select, update
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
 from airflow_remote_exec.clock import db_now
+from airflow_remote_exec.compat import connection_tests_model
 from airflow_remote_exec.models import (
     AgentState,
     JobKind,
@@ -55,12 +55,13 @@ def _started_connection_tests(session: Session, test_ids: list[str]) -> set[str]
     """Of these connection test ids, those whose connection an agent has already fetched."""
     if not test_ids:
         return set()
+    model = connection_tests_model()
     states = session.execute(
-        select(ConnectionTestRequest.id, ConnectionTestRequest.state).where(
-            ConnectionTestRequest.id.in_([uuid.UUID(i) for i in test_ids])
+        select(model.ConnectionTestRequest.id, model.ConnectionTestRequest.state).where(
+            model.ConnectionTestRequest.id.in_([uuid.UUID(i) for i in test_ids])
         )
     ).all()
-    return {str(test_id) for test_id, state in states if state != ConnectionTestState.QUEUED}
+    return {str(test_id) for test_id, state in states if state != model.ConnectionTestState.QUEUED}
 
 
 def release_jobs(session: Session, job_ids: list[int], reason: str, now: datetime) -> None:
@@ -117,10 +118,14 @@ def fail_connection_tests(session: Session, test_ids: list[str], reason: str) ->
     fail it now, with the reason, rather than at the scheduler's reaper a timeout later. A test is
     never re-run, because Airflow hands its connection to one agent only once. A test locked by
     someone else (the reaper) is being ended already: skipped, never waited for."""
+    if not test_ids:
+        return
+    model = connection_tests_model()
     for test_id in test_ids:
-        test = session.get(ConnectionTestRequest, uuid.UUID(test_id), with_for_update={"skip_locked": True})
-        if test is not None and test.state in ACTIVE_STATES:
-            test.state = ConnectionTestState.FAILED  # through the ORM: it also frees the connection id
+        test_uuid = uuid.UUID(test_id)
+        test = session.get(model.ConnectionTestRequest, test_uuid, with_for_update={"skip_locked": True})
+        if test is not None and test.state in model.ACTIVE_STATES:
+            test.state = model.ConnectionTestState.FAILED  # through the ORM: it also frees the connection id
             test.result_message = reason[:2000]
 
 

@@ -33,6 +33,9 @@ os.environ.update(
 )
 
 from dev.stack import DEFAULT_COMPONENTS, Orchestrator, Postgres  # noqa: E402
+from tests.versions import not_collected  # noqa: E402
+
+collect_ignore = not_collected()
 
 
 @pytest.fixture(scope="session")

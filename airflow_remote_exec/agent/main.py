@@ -393,6 +393,10 @@ def main(argv: list[str] | None = None) -> None:
         from airflow_remote_exec.agent.sentinel import SentinelAgent
 
         sys.exit(SentinelAgent(settings).run())
+    if component in ("dag-processor", "triggerer"):
+        from airflow_remote_exec import compat
+
+        compat.require_airflow(f"agent {component}", compat.AGENT_COMPONENTS_MINOR)
     _exit_unless_backends_work(settings)
     if isinstance(settings, ComponentSettings) and settings.component == "dag-processor":
         from airflow_remote_exec.agent.dag_processor import DagProcessorAgent

@@ -17,7 +17,7 @@ import airflow.providers.standard.operators.python  # noqa: F401
 from airflow.dag_processing.bundles.manager import DagBundlesManager
 from airflow.executors.base_executor import BaseExecutor  # noqa: F401
 from airflow.executors.workloads import ExecuteCallback, ExecuteTask  # noqa: F401
-from airflow.sdk.execution_time import callback_supervisor, supervisor  # noqa: F401
+from airflow.sdk.execution_time import supervisor  # noqa: F401
 from airflow.sdk.execution_time.task_runner import get_listener_manager
 
 from airflow_remote_exec.agent import runner

@@ -2,8 +2,8 @@
 
 Each runner is a long-lived process forked from a forkserver that has Airflow pre-imported, so a
 workload starts without paying for Python and Airflow imports. A runner takes one workload at a time
-and calls ``BaseExecutor.run_workload`` (``supervise_task`` or ``supervise_callback``) exactly as
-LocalExecutor does, against the orchestrator's ``/execution/`` API with the workload's own token.
+and runs it exactly as the installed Airflow's LocalExecutor does (``compat.run_workload``), against
+the orchestrator's ``/execution/`` API with the workload's own token.
 """
 
 from __future__ import annotations
@@ -108,30 +108,32 @@ def run_assignment(assignment: Assignment, server: str) -> Outcome:
     the task instance's own state in Airflow says how it ended. Only an exception (or a runner that
     dies) is a failure of the run itself.
     """
-    from airflow.executors.base_executor import BaseExecutor
-    from airflow.executors.workloads import ExecuteCallback, ExecuteTask, TestConnection
+    from airflow.executors.workloads import ExecuteCallback, ExecuteTask
     from airflow.sdk.api.client import ServerResponseError
     from pydantic import ValidationError
 
+    from airflow_remote_exec import compat
     from airflow_remote_exec.agent.connection_test import run_connection_test
 
     def outcome(state: ReportedState, exit_code: int | None, detail: str | None) -> Outcome:
         return Outcome(assignment.job_id, assignment.attempt, state, exit_code, detail)
 
-    model = {"callback": ExecuteCallback, "connection_test": TestConnection}.get(assignment.kind, ExecuteTask)
+    if assignment.kind == "connection_test" and not compat.CONNECTION_TESTS:
+        return outcome("failed", None, compat.NO_CONNECTION_TESTS)
+    model = {"callback": ExecuteCallback, "connection_test": compat.TestConnection}.get(
+        assignment.kind, ExecuteTask
+    )
     try:
         workload = model.model_validate_json(assignment.workload_json)
     except ValidationError as err:
         # This agent's Airflow cannot read what the orchestrator's wrote: hand the job back.
         return outcome("returned", None, _describe(err))
     try:
-        if isinstance(workload, TestConnection):
+        if assignment.kind == "connection_test":
             exit_code = run_connection_test(workload, server)
         else:
-            exit_code = BaseExecutor.run_workload(
-                workload,
-                server=server,
-                proctitle=f"airflow-remote-agent {assignment.kind} {workload.display_name}",
+            exit_code = compat.run_workload(
+                workload, server, f"airflow-remote-agent {assignment.kind} {compat.display_name(workload)}"
             )
     except ServerResponseError as err:
         status = err.response.status_code if err.response is not None else None

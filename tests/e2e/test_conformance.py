@@ -33,6 +33,7 @@ from dev.services import BasicAuthServer
 from dev.stack import Agent, AirflowClient, Orchestrator, TriggererAgent, create_agent_token, wait_until
 from tests.conftest import make_orchestrator
 from tests.e2e.dags import conformance_dags as dags
+from tests.versions import needs_connection_tests
 
 pytestmark = pytest.mark.e2e
 
@@ -614,6 +615,7 @@ def _run_connection_tests(stack: Stack) -> dict[str, Any]:
     }
 
 
+@needs_connection_tests
 def test_connection_tests_give_the_same_results(local, request):
     expected, actual = _side_by_side(local, request, _run_connection_tests)
     assert expected["states"] == ("success", "failed"), expected

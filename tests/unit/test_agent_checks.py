@@ -42,12 +42,15 @@ class HangingBackend:
 @pytest.fixture(autouse=True)
 def clean_settings():
     """The flags write to os.environ, as in the agent: each test starts and ends without them."""
-    from airflow.sdk.configuration import clear_secrets_backends_cache
+    from airflow.sdk import configuration
+
+    # Airflow 3.3 keeps the backends it built; 3.2 builds them at every look-up.
+    clear_cache = getattr(configuration, "clear_secrets_backends_cache", lambda: None)
 
     def clean():
         for name in BACKEND_SETTINGS:
             os.environ.pop(name, None)
-        clear_secrets_backends_cache()
+        clear_cache()
 
     clean()
     yield

@@ -15,6 +15,7 @@ from airflow_remote_exec.executor import RemoteExecutor
 from airflow_remote_exec.housekeeping import purge_old_rows
 from airflow_remote_exec.models import JobState, RemoteJob, utcnow
 from tests.factories import identity_of, make_callback_workload, make_workload
+from tests.versions import needs_connection_tests
 
 
 @pytest.fixture
@@ -248,6 +249,7 @@ def _connection_test(session, queue=None):
     return request, workload
 
 
+@needs_connection_tests
 def test_connection_test_is_a_job_of_its_queue_reported_with_its_key(executor, session):
     from airflow.models.connection_test import ConnectionTestKey, ConnectionTestState
 
@@ -261,6 +263,7 @@ def test_connection_test_is_a_job_of_its_queue_reported_with_its_key(executor, s
     )
 
 
+@needs_connection_tests
 def test_a_reaped_connection_test_is_never_claimed(executor, session):
     from airflow.models.connection_test import ConnectionTestKey
 
@@ -273,6 +276,7 @@ def test_a_reaped_connection_test_is_never_claimed(executor, session):
 
 
 @pytest.mark.parametrize("fetched", [False, True])
+@needs_connection_tests
 def test_a_connection_test_of_a_lost_agent_is_failed_once_its_connection_was_fetched(
     executor, session, fetched
 ):
@@ -313,16 +317,13 @@ def _reported_success_is_one_event(executor, session, job, key, states) -> None:
 
 
 def test_deadline_callback_is_queued_as_a_job_and_reported_with_its_callback_key(executor, session):
-    from airflow.models.callback import CallbackKey
     from airflow.utils.state import CallbackState
 
     workload = make_callback_workload(dag_id="d1", dag_run_id=7)
     _queue(executor, session, workload)
     job = session.scalar(select(RemoteJob).where(RemoteJob.ti_id == str(workload.callback.id)))
     assert (job.kind, job.state, job.queue, job.dag_id) == ("callback", JobState.QUEUED, "default", "d1")
-    _reported_success_is_one_event(
-        executor, session, job, CallbackKey(id=str(workload.callback.id)), CallbackState
-    )
+    _reported_success_is_one_event(executor, session, job, workload.callback.key, CallbackState)
 
 
 def test_not_started_job_leaves_running_without_an_event(executor, session):
@@ -536,6 +537,7 @@ def test_adoption_of_many_task_instances_queries_in_chunks(executor, session):
     assert executor.own_jobs == {w.ti.key for w in known}
 
 
+@needs_connection_tests
 def test_a_connection_test_whose_runner_died_fails_at_once(executor, session):
     from airflow.models.connection_test import ConnectionTestRequest, ConnectionTestState
 
@@ -552,6 +554,7 @@ def test_a_connection_test_whose_runner_died_fails_at_once(executor, session):
     assert "runner process died" in request.result_message
 
 
+@needs_connection_tests
 def test_a_connection_test_reaped_by_another_scheduler_frees_this_ones_slot(session):
     from airflow.models.connection_test import ConnectionTestKey
 
@@ -566,6 +569,7 @@ def test_a_connection_test_reaped_by_another_scheduler_frees_this_ones_slot(sess
     assert key not in first.running and key not in first.own_jobs
 
 
+@needs_connection_tests
 def test_a_connection_test_is_claimed_before_the_queues_tasks(executor, session):
     _queue(executor, session, make_workload("busy", priority_weight=1000))
     _, workload = _connection_test(session)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from airflow.executors.base_executor import BaseExecutor
 from airflow.executors.workloads import ExecuteCallback, ExecuteTask
 from airflow.sdk.api.client import ServerResponseError
 
+from airflow_remote_exec import compat
 from airflow_remote_exec.agent import runner as runner_module
 from airflow_remote_exec.agent.runner import Assignment, Outcome, RunnerPool, run_assignment
 from airflow_remote_exec.api.datamodels import DETAIL_MAX_CHARS, StateReport
@@ -34,13 +34,13 @@ def run_workload(monkeypatch):
     class Fake:
         result: int | BaseException = 0
 
-    def fake(workload, *, server=None, proctitle=None, **_):
+    def fake(workload, server, proctitle):
         calls.append(workload)
         if isinstance(Fake.result, BaseException):
             raise Fake.result
         return Fake.result
 
-    monkeypatch.setattr(BaseExecutor, "run_workload", staticmethod(fake))
+    monkeypatch.setattr(compat, "run_workload", fake)
     Fake.calls = calls
     return Fake
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from airflow_remote_exec import compat
 from airflow_remote_exec.agent import registration
 from airflow_remote_exec.agent import worker as worker_module
 from airflow_remote_exec.agent.client import (
@@ -217,7 +218,7 @@ def test_register_version_mismatch_exits_1_with_one_clear_line(client, pool, cap
     with caplog.at_level(logging.ERROR):
         assert Worker(SETTINGS, client=client, pool=pool).run() == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "3.3.2" in errors[0] and "Airflow 3.4" in errors[0]
+    assert len(errors) == 1 and compat.AIRFLOW_VERSION in errors[0] and "Airflow 3.4" in errors[0]
 
 
 def test_register_name_conflict_retries_and_says_use_own_name(client, pool, caplog, monkeypatch):
