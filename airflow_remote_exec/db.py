@@ -19,4 +19,4 @@ class RemoteDBManager(BaseDBManager):
     migration_dir = (PACKAGE_DIR / "migrations").as_posix()
     alembic_file = (PACKAGE_DIR / "alembic.ini").as_posix()
     supports_table_dropping = True
-    revision_heads_map = {"0.1.0": "0009_sentinel_health"}
+    revision_heads_map = {"0.1.0": "0010_agent_airflow_version"}

@@ -122,6 +122,8 @@ class RemoteAgent(Base):
     hostname: Mapped[str] = mapped_column(String(250), nullable=False, default="")
     pid: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     version: Mapped[str] = mapped_column(String(50), nullable=False, default="")
+    # Airflow core on the agent; None for a session opened before this was recorded.
+    airflow_version: Mapped[str | None] = mapped_column(String(50), nullable=True)
     queues: Mapped[str] = mapped_column(String(2000), nullable=False)
     components: Mapped[str] = mapped_column(String(200), nullable=False, server_default=Component.WORKER)
     slots: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -92,6 +92,7 @@ def _register(body: RegisterRequest, secret: str) -> str:
         agent.hostname = body.hostname
         agent.pid = body.pid
         agent.version = body.version
+        agent.airflow_version = body.airflow_version
         agent.queues = ",".join(queues)
         agent.components = ",".join(components)
         agent.slots = body.slots

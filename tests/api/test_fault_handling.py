@@ -28,6 +28,32 @@ def test_agent_on_another_airflow_minor_is_refused_426_naming_the_versions(clien
     assert "2.10.5" in reply.json()["detail"] and "install Airflow" in reply.json()["detail"]
 
 
+def test_a_session_opened_before_the_orchestrator_changed_airflow_minor_is_ended(
+    client, session, make_token, register
+):
+    """An orchestrator upgraded under live agents: each old session gets 410 at its next request, so
+    the agent registers again and is told (426) to upgrade before it claims anything more."""
+    token = make_token()
+    session_id = register(token)
+    (job_id,) = _add(session, make_job("after-upgrade"))
+    older = "3.1.8"  # what the agent registered with, before the orchestrator moved on
+    session.execute(update(RemoteAgent).values(airflow_version=older))
+    session.commit()
+    beat = {"free_slots": 4, "running": []}
+    gone = client.post(f"/agents/{session_id}/heartbeat", json=beat, headers=headers(token))
+    assert gone.status_code == 410 and older in gone.json()["detail"]
+    claim = {"free_slots": 4, "wait_seconds": 0}
+    refused = client.post(f"/agents/{session_id}/jobs/claim", json=claim, headers=headers(token))
+    assert refused.status_code == 410
+    assert _job(session, job_id).state == JobState.QUEUED
+    assert _register(client, token, airflow_version=older).status_code == 426
+
+
+def test_registration_records_the_agents_airflow_version(client, session, make_token, register):
+    register(make_token())
+    assert session.scalar(select(RemoteAgent.airflow_version)) == AGENT_VERSIONS["airflow_version"]
+
+
 def test_registration_tells_the_agent_the_orchestrator_executors(client, make_token):
     reply = _register(client, make_token())
     assert reply.status_code == 200

@@ -2,7 +2,8 @@
 
 One set of DAGs (dags/conformance_dags.py) runs on two stacks that differ only in where work runs:
 stock LocalExecutor with a stock triggerer, and RemoteExecutor with one worker agent (queue
-``default``, 4 slots, default settings) and one triggerer agent, the orchestrator running no triggerer.
+``default``, 4 slots, default settings) and one triggerer agent, the orchestrator running no triggerer
+(on Airflow 3.2, where the agent triggerer refuses to start, Airflow's own triggerer instead).
 Each scenario runs on both stacks at once; the test checks what LocalExecutor did, then asserts the
 user sees the same thing under RemoteExecutor: the same final task states, the same try numbers (task
 instance and its list of tries) and comparable timings (Remote may be slower only within a generous
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from airflow_remote_exec import compat
 from dev.services import BasicAuthServer
 from dev.stack import Agent, AirflowClient, Orchestrator, TriggererAgent, create_agent_token, wait_until
 from tests.conftest import make_orchestrator
@@ -82,7 +84,8 @@ def _running_stack(name, executor, postgres, home: Path, dags_folder: Path) -> I
     }
     db_url = postgres.create_database(f"airflow_{uuid.uuid4().hex[:12]}")
     remote = executor == REMOTE_EXECUTOR
-    components = REMOTE_COMPONENTS if remote else LOCAL_COMPONENTS
+    agent_triggerer = remote and compat.AIRFLOW_MINOR >= compat.AGENT_COMPONENTS_MINOR
+    components = REMOTE_COMPONENTS if agent_triggerer else LOCAL_COMPONENTS
     # Task logs: LocalExecutor's are files on the orchestrator; RemoteExecutor's, what its agent shipped.
     orch_env = {**env, "AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS": SHIPPED_LOGS} if remote else env
     orch = make_orchestrator(home / "orchestrator", db_url, executor, dags_folder, orch_env, components)
@@ -96,8 +99,9 @@ def _running_stack(name, executor, postgres, home: Path, dags_folder: Path) -> I
                           ["default"], AGENT_SLOTS, extra_env=agent_env,
                           args=["--connection-tests", "any"])  # fmt: skip
             agent.start()
-            triggerer = TriggererAgent(orch.api_url, home / "triggerer", token, "triggerer-1")
-            triggerer.start()
+            if agent_triggerer:
+                triggerer = TriggererAgent(orch.api_url, home / "triggerer", token, "triggerer-1")
+                triggerer.start()
         yield Stack(name, orch, markers, agent, triggerer)
     finally:
         try:

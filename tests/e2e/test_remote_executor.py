@@ -22,6 +22,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from airflow_remote_exec import compat
 from dev.stack import (
     VENV_BIN,
     Agent,
@@ -561,3 +562,41 @@ def test_a_sentinel_reports_its_components_health_to_agents_list(stack, tmp_path
     finally:
         sentinel.stop()
     assert sentinel.process.returncode == 0, sentinel.log_tail()
+
+
+def _other_minor_python() -> Path | None:
+    """The interpreter of the venv ``./dev/test`` builds for the other supported Airflow minor (``.venv``
+    for the newest, ``.venv-X.Y`` for the others), if it has been built."""
+    other = compat.OLDEST_MINOR if compat.AIRFLOW_MINOR == compat.NEWEST_MINOR else compat.NEWEST_MINOR
+    venv = ".venv" if other == compat.NEWEST_MINOR else f".venv-{compat.minor_text(other)}"
+    python = Path(__file__).resolve().parents[2] / venv / "bin" / "python"
+    return python if python.exists() else None
+
+
+def test_an_agent_on_the_other_airflow_minor_is_refused_at_registration(stack, tmp_path):
+    """The README's compatibility table: an agent one minor older or newer than the orchestrator is
+    refused with one line naming both versions, and exits 1 rather than claim work it cannot run."""
+    python = _other_minor_python()
+    if python is None:
+        pytest.skip("the other Airflow minor's venv is not built (./dev/test --airflow X.Y builds it)")
+    probe = "import importlib.metadata as m; print(m.version('apache-airflow-core'))"
+    agent_airflow = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    agent_airflow = agent_airflow.stdout.strip()
+    assert agent_airflow.split(".")[:2] != compat.AIRFLOW_VERSION.split(".")[:2]
+    orch, _, _ = stack
+    token = create_agent_token(orch, "tok-other-minor", ["other-minor"])
+    agent = Agent(
+        orch.api_url, tmp_path / "other", DAGS, token, "other-minor", ["other-minor"], 1, python=python
+    )
+    agent.process.start()
+    try:
+        wait_until(lambda: agent.process.returncode is not None, 120, what="the agent to exit")
+    finally:
+        agent.stop()
+    refusals = [line for line in agent.log_tail(40).splitlines() if "Registration refused" in line]
+    assert agent.process.returncode == 1 and len(refusals) == 1, agent.log_tail(40)
+    assert (
+        f"Agent runs Airflow {agent_airflow} but the orchestrator runs {compat.AIRFLOW_VERSION}"
+        in refusals[0]
+    )
+    assert query(orch.db_url, "SELECT name FROM remote_agent WHERE name = 'other-minor'") == []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_remote_exec import compat
 from airflow_remote_exec.agent import health, main
 
 AGENT_BIN = Path(sys.executable).with_name("airflow-remote-agent")
@@ -152,3 +153,22 @@ def test_sentinel_takes_what_it_watches_from_flags_or_the_environment(tmp_path, 
     with pytest.raises(SystemExit):
         main.settings_from_args(args)
     assert "--watch needs at least one NAME=URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("component", ["dag-processor", "triggerer"])
+def test_the_dag_processor_and_triggerer_refuse_an_airflow_without_their_seams(
+    tmp_path, monkeypatch, component
+):
+    """On Airflow 3.2 they stop at start with one line naming the version they need, before any
+    backend check or registration."""
+    monkeypatch.setattr(compat, "AIRFLOW_MINOR", (3, 2))
+    monkeypatch.setattr(compat, "AIRFLOW_VERSION", "3.2.2")
+    monkeypatch.setattr(main, "_hide_process_memory", lambda: None)
+    monkeypatch.setattr(main.log_format, "configure", lambda *args: None)
+    monkeypatch.setattr(main, "_exit_unless_backends_work", lambda settings: pytest.fail("checked backends"))
+    args = [component, "--api-url", "http://127.0.0.1:9", "--token-file", _token_file(tmp_path)]
+    with pytest.raises(SystemExit) as exited:
+        main.main(args)
+    message = str(exited.value.code)
+    assert "\n" not in message
+    assert f"agent {component} needs Airflow 3.3 or newer, and this is Airflow 3.2.2" in message
