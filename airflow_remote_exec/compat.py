@@ -41,6 +41,11 @@ else:
     CallbackKey = str  # type: ignore[misc]  # 3.2 keys callbacks by their id
 
 
+def minor_of(version: str) -> tuple[str, ...]:
+    """``("3", "3")`` of ``3.3.2`` (or ``3.3.0rc1``): agents and orchestrator must share it."""
+    return tuple(version.split(".")[:2])
+
+
 def connection_tests_model():
     """Airflow's connection-test ORM module (3.3 on), reached only for jobs of that kind."""
     from airflow.models import connection_test

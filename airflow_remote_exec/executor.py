@@ -31,6 +31,7 @@ from airflow_remote_exec.housekeeping import purge_old_rows
 from airflow_remote_exec.models import JobKind, JobState, RemoteJob
 from airflow_remote_exec.notify import notify_jobs_queued
 from airflow_remote_exec.reroute import (
+    drain_agents_on_another_minor,
     fail_connection_tests,
     fence_of_previous_try,
     mark_lost_agents,
@@ -260,6 +261,8 @@ class RemoteExecutor(BaseExecutor):
             if time.monotonic() - self._last_purge > PURGE_EVERY_SECONDS:
                 for name in release_jobs_of_agents_not_live(session):
                     self.log.warning("Released jobs still held by agent %s, which is not live", name)
+                for name in drain_agents_on_another_minor(session):
+                    self.log.warning("Agent %s runs another Airflow minor than this scheduler: drained", name)
                 purge_old_rows(session)
                 session.flush()
                 self._last_purge = time.monotonic()

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from airflow_remote_exec import config
 from airflow_remote_exec.clock import db_now
-from airflow_remote_exec.compat import connection_tests_model
+from airflow_remote_exec.compat import AIRFLOW_VERSION, CONNECTION_TESTS, connection_tests_model, minor_of
 from airflow_remote_exec.models import (
     AgentState,
     JobKind,
@@ -55,6 +55,8 @@ def _started_connection_tests(session: Session, test_ids: list[str]) -> set[str]
     """Of these connection test ids, those whose connection an agent has already fetched."""
     if not test_ids:
         return set()
+    if not CONNECTION_TESTS:  # rows left by a 3.3 orchestrator rolled back to 3.2: only failed
+        return set(test_ids)
     model = connection_tests_model()
     states = session.execute(
         select(model.ConnectionTestRequest.id, model.ConnectionTestRequest.state).where(
@@ -118,7 +120,7 @@ def fail_connection_tests(session: Session, test_ids: list[str], reason: str) ->
     fail it now, with the reason, rather than at the scheduler's reaper a timeout later. A test is
     never re-run, because Airflow hands its connection to one agent only once. A test locked by
     someone else (the reaper) is being ended already: skipped, never waited for."""
-    if not test_ids:
+    if not test_ids or not CONNECTION_TESTS:  # 3.2 has no connection tests to fail
         return
     model = connection_tests_model()
     for test_id in test_ids:
@@ -185,6 +187,31 @@ def mark_lost_agents(session: Session) -> list[str]:
         agent.set_state(session, AgentState.LOST, reason, now=now)
         release_agent_jobs(session, agent.name, reason, now, lost=True)
     return [agent.name for agent in agents]
+
+
+def drain_agents_on_another_minor(session: Session) -> list[str]:
+    """Drain the live agents whose session was opened on another Airflow minor than this scheduler's,
+    which writes the workloads they would claim: the orchestrator was upgraded (or rolled back) under
+    them. They claim nothing more and their running tasks finish; registering again is refused (426)
+    until they run this minor. Returns their names."""
+    ours = minor_of(AIRFLOW_VERSION)
+    candidates = session.scalars(
+        select(RemoteAgent)
+        .where(
+            RemoteAgent.state.in_(AgentState.LIVE),
+            RemoteAgent.drain_requested.is_(False),
+            RemoteAgent.airflow_version.is_not(None),
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    drained = []
+    for agent in candidates:
+        if minor_of(agent.airflow_version) != ours:
+            agent.drain_requested = True
+            reason = f"runs Airflow {agent.airflow_version}, the orchestrator {AIRFLOW_VERSION}: upgrade it"
+            agent.set_state(session, AgentState.DRAINING, reason, now=db_now(session))
+            drained.append(agent.name)
+    return drained
 
 
 def release_jobs_of_agents_not_live(session: Session) -> list[str]:

@@ -24,13 +24,13 @@ if ! command -v uv >/dev/null 2>&1; then
 fi
 UV="$(command -v uv || echo "$("$PYTHON" -m site --user-base)/bin/uv")"
 
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "==> creating $VENV" >&2
-    "$UV" venv --quiet --python "$PYTHON" "$VENV"
-fi
-
 stamp="$VENV/.installed-$(cat "$REPO_ROOT/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
+    # A fresh venv each time the pins change: installing over an old one would keep what they dropped.
+    echo "==> creating $VENV" >&2
+    "$UV" venv --quiet --clear --python "$PYTHON" "$VENV"
+    "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
+        echo "==> warning: dev/constraints are resolved for Python 3.11; set PYTHON=python3.11" >&2
     echo "==> installing airflow-remote-exec with Airflow $AIRFLOW_MINOR constraints into $VENV" \
         "(first run takes a minute)" >&2
     "$UV" pip install --quiet --python "$VENV/bin/python" -e "$REPO_ROOT[test,bench]" -c "$CONSTRAINTS"

@@ -90,8 +90,8 @@ class AgentSession:
                 self.register()
 
     def beat_forever(self) -> None:
-        """The heartbeat thread. A rejected token stops the agent (SIGTERM to itself, which Airflow's
-        loop turns into a clean exit)."""
+        """The heartbeat thread. A rejected token, or a registration refused for the Airflow version,
+        stops the agent."""
         while not self.stop.wait(self.heartbeat_interval):
             session_id = self.session_id
             try:
@@ -102,16 +102,24 @@ class AgentSession:
             except SessionGone:
                 try:
                     self.register_again(session_id)
+                except VersionMismatch as err:  # the orchestrator moved to another Airflow minor
+                    self._stop_self(version_mismatch_message(err))
+                    return
                 except (AgentApiError, Unreachable) as err:  # tried again at the next beat
                     log.error("Could not register again: %s", err)
             except Unauthorized as err:
-                log.error("Agent token rejected (%s); stopping", err)
-                os.kill(os.getpid(), signal.SIGTERM)
+                self._stop_self(f"Agent token rejected ({err}); stopping")
                 return
             except (AgentApiError, Unreachable) as err:
                 log.warning("Heartbeat failed: %s", err)
             except Exception:  # an answer it cannot read (a proxy's HTML page, say): the next beat goes on
                 log.exception("Unexpected error in the heartbeat thread; carrying on")
+
+    @staticmethod
+    def _stop_self(reason: str) -> None:
+        """Log why and SIGTERM this process, which Airflow's loop turns into a clean exit."""
+        log.error(reason)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def start_heartbeats(self) -> None:
         self._heartbeats = threading.Thread(target=self.beat_forever, name="heartbeat", daemon=True)

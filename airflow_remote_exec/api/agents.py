@@ -49,7 +49,7 @@ NAME_HELD_FOR_INTERVALS = 2
     responses=error_responses(409, 426),
 )
 async def register(body: RegisterRequest, secret: SecretDep) -> RegisterResponse:
-    mismatch = version_mismatch(body.airflow_version, body.task_sdk_version)
+    mismatch = version_mismatch(body.airflow_version, body.task_sdk_version, body.components)
     if mismatch:
         raise HTTPException(status.HTTP_426_UPGRADE_REQUIRED, mismatch)
     session_id = await run_db(_register, body, secret)

@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 
 from airflow_remote_exec.api.datamodels import API_VERSION_HEADER, SUPPORTED_API_VERSIONS
 from airflow_remote_exec.api.presence import ensure_presence
-from airflow_remote_exec.api.versions import ORCHESTRATOR_AIRFLOW, runs_orchestrator_minor
 from airflow_remote_exec.models import AgentState, RemoteAgent, RemoteToken
 from airflow_remote_exec.tokens import find_valid_token, hash_token, token_is_live, token_matches
 
@@ -86,7 +85,6 @@ class AgentOfRequest(NamedTuple):
     slots: int
     queues: str
     components: str
-    airflow_version: str | None
     token_hash: str
     revoked_at: datetime | None
     expires_at: datetime | None
@@ -106,7 +104,6 @@ _AGENT_OF_SESSION = (
         _agent.slots,
         _agent.queues,
         _agent.components,
-        _agent.airflow_version,
         _token.token_hash,
         _token.revoked_at,
         _token.expires_at,
@@ -139,14 +136,6 @@ def authorize_agent(
         if token_matches(agent, secret) and token_is_live(agent):
             if agent.state not in AgentState.LIVE:
                 raise HTTPException(status.HTTP_410_GONE, f"Agent session is {agent.state}; register again.")
-            if not runs_orchestrator_minor(agent.airflow_version):
-                # The orchestrator was upgraded under a live session: registering again tells the
-                # agent (426) to upgrade, before it claims a workload its Airflow may misread.
-                raise HTTPException(
-                    status.HTTP_410_GONE,
-                    f"The orchestrator now runs Airflow {ORCHESTRATOR_AIRFLOW} and this session was "
-                    f"opened on Airflow {agent.airflow_version}; register again.",
-                )
             if component is not None and component not in agent.components.split(","):
                 raise HTTPException(
                     status.HTTP_403_FORBIDDEN,

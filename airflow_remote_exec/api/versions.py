@@ -10,25 +10,30 @@ from __future__ import annotations
 import airflow
 from airflow.sdk import __version__ as task_sdk_version
 
-ORCHESTRATOR_AIRFLOW = airflow.__version__
+from airflow_remote_exec import compat
+from airflow_remote_exec.compat import minor_of
+from airflow_remote_exec.models import Component
 
 
-def _minor(version: str) -> tuple[str, ...]:
-    return tuple(version.split(".")[:2])
-
-
-def runs_orchestrator_minor(agent_airflow: str | None) -> bool:
-    """Whether an agent session's recorded Airflow is this orchestrator's minor (unrecorded: assumed)."""
-    return agent_airflow is None or _minor(agent_airflow) == _minor(ORCHESTRATOR_AIRFLOW)
-
-
-def version_mismatch(agent_airflow: str, agent_task_sdk: str) -> str | None:
-    """Why an agent with these versions cannot serve this orchestrator, or None if it can."""
-    pairs = (("Airflow", agent_airflow, ORCHESTRATOR_AIRFLOW), ("Task SDK", agent_task_sdk, task_sdk_version))
+def version_mismatch(agent_airflow: str, agent_task_sdk: str, components: list[str]) -> str | None:
+    """Why an agent with these versions and components cannot serve this orchestrator, or None."""
+    pairs = (("Airflow", agent_airflow, airflow.__version__), ("Task SDK", agent_task_sdk, task_sdk_version))
     for what, theirs, ours in pairs:
-        if _minor(theirs) != _minor(ours):
+        if minor_of(theirs) != minor_of(ours):
             return (
                 f"Agent runs {what} {theirs or '(unknown)'} but the orchestrator runs {ours}; "
-                f"install {what} {'.'.join(_minor(ours))}.x on the agent."
+                f"install {what} {'.'.join(minor_of(ours))}.x on the agent."
             )
-    return None
+    return _needs_newer_airflow(components)
+
+
+def _needs_newer_airflow(components: list[str]) -> str | None:
+    """The agent dag processor and triggerer need the orchestrator on Airflow 3.3 too: on 3.2 their
+    routes would drive seams Airflow does not have."""
+    newer = sorted(set(components) & {Component.DAG_PROCESSOR, Component.TRIGGERER})
+    if not newer or compat.AIRFLOW_MINOR >= compat.AGENT_COMPONENTS_MINOR:
+        return None
+    return (
+        f"The agent {' and '.join(newer)} need Airflow {compat.minor_text(compat.AGENT_COMPONENTS_MINOR)}, "
+        f"and the orchestrator runs {compat.AIRFLOW_VERSION}: run Airflow's own beside it."
+    )

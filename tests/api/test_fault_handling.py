@@ -8,10 +8,17 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from airflow_remote_exec import reroute
+from airflow_remote_exec import compat, reroute
 from airflow_remote_exec.api.datamodels import DETAIL_MAX_CHARS
 from airflow_remote_exec.api.presence import record_presence
-from airflow_remote_exec.models import JobState, RemoteAgent, RemoteApiServer, RemoteJob, utcnow
+from airflow_remote_exec.models import (
+    JobState,
+    RemoteAgent,
+    RemoteAgentEvent,
+    RemoteApiServer,
+    RemoteJob,
+    utcnow,
+)
 from tests.api.conftest import AGENT_VERSIONS, headers
 from tests.api.test_jobs import _add, _claim, _job, _report
 from tests.factories import make_job
@@ -28,25 +35,55 @@ def test_agent_on_another_airflow_minor_is_refused_426_naming_the_versions(clien
     assert "2.10.5" in reply.json()["detail"] and "install Airflow" in reply.json()["detail"]
 
 
-def test_a_session_opened_before_the_orchestrator_changed_airflow_minor_is_ended(
+def test_an_agent_on_another_minor_than_the_scheduler_is_drained_and_its_running_job_goes_on(
     client, session, make_token, register
 ):
-    """An orchestrator upgraded under live agents: each old session gets 410 at its next request, so
-    the agent registers again and is told (426) to upgrade before it claims anything more."""
+    """An orchestrator upgraded under live agents: the scheduler drains each agent whose session was
+    opened on the old minor. It claims nothing more, its running task is neither stopped nor failed,
+    its reports still land, and registering again is refused (426) until it is upgraded."""
     token = make_token()
     session_id = register(token)
-    (job_id,) = _add(session, make_job("after-upgrade"))
+    running, waiting = _add(session, make_job("running"), make_job("waiting"))
+    session.execute(update(RemoteJob).where(RemoteJob.id == waiting).values(queue="other"))
+    session.commit()
+    (claimed,) = _claim(client, token, session_id)
+    beat = {"free_slots": 3, "running": [{"job_id": running, "attempt": claimed["attempt"]}]}
+    assert (
+        client.post(f"/agents/{session_id}/heartbeat", json=beat, headers=headers(token)).status_code == 200
+    )
+    assert reroute.drain_agents_on_another_minor(session) == []  # same minor: left alone
     older = "3.1.8"  # what the agent registered with, before the orchestrator moved on
     session.execute(update(RemoteAgent).values(airflow_version=older))
+    session.execute(update(RemoteJob).where(RemoteJob.id == waiting).values(queue="default"))
     session.commit()
-    beat = {"free_slots": 4, "running": []}
-    gone = client.post(f"/agents/{session_id}/heartbeat", json=beat, headers=headers(token))
-    assert gone.status_code == 410 and older in gone.json()["detail"]
-    claim = {"free_slots": 4, "wait_seconds": 0}
-    refused = client.post(f"/agents/{session_id}/jobs/claim", json=claim, headers=headers(token))
-    assert refused.status_code == 410
-    assert _job(session, job_id).state == JobState.QUEUED
+
+    assert reroute.drain_agents_on_another_minor(session) == ["agent-1"]
+    session.commit()
+    reply = client.post(f"/agents/{session_id}/heartbeat", json=beat, headers=headers(token))
+    assert reply.status_code == 200
+    assert (reply.json()["state"], reply.json()["stop"]) == ("draining", [])
+    assert _claim(client, token, session_id) == []
+    assert _job(session, waiting).state == JobState.QUEUED
+    _report(client, token, session_id, running, claimed["attempt"], "success")
+    assert _job(session, running).state == JobState.SUCCESS
+    (event,) = session.scalars(
+        select(RemoteAgentEvent.reason).where(RemoteAgentEvent.state == "draining")
+    ).all()
+    assert older in event
     assert _register(client, token, airflow_version=older).status_code == 426
+
+
+@pytest.mark.parametrize("component", ["dag-processor", "triggerer"])
+def test_an_orchestrator_on_airflow_3_2_refuses_agent_components_that_need_3_3(
+    client, make_token, monkeypatch, component
+):
+    monkeypatch.setattr(compat, "AIRFLOW_MINOR", (3, 2))
+    monkeypatch.setattr(compat, "AIRFLOW_VERSION", "3.2.2")
+    token = make_token()
+    refused = _register(client, token, components=[component])
+    assert refused.status_code == 426
+    assert f"agent {component} need Airflow 3.3, and the orchestrator runs 3.2.2" in refused.json()["detail"]
+    assert _register(client, token, name="worker-1", components=["worker"]).status_code == 200
 
 
 def test_registration_records_the_agents_airflow_version(client, session, make_token, register):

@@ -329,3 +329,37 @@ def test_a_component_whose_heartbeat_thread_died_fails_livez(served):
         assert answer.status_code == 503 and answer.json()["dead_threads"] == ["heartbeat"]
     finally:
         stop.set()
+
+
+def test_a_component_refused_for_its_airflow_version_when_registering_again_stops(monkeypatch, caplog):
+    """Declared lost while the orchestrator moved to another Airflow minor: the new registration is
+    refused (426), and the component stops with that one line instead of retrying for ever."""
+    from airflow_remote_exec.agent import session as session_module
+    from airflow_remote_exec.agent.client import SessionGone, VersionMismatch
+
+    signals: list[int] = []
+    monkeypatch.setattr(session_module.os, "kill", lambda pid, sig: signals.append(sig))
+
+    class Upgraded(SessionClient):
+        registrations = 0
+
+        def register(self, request):
+            self.registrations += 1
+            if self.registrations > 1:
+                raise VersionMismatch(426, "Agent runs Airflow 3.2.2 but the orchestrator runs 3.3.2")
+            return super().register(request)
+
+        def heartbeat(self, session_id, request, interval):
+            raise SessionGone(410, "declared lost")
+
+    stop = threading.Event()
+    session = AgentSession(ComponentSettings("http://127.0.0.1:9", "t", "s", "sentinel"), stop, Upgraded())
+    session.register()
+    session.heartbeat_interval = 0.01
+    beating = threading.Thread(target=session.beat_forever)
+    beating.start()
+    beating.join(timeout=5)
+    stop.set()
+    assert not beating.is_alive() and signals == [session_module.signal.SIGTERM]
+    refusals = [r.getMessage() for r in caplog.records if "Registration refused" in r.getMessage()]
+    assert len(refusals) == 1 and "orchestrator runs 3.3.2" in refusals[0]

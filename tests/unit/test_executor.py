@@ -14,7 +14,7 @@ from sqlalchemy import select
 from airflow_remote_exec.executor import RemoteExecutor
 from airflow_remote_exec.housekeeping import purge_old_rows
 from airflow_remote_exec.models import JobState, RemoteJob, utcnow
-from tests.factories import identity_of, make_callback_workload, make_workload
+from tests.factories import identity_of, make_callback_workload, make_job, make_workload
 from tests.versions import needs_connection_tests
 
 
@@ -360,6 +360,30 @@ def _add_silent_agent(session, name: str, api_last_seen):
     session.commit()
 
 
+def test_the_scheduler_drains_live_agents_of_another_airflow_minor(executor, session):
+    from airflow_remote_exec import compat
+    from airflow_remote_exec.models import AgentState, RemoteAgent
+    from airflow_remote_exec.tokens import create_token
+
+    token, _ = create_token(session, "t-minors", ["default"])
+    versions = {"old": "3.1.8", "same": compat.AIRFLOW_VERSION, "unrecorded": None}
+    for name, version in versions.items():
+        session.add(
+            RemoteAgent(name=name, session_id=f"s-{name}", token_id=token.id, queues="default", slots=1,
+                        state=AgentState.ACTIVE, last_heartbeat_at=utcnow(), airflow_version=version)
+        )  # fmt: skip
+    session.commit()
+    executor._last_purge = 0.0  # the check runs with the housekeeping, every 30 s
+    executor.sync()
+    session.expire_all()
+    drained = {a.name: (a.state, a.drain_requested) for a in session.scalars(select(RemoteAgent))}
+    assert drained == {
+        "old": (AgentState.DRAINING, True),
+        "same": (AgentState.ACTIVE, False),
+        "unrecorded": (AgentState.ACTIVE, False),
+    }
+
+
 def test_silent_agent_is_declared_lost_and_its_jobs_rerouted(executor, session):
     from airflow_remote_exec.models import AgentState, RemoteAgent
 
@@ -576,3 +600,22 @@ def test_a_connection_test_is_claimed_before_the_queues_tasks(executor, session)
     _queue(executor, session, workload)
     weights = dict(session.execute(select(RemoteJob.kind, RemoteJob.priority_weight)).all())
     assert weights["connection_test"] > weights["task"]
+
+
+def test_a_connection_test_job_on_an_airflow_without_connection_tests_is_failed_not_a_crash(
+    session, monkeypatch
+):
+    """A 3.3 orchestrator rolled back to 3.2 may leave a claimed connection-test job: releasing it (its
+    agent lost) must not reach for Airflow 3.3's table, or every scheduler loop would raise."""
+    from airflow_remote_exec import reroute
+    from airflow_remote_exec.models import JobKind
+
+    monkeypatch.setattr(reroute, "CONNECTION_TESTS", False)
+    monkeypatch.setattr(reroute, "connection_tests_model", lambda: pytest.fail("reached Airflow's table"))
+    job = make_job("connection-test:x", kind=JobKind.CONNECTION_TEST, state=JobState.CLAIMED, attempt=1)
+    session.add(job)
+    session.commit()
+    reroute.release_jobs(session, [job.id], "agent lost", utcnow())
+    session.commit()
+    session.expire_all()
+    assert session.get(RemoteJob, job.id).state == JobState.FAILED
