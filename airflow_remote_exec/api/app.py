@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from airflow_remote_exec import __version__
 from airflow_remote_exec.api import agents, dag_processing, jobs, logs, lookups, queues, sentinel, triggers
 from airflow_remote_exec.api.body_limit import DEFAULT_LIMIT, BodyLimit
+from airflow_remote_exec.api.datamodels import error_responses
 from airflow_remote_exec.api.presence import ensure_presence, stop_presence
 
 URL_PREFIX = "/remote/v1"
@@ -41,6 +42,9 @@ def create_app(prefix: str = "") -> FastAPI:
         openapi_url=f"{prefix}/openapi.json",
         docs_url=f"{prefix}/docs",
         redoc_url=None,
+        # Any path the server cannot route is a 404, before any route runs: Airflow 3.2's api-server,
+        # for one, routes no path holding a newline.
+        responses=error_responses(404),
     )
     app.include_router(agents.router, prefix=prefix)
     app.include_router(jobs.router, prefix=prefix)
