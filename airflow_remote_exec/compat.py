@@ -59,7 +59,7 @@ def minor_text(minor: tuple[int, int]) -> str:
 
 def callback_key(callback_id: str) -> CallbackKey:
     """The key the scheduler knows a callback by: a ``CallbackKey`` from 3.3, the bare id on 3.2."""
-    return CallbackKey(id=callback_id) if CONNECTION_TESTS else callback_id  # type: ignore[call-arg]
+    return CallbackKey(id=callback_id) if AIRFLOW_MINOR >= (3, 3) else callback_id  # type: ignore[call-arg]
 
 
 def require_airflow(component: str, minimum: tuple[int, int]) -> None:

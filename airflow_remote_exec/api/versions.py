@@ -11,7 +11,6 @@ import airflow
 from airflow.sdk import __version__ as task_sdk_version
 
 from airflow_remote_exec import compat
-from airflow_remote_exec.compat import minor_of
 from airflow_remote_exec.models import Component
 
 
@@ -19,10 +18,10 @@ def version_mismatch(agent_airflow: str, agent_task_sdk: str, components: list[s
     """Why an agent with these versions and components cannot serve this orchestrator, or None."""
     pairs = (("Airflow", agent_airflow, airflow.__version__), ("Task SDK", agent_task_sdk, task_sdk_version))
     for what, theirs, ours in pairs:
-        if minor_of(theirs) != minor_of(ours):
+        if compat.minor_of(theirs) != compat.minor_of(ours):
             return (
                 f"Agent runs {what} {theirs or '(unknown)'} but the orchestrator runs {ours}; "
-                f"install {what} {'.'.join(minor_of(ours))}.x on the agent."
+                f"install {what} {'.'.join(compat.minor_of(ours))}.x on the agent."
             )
     return _needs_newer_airflow(components)
 
