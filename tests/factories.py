@@ -49,9 +49,11 @@ def identity_of(ti) -> dict:
     return {name: getattr(ti, name) for name in ("dag_id", "task_id", "run_id", "map_index", "try_number")}
 
 
-def make_callback_workload(dag_id: str = "d1", dag_run_id: int = 1) -> ExecuteCallback:
+def make_callback_workload(
+    dag_id: str = "d1", dag_run_id: int = 1, path: str = "tests.callbacks.notify", kwargs: dict | None = None
+) -> ExecuteCallback:
     """A deadline-alert callback workload as the scheduler builds it."""
-    data = {"path": "tests.callbacks.notify", "kwargs": {}, "dag_id": dag_id, "dag_run_id": str(dag_run_id)}
+    data = {"path": path, "kwargs": kwargs or {}, "dag_id": dag_id, "dag_run_id": str(dag_run_id)}
     return ExecuteCallback(
         callback=CallbackDTO(id=str(uuid.uuid4()), fetch_method=CallbackFetchMethod.IMPORT_PATH, data=data),
         dag_rel_path=Path("dag.py"),
@@ -80,3 +82,8 @@ def make_job(task_id: str = "t1", *, state: str = JobState.QUEUED, **kwargs) -> 
 
 
 _WORKLOAD_FIELDS = {"dag_id", "run_id", "try_number", "map_index", "queue", "priority_weight", "pool_slots"}
+
+
+def write_marker(marker: str, text: str) -> None:
+    """An importable callback: proves it ran, and with what, by writing ``text`` to ``marker``."""
+    Path(marker).write_text(text)

@@ -60,10 +60,10 @@ def test_queue_outside_token_scope_is_403(client, make_token):
 def test_component_outside_token_scope_is_403(client, make_token):
     token = make_token()  # worker only, the default
     reply = client.post(
-        "/agents", json={**REGISTER, "components": ["worker", "dag-processor"]}, headers=headers(token)
+        "/agents", json={**REGISTER, "components": ["worker", "sentinel"]}, headers=headers(token)
     )
     assert reply.status_code == 403
-    assert "dag-processor" in reply.json()["detail"]
+    assert "sentinel" in reply.json()["detail"]
     assert "--components" in reply.json()["detail"]
 
 
@@ -75,10 +75,10 @@ def test_unknown_component_is_422(client, make_token):
 
 
 def test_an_agent_that_did_not_register_as_a_worker_cannot_claim_or_report(client, make_token, session):
-    token = make_token(components=["dag-processor"])
+    token = make_token(components=["sentinel"])  # a component every Airflow minor runs
     reply = client.post("/agents", json=REGISTER, headers=headers(token))  # a worker, by default
     assert reply.status_code == 403
-    reply = client.post("/agents", json={**REGISTER, "components": ["dag-processor"]}, headers=headers(token))
+    reply = client.post("/agents", json={**REGISTER, "components": ["sentinel"]}, headers=headers(token))
     assert reply.status_code == 200, reply.text
     session_id = reply.json()["session_id"]
     job = make_job()
@@ -99,7 +99,7 @@ def test_an_agent_that_did_not_register_as_a_worker_cannot_claim_or_report(clien
     beat = client.post(f"/agents/{session_id}/heartbeat", json={"free_slots": 1}, headers=headers(token))
     assert beat.status_code == 200, beat.text
     agent = session.get(RemoteAgent, REGISTER["name"])
-    assert agent.components == "dag-processor"
+    assert agent.components == "sentinel"
 
 
 def test_session_of_another_token_is_403(client, make_token, register):

@@ -585,7 +585,8 @@ def test_a_wakeup_count_refused_for_want_of_a_thread_logs_one_line(
     )
     with caplog.at_level(logging.WARNING, logger=wakeup.__name__):
         claim.start()
-        wait_until(lambda: len(calls) == 1, 10, what="the claim to wait")
+        # Waiting, not only tried: a signal before the claim waits has no waiter to count for.
+        wait_until(lambda: calls and session_id in job_wakeup._waiting, 10, what="the claim to wait")
         job_wakeup._signal_from_thread()
         claim.join(30)
     records = [r for r in caplog.records if "claimable jobs" in r.getMessage()]

@@ -197,3 +197,18 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.skipif(
+    compat.AIRFLOW_MINOR >= (3, 3), reason="3.3 runs callbacks under Airflow's callback supervisor"
+)
+def test_on_airflow_3_2_a_callback_runs_in_the_runner_as_its_local_executor_runs_it(tmp_path):
+    marker = tmp_path / "ran"
+    workload = make_callback_workload(
+        path="tests.factories.write_marker", kwargs={"marker": str(marker), "text": "deadline missed"}
+    )
+    assert compat.run_workload(workload, SERVER, "airflow-remote-agent callback test") == 0
+    assert marker.read_text() == "deadline missed"
+    broken = make_callback_workload(path="tests.factories.no_such_callback")
+    with pytest.raises(RuntimeError, match="no_such_callback"):
+        compat.run_workload(broken, SERVER, "airflow-remote-agent callback test")
