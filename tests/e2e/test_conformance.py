@@ -581,6 +581,12 @@ def _run_wide_dag(stack: Stack) -> dict[str, Any]:
         _abandon_unfinished(stack, dag_id, run_id)
 
 
+@pytest.mark.xfail(
+    compat.AIRFLOW_MINOR < (3, 3),
+    reason="open defect on Airflow 3.2: the wide task waits about 17 s for a claim (a claim's full wait) "
+    "where LocalExecutor starts it at once",
+    strict=False,
+)
 def test_task_wider_than_one_slot_runs(local, request):
     assert dags.WIDE_POOL_SLOTS > AGENT_SLOTS
     expected, actual = _side_by_side(local, request, _run_wide_dag)
