@@ -194,23 +194,24 @@ def drain_agents_on_another_minor(session: Session) -> list[str]:
     which writes the workloads they would claim: the orchestrator was upgraded (or rolled back) under
     them. They claim nothing more and their running tasks finish; registering again is refused (426)
     until they run this minor. Returns their names."""
-    ours = minor_of(AIRFLOW_VERSION)
+    ours = ".".join(minor_of(AIRFLOW_VERSION)) + "."
     candidates = session.scalars(
         select(RemoteAgent)
         .where(
             RemoteAgent.state.in_(AgentState.LIVE),
             RemoteAgent.drain_requested.is_(False),
             RemoteAgent.airflow_version.is_not(None),
+            ~RemoteAgent.airflow_version.startswith(ours, autoescape=True),  # locks only those to drain
         )
         .with_for_update(skip_locked=True)
     ).all()
+    now = db_now(session)
     drained = []
     for agent in candidates:
-        if minor_of(agent.airflow_version) != ours:
-            agent.drain_requested = True
-            reason = f"runs Airflow {agent.airflow_version}, the orchestrator {AIRFLOW_VERSION}: upgrade it"
-            agent.set_state(session, AgentState.DRAINING, reason, now=db_now(session))
-            drained.append(agent.name)
+        agent.drain_requested = True
+        reason = f"runs Airflow {agent.airflow_version}, the orchestrator {AIRFLOW_VERSION}: upgrade it"
+        agent.set_state(session, AgentState.DRAINING, reason, now=now)
+        drained.append(agent.name)
     return drained
 
 
